@@ -1,0 +1,25 @@
+# The README's two commands: `make demo` and `make test`. Both set up .venv themselves.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+EXTRAS ?= dev,s3
+
+.PHONY: setup test lint bench clean
+
+setup:
+	@scripts/setup-env.sh $(EXTRAS)
+
+test: setup
+	$(PY) -m ruff check forge_dist tests benchmarks scripts
+	$(PY) -m ruff format --check forge_dist tests benchmarks scripts
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(PY) -m ruff check forge_dist tests benchmarks scripts
+	$(PY) -m ruff format --check forge_dist tests benchmarks scripts
+
+# Benchmarks are not tests: they print ratios against a baseline measured in the same run.
+bench: setup
+	$(PY) benchmarks/bench_store.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

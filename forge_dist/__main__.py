@@ -1,0 +1,5 @@
+import sys
+
+from forge_dist.cli.main import main
+
+sys.exit(main())

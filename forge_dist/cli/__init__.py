@@ -1,0 +1,1 @@
+"""The ``forge-dist`` command. Never imports TensorFlow."""

@@ -1,0 +1,47 @@
+"""The exceptions forge_dist raises.
+
+Every error derives from :class:`ForgeDistError` and also from the built-in it
+refines, so ``except ValueError`` keeps working for callers who do not know us.
+"""
+
+from __future__ import annotations
+
+
+class ForgeDistError(Exception):
+    """Root of every error raised by forge_dist."""
+
+
+class ConfigurationError(ForgeDistError, ValueError):
+    """A bad argument or setting; raised at construction, on every rank."""
+
+
+class BackendNotInstalledError(ForgeDistError, ImportError):
+    """A storage or communication backend needs an optional extra."""
+
+
+class ManifestError(ForgeDistError, ValueError):
+    """A manifest that cannot be parsed or breaks the format's rules."""
+
+
+class UnsafePathError(ManifestError):
+    """A file path that could escape the checkpoint folder."""
+
+
+class StorageError(ForgeDistError, OSError):
+    """An I/O, permission or credential problem with the checkpoint root."""
+
+
+class NoCheckpointError(StorageError, FileNotFoundError):
+    """There is no committed checkpoint where one was asked for."""
+
+
+class CheckpointExistsError(StorageError, FileExistsError):
+    """Saving would overwrite a committed checkpoint without ``replace=True``."""
+
+
+class IntegrityError(ForgeDistError, ValueError):
+    """A committed checkpoint whose files do not match its manifest."""
+
+    def __init__(self, message: str, problems: list | None = None) -> None:
+        super().__init__(message)
+        self.problems = list(problems or [])

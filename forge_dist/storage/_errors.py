@@ -1,0 +1,59 @@
+"""Turn backend exceptions (OSError, botocore, aiohttp, gcsfs ...) into StorageError."""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from forge_dist._urls import redact_text
+from forge_dist.errors import ForgeDistError, StorageError
+
+_BACKEND_MODULES = ("botocore", "aiobotocore", "aiohttp", "s3fs", "gcsfs", "google", "fsspec")
+
+_HINTS = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EXDEV: "rename crossed filesystems (EXDEV): staging must be on the same filesystem "
+    "as the checkpoint root",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EROFS: "read-only filesystem",
+}
+
+
+def describe(exc: BaseException) -> str:
+    """One line for ``exc``, with URLs and secrets redacted."""
+    if isinstance(exc, OSError) and exc.errno in _HINTS:
+        detail = _HINTS[exc.errno]
+        extra = exc.strerror or ""
+        text = f"{detail}" + (f" ({extra})" if extra and extra.lower() not in detail else "")
+    else:
+        text = str(exc) or type(exc).__name__
+        if type(exc).__module__.split(".")[0] in _BACKEND_MODULES:
+            text = f"{type(exc).__name__}: {text}"
+    return redact_text(" ".join(text.split()))
+
+
+def is_backend_error(exc: BaseException) -> bool:
+    if isinstance(exc, ForgeDistError):
+        return False
+    if isinstance(exc, OSError):
+        return True
+    return type(exc).__module__.split(".")[0] in _BACKEND_MODULES
+
+
+@contextmanager
+def storage_errors(what: str) -> Iterator[None]:
+    """Re-raise I/O and backend errors as ``StorageError("<what>: <reason>")``."""
+    try:
+        yield
+    except ForgeDistError:
+        raise
+    except Exception as e:
+        if not is_backend_error(e):
+            raise
+        err = StorageError(f"{what}: {describe(e)}")
+        if isinstance(e, OSError):
+            err.errno = e.errno
+        raise err from e
