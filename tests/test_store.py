@@ -6,6 +6,7 @@ import hashlib
 import io
 import logging
 import os
+from pathlib import Path
 
 import fsspec
 import pytest
@@ -70,11 +71,10 @@ def test_commit_hashes_every_file_and_reads_back(target, payload, tmp_path):
     assert report.bytes_checked == sum(e.size for e in info.manifest.files)
 
     dest = store.download(7, tmp_path / "out")
-    assert open(os.path.join(dest, "model.bin"), "rb").read() == model
-    assert (
-        open(os.path.join(dest, "tree", "sub", "opt.bin"), "rb").read()
-        == (payload / "sub" / "opt.bin").read_bytes()
-    )
+    assert (Path(dest) / "model.bin").read_bytes() == model
+    assert (Path(dest) / "tree" / "sub" / "opt.bin").read_bytes() == (
+        payload / "sub" / "opt.bin"
+    ).read_bytes()
 
 
 def test_exception_in_block_commits_nothing(target):

@@ -270,10 +270,10 @@ class PosixBackend(Backend):
 
     def begin(self, step: int, replace: bool) -> str:
         final = step_dirname(step)
+        if os.path.lexists(self.root) and not os.path.isdir(self.root):
+            raise StorageError(f"checkpoint root {self.display} is not a directory")
         with storage_errors(f"cannot create checkpoint root {self.display}"):
             os.makedirs(self.root, exist_ok=True)
-        if not os.path.isdir(self.root):
-            raise StorageError(f"checkpoint root {self.display} is not a directory")
         if not replace and os.path.lexists(self._p(final, MANIFEST_NAME)):
             raise CheckpointExistsError(
                 f"{final} is already committed in {self.display}; pass replace=True to overwrite it"

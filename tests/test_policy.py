@@ -1,0 +1,55 @@
+"""Retention rule: pure, tested with plain lists."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from forge_dist.errors import ConfigurationError
+from forge_dist.policy import decide_retention
+
+
+def test_no_counts_keeps_everything():
+    d = decide_retention([3, 1, 2])
+    assert d.keep == (1, 2, 3) and d.delete == ()
+
+
+def test_keep_last():
+    d = decide_retention([1, 2, 3, 4, 5], keep_last=2)
+    assert d.keep == (4, 5) and d.delete == (1, 2, 3)
+
+
+@pytest.mark.parametrize("mode, best", [("min", 2), ("max", 5)])
+def test_keep_best_always_keeps_the_newest(mode, best):
+    metrics = {1: 0.5, 2: 0.1, 3: 0.3, 4: 0.4, 5: 0.9, 6: 0.6}
+    d = decide_retention(list(metrics), metrics, keep_best=1, mode=mode)
+    assert set(d.keep) == {best, 6}
+    assert d.reasons[6] == "newest"
+
+
+def test_nan_and_missing_metrics_are_never_best():
+    metrics = {1: math.nan, 2: None, 3: 0.7, 4: math.inf, 5: 0.9}
+    d = decide_retention([1, 2, 3, 4, 5], metrics, keep_best=1, mode="min", keep_last=1)
+    assert d.keep == (3, 5)
+
+
+def test_ties_prefer_the_newer_step():
+    d = decide_retention([1, 2, 3], {1: 0.5, 2: 0.5, 3: 0.9}, keep_best=1, mode="min")
+    assert d.keep == (2, 3)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"keep_last": 0},
+        {"keep_last": -1},
+        {"keep_last": True},
+        {"keep_best": 1, "mode": "auto"},
+        {"keep_best": 1, "mode": "min", "no_metrics": True},
+    ],
+)
+def test_bad_configuration_is_an_error(kwargs):
+    metrics = None if kwargs.pop("no_metrics", False) else {1: 0.1}
+    with pytest.raises(ConfigurationError):
+        decide_retention([1], metrics, **kwargs)
