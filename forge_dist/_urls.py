@@ -30,9 +30,31 @@ def redact_url(url: str) -> str:
     return f"{scheme}://{authority}{slash}{path}{query}"
 
 
+def url_secrets(url: str) -> list[str]:
+    """The parts of ``url`` that must never be printed: user info and query string."""
+    m = _SCHEME.match(str(url))
+    if not m:
+        return []
+    rest = str(url)[m.end() :]
+    out = []
+    authority = rest.split("/", 1)[0]
+    if "@" in authority:
+        userinfo = authority.rsplit("@", 1)[0]
+        out += [userinfo, *userinfo.split(":")]
+    for sep in ("?", "#"):
+        if sep in rest:
+            out.append(rest.split(sep, 1)[1])
+    return [s for s in out if s]
+
+
 def redact_text(text: str, secrets: list[str] | tuple[str, ...] = ()) -> str:
-    """Redact every URL found in ``text`` and each given secret string."""
-    out = re.sub(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"]+", lambda m: redact_url(m.group(0)), text)
+    """Redact every URL found in ``text``, any ``user:password@`` and each given secret."""
+    out = re.sub(
+        r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"]*[^\s'\".,:;)]",
+        lambda m: redact_url(m.group(0)),
+        text,
+    )
+    out = re.sub(r"[^\s/'\"@:]+:[^\s/'\"@]+@", "***@", out)
     for secret in secrets:
         if secret and len(secret) >= 4:
             out = out.replace(secret, "***")

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from forge_dist import __version__
-from forge_dist._urls import redact_text, redact_url
+from forge_dist._urls import redact_text, redact_url, url_secrets
 from forge_dist.errors import ConfigurationError, ForgeDistError, NoCheckpointError
 
 EXIT_OK, EXIT_INTEGRITY, EXIT_ERROR, EXIT_NO_CHECKPOINT = 0, 1, 2, 3
@@ -521,7 +521,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         code = EXIT_NO_CHECKPOINT if isinstance(e, NoCheckpointError) else EXIT_ERROR
-        line = redact_text(" ".join(str(e).split())) or type(e).__name__
+        secrets = url_secrets(getattr(args, "url", "") or "")
+        line = redact_text(" ".join(str(e).split()), secrets) or type(e).__name__
         if getattr(args, "json", False):
             print(
                 json.dumps(

@@ -35,12 +35,26 @@ def describe(exc: BaseException) -> str:
     return redact_text(" ".join(text.split()))
 
 
+def _raised_in_backend(exc: BaseException) -> bool:
+    """True when the innermost frame of ``exc`` belongs to a storage library, e.g. a
+    ``ValueError("Invalid endpoint")`` from botocore."""
+    tb = exc.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    module = str(tb.tb_frame.f_globals.get("__name__", ""))
+    return module.split(".")[0] in _BACKEND_MODULES
+
+
 def is_backend_error(exc: BaseException) -> bool:
     if isinstance(exc, ForgeDistError):
         return False
     if isinstance(exc, OSError):
         return True
-    return type(exc).__module__.split(".")[0] in _BACKEND_MODULES
+    if type(exc).__module__.split(".")[0] in _BACKEND_MODULES:
+        return True
+    return isinstance(exc, (ValueError, TypeError, KeyError)) and _raised_in_backend(exc)
 
 
 @contextmanager

@@ -337,6 +337,11 @@ class CheckpointWriter:
             raise
         self._done = True
         self.committed = CheckpointInfo(self.name, self.step, manifest)
+        # Tidy what dead writers on this host left behind (never a live writer's staging).
+        try:
+            self.store.cleanup_dead_writers()
+        except StorageError as e:
+            log.warning("could not clean up after dead writers in %s: %s", self.store.display, e)
         log.info(
             "committed %s in %s (%d files, %d bytes)",
             self.name,

@@ -1,0 +1,399 @@
+"""The ``forge-dist`` command as a user runs it: real processes, real exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from forge_dist.cli import main as cli_main
+from forge_dist.storage import MANIFEST_NAME, CheckpointStore
+
+FORGE = os.path.join(os.path.dirname(sys.executable), "forge-dist")
+
+
+def run(*args: str, env: dict[str, str] | None = None, timeout: float = 60):
+    proc = subprocess.run(
+        [FORGE, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+    return proc
+
+
+def one_clear_line(proc) -> str:
+    err = proc.stderr.strip()
+    assert "Traceback" not in err
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("forge-dist: error: ")
+    return err
+
+
+def make_root(target, steps=(1, 2), payload=b"payload"):
+    store = target.store()
+    for s in steps:
+        with store.writer(s, metrics={"val_loss": 1.0 / s, "acc": 0.5 + s / 10}) as w:
+            w.add_bytes("model.bin", payload * s)
+            w.add_bytes("sub/opt.bin", b"o" * s)
+    return store
+
+
+def opts(target) -> list[str]:
+    return ["--storage-options", json.dumps(target.options)] if target.options else []
+
+
+@pytest.fixture(params=["local", "s3"])
+def cli_target(request, tmp_path):
+    """Targets a separate CLI process can reach (memory:// lives in one process only)."""
+    from conftest import Target
+
+    if request.param == "local":
+        return Target("local", str(tmp_path / "root"), None, {})
+    s3 = request.getfixturevalue("s3")
+    url = f"s3://{s3.bucket}/cli-{os.urandom(4).hex()}"
+    # The CLI gets its endpoint and keys from the environment, as a user's would.
+    return Target("s3", url, s3.options, s3.env())
+
+
+def test_verify_exit_codes_and_json(cli_target):
+    t = cli_target
+    store = make_root(t)
+    env = t.env
+    ok = run("verify", t.url, "--all", env=env)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "OK" in ok.stdout
+    js = json.loads(run("verify", t.url, "--json", env=env).stdout)
+    assert js["ok"] is True and js["exit_code"] == 0 and js["mode"] == "full"
+    assert [c["step"] for c in js["checkpoints"]] == [2]  # the newest by default
+    assert js["checkpoints"][0]["files_checked"] == 2
+
+    fs, root = __import__("fsspec").core.url_to_fs(t.url, **(t.options or {}))
+    fs.pipe_file(f"{root}/step-00000001/model.bin", b"Payload")  # same size, altered
+    bad = run("verify", t.url, "--all", env=env)
+    assert bad.returncode == 1
+    assert "step-00000001/model.bin" in bad.stdout and "sha256 mismatch" in bad.stdout
+    assert "FAILED" in bad.stdout
+    assert run("verify", t.url, "--all", "--fast", env=env).returncode == 0
+    assert run("verify", t.url, "--step", "2", env=env).returncode == 0
+    assert run("verify", t.url, "--step", "1", env=env).returncode == 1
+    assert run("verify", f"{t.url}/step-00000001", env=env).returncode == 1
+    assert run("verify", f"{t.url}/step-00000002", env=env).returncode == 0
+    missing = run("verify", t.url, "--step", "9", "--json", env=env)
+    assert missing.returncode == 3
+    assert json.loads(missing.stdout)["exit_code"] == 3
+
+    fs.pipe_file(f"{root}/step-00000002/notes.txt", b"unlisted")
+    lenient = run("verify", t.url, env=env)
+    assert lenient.returncode == 0 and "unlisted" in lenient.stdout
+    assert run("verify", t.url, "--strict", env=env).returncode == 1
+    store.verify(2)  # the store agrees
+
+
+def test_verify_reports_each_problem_by_file(tmp_path):
+    root = tmp_path / "root"
+    store = CheckpointStore(str(root))
+    with store.writer(1) as w:
+        w.add_bytes("a.bin", b"a" * 100)
+        w.add_bytes("b.bin", b"b" * 100)
+        w.add_bytes("c.bin", b"c" * 100)
+    ck = root / "step-00000001"
+    (ck / "a.bin").write_bytes(b"a" * 50)
+    (ck / "b.bin").unlink()
+    (ck / "c.bin").write_bytes(b"C" + b"c" * 99)
+    out = run("verify", str(root))
+    assert out.returncode == 1
+    lines = out.stdout.splitlines()
+    assert any("a.bin" in x and "expected 100 bytes, found 50" in x for x in lines)
+    assert any("b.bin" in x and "missing" in x for x in lines)
+    assert any("c.bin" in x and "sha256 mismatch" in x for x in lines)
+    assert lines[-1].startswith("FAILED") and "3 problems" in lines[-1]
+
+
+def test_no_committed_checkpoint_exits_3_and_reports_staging(tmp_path):
+    root = tmp_path / "root"
+    store = CheckpointStore(str(root))
+    w = store.writer(4)
+    w.begin()
+    w.add_bytes("a", b"x")
+    out = run("verify", str(root), "--json")
+    assert out.returncode == 3
+    js = json.loads(out.stdout)
+    assert js["checkpoints"] == [] and js["staging"][0]["step"] == 4
+    (staging,) = [p for p in root.iterdir()]
+    assert run("verify", str(staging)).returncode == 3  # a staging folder with no manifest
+    assert run("ls", str(root)).returncode == 3
+    w.abort()
+
+
+def test_ls_table_and_json(cli_target):
+    t = cli_target
+    make_root(t, steps=(3, 12))
+    out = run("ls", t.url, env=t.env)
+    assert out.returncode == 0
+    assert "step" in out.stdout and "12" in out.stdout and "val_loss=0.0833333" in out.stdout
+    js = json.loads(run("ls", t.url, "--json", env=t.env).stdout)
+    assert [c["step"] for c in js["checkpoints"]] == [3, 12]
+    c = js["checkpoints"][1]
+    assert c["files"] == 2 and c["bytes"] == 7 * 12 + 12 and c["ok"] is True
+    assert c["metrics"]["val_loss"] == pytest.approx(1 / 12)
+    assert set(js) == {"command", "url", "exit_code", "checkpoints", "staging"}
+
+
+def test_put_then_gc(cli_target, tmp_path):
+    t = cli_target
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "w.bin").write_bytes(os.urandom(2000))
+    (src / "d" / "x.json").write_text("{}")
+    for step, loss in ((1, 0.5), (2, 0.2), (3, 0.9), (4, 0.8)):
+        put = run(
+            "put",
+            str(src),
+            t.url,
+            "--step",
+            str(step),
+            "--meta",
+            f"val_loss={loss}",
+            "--meta",
+            "note=hello",
+            env=t.env,
+        )
+        assert put.returncode == 0, put.stderr
+    again = run("put", str(src), t.url, "--step", "4", env=t.env)
+    assert again.returncode == 2 and "replace" in one_clear_line(again)
+    info = t.store().get(2)
+    assert info.metrics == {"val_loss": 0.2} and info.state == {"meta": {"note": "hello"}}
+    assert {e.path for e in info.manifest.files} == {"w.bin", "d/x.json"}
+
+    dry = run(
+        "gc",
+        t.url,
+        "--keep-last",
+        "1",
+        "--keep-best",
+        "1",
+        "--monitor",
+        "val_loss",
+        "--dry-run",
+        "--json",
+        env=t.env,
+    )
+    assert json.loads(dry.stdout)["deleted_steps"] == [1, 3]
+    assert t.store().steps() == [1, 2, 3, 4]
+    gc = run(
+        "gc", t.url, "--keep-last", "1", "--keep-best", "1", "--monitor", "val_loss", env=t.env
+    )
+    assert gc.returncode == 0 and "deleted step 1" in gc.stdout
+    assert t.store().steps() == [2, 4]
+    assert run("verify", t.url, "--all", "--strict", env=t.env).returncode == 0
+    bad = run("gc", t.url, "--keep-last", "1", "--keep-best", "1", env=t.env)
+    assert bad.returncode == 2 and "--monitor" in one_clear_line(bad)
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["verify", "{missing}"], "does not exist"),
+        (["verify", "{file}"], "not a directory"),
+        (["ls", "{file}"], "not a directory"),
+        (["verify", "{root}", "--storage-options", "{{nope"], "not valid JSON"),
+        (["verify", "{root}", "--step", "1", "--all"], "cannot be used together"),
+        (["verify", "gs://bucket/x"], "forge-dist[gcs]"),
+        (["put", "{missing}", "{root}", "--step", "1"], "does not exist"),
+        (["put", "{file}", "{root}", "--step", "1", "--meta", "novalue"], "KEY=VALUE"),
+        (["gc", "{root}"], "--keep-last"),
+        (["nonsense"], "invalid choice"),
+    ],
+)
+def test_errors_are_one_clear_line_with_exit_2(tmp_path, args, needle):
+    (tmp_path / "root").mkdir()
+    (tmp_path / "f").write_text("x")
+    paths = {"missing": tmp_path / "missing", "file": tmp_path / "f", "root": tmp_path / "root"}
+    out = run(*[a.format(**paths) for a in args])
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    assert needle in out.stderr
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    out = run("verify", str(tmp_path / "missing"), "--debug")
+    assert out.returncode != 0 and "Traceback" in out.stderr
+
+
+def _nobody_can_run_python() -> bool:
+    path = os.path.realpath(sys.executable)
+    parts = []
+    while True:
+        parts.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return (
+        shutil.which("setpriv") is not None
+        and all(os.stat(p).st_mode & 0o001 for p in parts[1:])
+        and all(os.stat(p).st_mode & 0o001 for p in _venv_dirs())
+    )
+
+
+def _venv_dirs():
+    p = os.path.dirname(os.path.dirname(FORGE))
+    out = []
+    while p != os.path.dirname(p):
+        out.append(p)
+        p = os.path.dirname(p)
+    return out
+
+
+def test_an_unreadable_root_is_exit_2(tmp_path, monkeypatch, capsys):
+    root = tmp_path / "root"
+    CheckpointStore(str(root)).put(__file__, 1)
+    root.chmod(0o000)
+    try:
+        if os.geteuid() != 0:
+            out = run("verify", str(root))
+            assert out.returncode == 2 and "permission denied" in one_clear_line(out)
+        elif _nobody_can_run_python():
+            tmp_path.chmod(0o755)
+            out = subprocess.run(
+                [
+                    "setpriv",
+                    "--reuid=65534",
+                    "--regid=65534",
+                    "--clear-groups",
+                    FORGE,
+                    "verify",
+                    str(root),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert out.returncode == 2 and "permission denied" in one_clear_line(out)
+        else:
+            # root reads everything and nobody cannot reach this venv: inject the EACCES
+            # that a real permission check would raise.
+            import forge_dist.storage.backends as b
+
+            def denied(path):
+                raise PermissionError(13, "Permission denied", str(path))
+
+            monkeypatch.setattr(b.os, "scandir", denied)
+            monkeypatch.setattr(b.os, "listdir", denied)
+            assert cli_main.main(["verify", str(root)]) == 2
+            err = capsys.readouterr().err
+            assert "permission denied" in err and len(err.strip().splitlines()) == 1
+    finally:
+        root.chmod(0o755)
+
+
+def test_unreachable_s3_endpoint_is_one_line_and_bounded(s3):
+    env = {**s3.env(), "AWS_ENDPOINT_URL": "http://127.0.0.1:9"}
+    t0 = time.monotonic()
+    out = run("ls", f"s3://{s3.bucket}/x", env=env, timeout=120)
+    assert out.returncode == 2
+    line = one_clear_line(out)
+    assert "Could not connect" in line or "connect" in line.lower()
+    assert time.monotonic() - t0 < 120
+
+
+def test_missing_bucket_and_bad_endpoint_are_clear(s3):
+    out = run("verify", "s3://no-such-bucket/run", env=s3.env())
+    assert out.returncode == 2 and "does not exist" in one_clear_line(out)
+    bad = json.dumps({"client_kwargs": {"endpoint_url": "not a url"}})
+    out = run("ls", f"s3://{s3.bucket}/x", "--storage-options", bad, env=s3.env())
+    assert out.returncode == 2
+    one_clear_line(out)
+
+
+def test_credentials_and_queries_are_redacted(s3):
+    url = "s3://AKIAEXAMPLE:supersecretkey@no-such-bucket/run?X-Amz-Signature=abcdef"
+    out = run("verify", url, "--json", env=s3.env())
+    text = out.stdout + out.stderr
+    assert out.returncode == 2
+    assert "supersecretkey" not in text and "abcdef" not in text and "AKIAEXAMPLE" not in text
+    assert json.loads(out.stdout)["url"] == "s3://***@no-such-bucket/run?***"
+
+
+def test_progress_bar_on_a_terminal(tmp_path):
+    root = tmp_path / "root"
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(20_000_000))
+    CheckpointStore(str(root)).put(big, 1)
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([FORGE, "verify", str(root)], stdout=subprocess.PIPE, stderr=slave)
+    os.close(slave)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        seen += chunk
+    assert proc.wait(timeout=60) == 0
+    assert b"hashing" in seen and b"20.0 MB" in seen
+    # Not on a pipe: scripts get clean output.
+    assert (
+        b"hashing" not in subprocess.run([FORGE, "verify", str(root)], capture_output=True).stderr
+    )
+
+
+def test_cli_and_package_never_import_tensorflow(tmp_path):
+    code = (
+        "import sys\n"
+        "import forge_dist, forge_dist.storage, forge_dist.policy\n"
+        "from forge_dist.cli.main import main\n"
+        f"main(['ls', {str(tmp_path)!r}])\n"
+        "heavy = [m for m in sys.modules if m.split('.')[0] in "
+        "('tensorflow', 'keras', 'tf_keras', 'horovod', 'mpi4py')]\n"
+        "assert not heavy, heavy\n"
+        "print('clean')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "clean" in out.stdout, out.stderr
+
+
+def test_manifest_is_what_design_md_says(tmp_path):
+    store = CheckpointStore(str(tmp_path / "r"))
+    with store.writer(12, metrics={"val_loss": 0.41}, state={"es": {"wait": 0}}) as w:
+        w.add_bytes("model.keras", b"k" * 10)
+    doc = json.loads((tmp_path / "r" / "step-00000012" / MANIFEST_NAME).read_text())
+    assert doc["format"] == "forge-dist/1" and doc["step"] == 12
+    assert set(doc["writer"]) >= {"host", "rank", "world_size", "backend"}
+    assert doc["files"] == [
+        {
+            "path": "model.keras",
+            "size": 10,
+            "sha256": __import__("hashlib").sha256(b"k" * 10).hexdigest(),
+        }
+    ]
+    assert doc["metrics"] == {"val_loss": 0.41} and doc["state"] == {"es": {"wait": 0}}
+    assert "forge_dist" in doc["versions"]
+    assert doc["created"].endswith("+00:00")
+
+
+@pytest.mark.parametrize(
+    "url, shown",
+    [
+        ("/data/run", "/data/run"),
+        ("s3://bucket/run", "s3://bucket/run"),
+        ("s3://KEY:SECRET@bucket/run", "s3://***@bucket/run"),
+        ("https://host/x?sig=abc#frag", "https://host/x?***"),
+        ("gs://tok@bucket", "gs://***@bucket"),
+    ],
+)
+def test_redact_url(url, shown):
+    from forge_dist._urls import redact_text, redact_url
+
+    assert redact_url(url) == shown
+    assert redact_text(f"cannot open {url}: no") == f"cannot open {shown}: no"
