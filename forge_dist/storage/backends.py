@@ -20,7 +20,9 @@ import secrets
 import shutil
 import socket
 import stat as statmod
+import sys
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any, BinaryIO
 
@@ -141,10 +143,39 @@ class Backend(ABC):
 
 
 # --------------------------------------------------------------------------- POSIX
+def _load_sync_file_range() -> Callable[[int, int, int], None] | None:
+    """Linux's ``sync_file_range(fd, off, n, SYNC_FILE_RANGE_WRITE)``: start writeback of
+    a range without waiting for it. Python has no binding; ctypes reaches libc."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    sync_file_range_write = 2
+
+    def start(fd: int, offset: int, nbytes: int) -> None:
+        fn(fd, offset, nbytes, sync_file_range_write)  # advisory: errors are ignored
+
+    return start
+
+
+_start_writeback = _load_sync_file_range()
+#: Start writing back every this many bytes, so the final fsync finds little left to do
+#: (measured here: a 500 MB commit went from ~1.15x to ~0.85x of ``cp -r && sync``).
+WRITEBACK_WINDOW = 16 * 1024 * 1024
+
+
 class _PosixSink(Sink):
     def __init__(self, path: str) -> None:
         self.path = path
         self.fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self.offset = 0
+        self.flushed = 0
 
     def write(self, data: bytes | memoryview) -> None:
         assert self.fd is not None
@@ -152,6 +183,10 @@ class _PosixSink(Sink):
         while view:
             n = os.write(self.fd, view)
             view = view[n:]
+            self.offset += n
+        if _start_writeback is not None and self.offset - self.flushed >= WRITEBACK_WINDOW:
+            _start_writeback(self.fd, self.flushed, self.offset - self.flushed)
+            self.flushed = self.offset
 
     def close(self) -> None:
         if self.fd is None:

@@ -1,0 +1,144 @@
+"""Checkpoint store speed against plain tools, measured in the same run.
+
+    python benchmarks/bench_store.py [--size-mb 500] [--reps 5] [--dir PATH]
+
+Builds a checkpoint of several files (default 500 MB in all) on local disk, then times,
+interleaved, repetition by repetition:
+
+* commit through the store (``forge-dist put``: hash while writing, fsync every file,
+  manifest, rename, fsync the root) vs a durable plain copy of the same bytes (``cp -r``
+  then ``sync -f`` on the target filesystem: the same guarantee), and vs ``cp -r`` alone
+  (page cache only: what a crash can tear);
+* ``forge-dist verify`` (sha256 of every byte, files hashed in parallel) vs
+  ``sha256sum`` of the same files (and ``openssl dgst -sha256`` where installed), both
+  on a warm page cache.
+
+Every timed command starts after ``sync``, so no run pays for the previous one's
+writeback.
+
+Prints medians and ratios (lower is better for time ratios, higher for throughput),
+and writes them to benchmarks/out/store.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FORGE = os.path.join(os.path.dirname(sys.executable), "forge-dist")
+#: Fractions of the total: one big weight file, a few smaller ones (like a sharded save).
+SHARES = (0.5, 0.2, 0.15, 0.1, 0.05)
+
+
+def make_payload(path: str, total_mb: int) -> int:
+    os.makedirs(path)
+    block = os.urandom(1 << 20)
+    total = 0
+    for i, share in enumerate(SHARES):
+        n = max(1, int(total_mb * share))
+        with open(os.path.join(path, f"shard-{i}.bin"), "wb") as f:
+            for j in range(n):
+                # Vary blocks so no layer can deduplicate them.
+                f.write(j.to_bytes(8, "little") + block[8:])
+        total += n << 20
+    return total
+
+
+def timed(cmd: list[str]) -> float:
+    """Wall time of ``cmd``, started with no dirty pages left by the previous one."""
+    os.sync()
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size-mb", type=int, default=500)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--dir", default=None, help="scratch folder on the disk to measure")
+    args = ap.parse_args()
+    base = tempfile.mkdtemp(prefix="forge-bench-", dir=args.dir)
+    try:
+        src = os.path.join(base, "src")
+        nbytes = make_payload(src, args.size_mb)
+        files = sorted(os.path.join(src, f) for f in os.listdir(src))
+        print(f"payload: {len(files)} files, {nbytes / 1e6:.0f} MB in {base}")
+        t = {"store_put": [], "cp": [], "cp_sync": [], "verify": [], "sha256sum": []}
+        openssl = shutil.which("openssl")
+        if openssl:
+            t["openssl_sha256"] = []
+        root = os.path.join(base, "root")
+        # Warm-up: page cache and first-run costs out of the figures.
+        timed([FORGE, "put", src, root, "--step", "0"])
+        timed(["sha256sum", *files])
+        for rep in range(args.reps):
+            step = rep + 1
+            t["store_put"].append(timed([FORGE, "put", src, root, "--step", str(step)]))
+            dst = os.path.join(base, f"copy-{rep}")
+            t["cp"].append(timed(["cp", "-r", src, dst]))
+            dst2 = os.path.join(base, f"copy-sync-{rep}")
+            t["cp_sync"].append(timed(["sh", "-c", f'cp -r "{src}" "{dst2}" && sync -f "{dst2}"']))
+            t["verify"].append(timed([FORGE, "verify", root, "--step", str(step)]))
+            t["sha256sum"].append(timed(["sha256sum", *files]))
+            if openssl:
+                t["openssl_sha256"].append(timed([openssl, "dgst", "-sha256", *files]))
+            for d in (dst, dst2):
+                shutil.rmtree(d)
+            subprocess.run(
+                [FORGE, "gc", root, "--keep-last", "1"], check=True, stdout=subprocess.DEVNULL
+            )
+        med = {k: statistics.median(v) for k, v in t.items()}
+        results = {
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
+            "bytes": nbytes,
+            "files": len(files),
+            "reps": args.reps,
+            "seconds": {k: {"median": med[k], "min": min(v), "max": max(v)} for k, v in t.items()},
+            "ratios": {
+                "commit_vs_cp": med["store_put"] / med["cp"],
+                "commit_vs_cp_sync": med["store_put"] / med["cp_sync"],
+                "verify_throughput_vs_sha256sum": med["sha256sum"] / med["verify"],
+            },
+        }
+        print(f"\n{'operation':<34}{'median s':>10}{'min':>8}{'max':>8}{'MB/s':>9}")
+        for k, v in t.items():
+            print(
+                f"{k:<34}{med[k]:>10.3f}{min(v):>8.3f}{max(v):>8.3f}{nbytes / 1e6 / med[k]:>9.0f}"
+            )
+        r = results["ratios"]
+        print(
+            f"\ncommit through the store / cp -r + sync -f : {r['commit_vs_cp_sync']:.2f}x "
+            "(target <= 1.3x: the same durability)"
+        )
+        print(f"commit through the store / cp -r (no sync) : {r['commit_vs_cp']:.2f}x")
+        print(
+            f"verify throughput / sha256sum throughput   : "
+            f"{r['verify_throughput_vs_sha256sum']:.2f}x (target >= 0.8x)"
+        )
+        if openssl:
+            r["verify_throughput_vs_openssl"] = med["openssl_sha256"] / med["verify"]
+            print(
+                f"verify throughput / openssl dgst -sha256   : "
+                f"{r['verify_throughput_vs_openssl']:.2f}x (a faster single-thread baseline)"
+            )
+        out = os.path.join(HERE, "out")
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "store.json"), "w") as f:
+            json.dump(results, f, indent=2)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
