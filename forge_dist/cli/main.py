@@ -18,6 +18,7 @@ from typing import Any
 from forge_dist import __version__
 from forge_dist._urls import redact_text, redact_url, url_secrets
 from forge_dist.errors import ConfigurationError, ForgeDistError, NoCheckpointError
+from forge_dist.storage.manifest import metric_to_json
 
 EXIT_OK, EXIT_INTEGRITY, EXIT_ERROR, EXIT_NO_CHECKPOINT = 0, 1, 2, 3
 
@@ -54,14 +55,6 @@ def _human_bytes(n: int | float) -> str:
 
 def _fmt_metric(v: float) -> str:
     return f"{v:.6g}" if math.isfinite(v) else str(v)
-
-
-def _json_metric(v: float) -> float | str:
-    if math.isnan(v):
-        return "NaN"
-    if math.isinf(v):
-        return "Infinity" if v > 0 else "-Infinity"
-    return v
 
 
 def _storage_options(text: str | None) -> dict[str, Any] | None:
@@ -281,7 +274,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
                     "created": m.created if m else None,
                     "files": len(m.files) if m else None,
                     "bytes": m.total_bytes if m else None,
-                    "metrics": {k: _json_metric(v) for k, v in sorted(m.metrics.items())}
+                    "metrics": {k: metric_to_json(v) for k, v in sorted(m.metrics.items())}
                     if m
                     else {},
                     "writer": dict(m.writer) if m else {},

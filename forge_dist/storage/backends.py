@@ -494,16 +494,19 @@ class ObjectBackend(Backend):
             return FileStat(0, regular=False)
         return FileStat(int(info.get("size") or 0))
 
-    def walk(self, name: str) -> dict[str, FileStat]:
+    def _find(self, name: str) -> dict[str, dict[str, Any]]:
         base = self._p(name)
         self._fresh(base)
         with storage_errors(f"cannot list {name}"):
             try:
-                found = self.fs.find(base, detail=True)
+                return dict(self.fs.find(base, detail=True))
             except FileNotFoundError:
                 return {}
+
+    def walk(self, name: str) -> dict[str, FileStat]:
+        base = self._p(name)
         out = {}
-        for path, info in found.items():
+        for path, info in self._find(name).items():
             rel = path[len(base) + 1 :] if path.startswith(base + "/") else path
             if rel == MANIFEST_NAME or info.get("type") != "file":
                 continue
@@ -515,14 +518,7 @@ class ObjectBackend(Backend):
             return self.fs.open(self._p(name, rel), "rb")
 
     def newest_mtime(self, name: str) -> float | None:
-        base = self._p(name)
-        self._fresh(base)
-        with storage_errors(f"cannot list {name}"):
-            try:
-                found = self.fs.find(base, detail=True)
-            except FileNotFoundError:
-                return None
-        times = [t for info in found.values() if (t := _mtime(info)) is not None]
+        times = [t for info in self._find(name).values() if (t := _mtime(info)) is not None]
         return max(times) if times else None
 
     def begin(self, step: int, replace: bool) -> str:

@@ -106,7 +106,7 @@ class FileEntry:
         return {"path": self.path, "size": self.size, "sha256": self.sha256}
 
 
-def _metric_to_json(value: float) -> float | str:
+def metric_to_json(value: float) -> float | str:
     if math.isnan(value):
         return "NaN"
     if math.isinf(value):
@@ -164,7 +164,7 @@ class Manifest:
             "created": self.created,
             "writer": dict(self.writer),
             "files": [e.to_json() for e in self.files],
-            "metrics": {k: _metric_to_json(v) for k, v in sorted(self.metrics.items())},
+            "metrics": {k: metric_to_json(v) for k, v in sorted(self.metrics.items())},
             "state": dict(self.state),
             "versions": dict(self.versions),
         }

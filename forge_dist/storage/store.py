@@ -18,7 +18,6 @@ from typing import IO, Any
 from forge_dist._urls import redact_url
 from forge_dist.errors import (
     ConfigurationError,
-    ForgeDistError,
     IntegrityError,
     ManifestError,
     NoCheckpointError,
@@ -844,41 +843,32 @@ class CheckpointStore:
         report.kept_steps, report.deleted_steps = self.apply_retention(
             keep_last=keep_last, keep_best=keep_best, monitor=monitor, mode=mode, dry_run=dry_run
         )
+        report.removed_staging, report.kept_staging = self._remove_staging(
+            lambda st: st.age_s is None or st.age_s > grace_s, dry_run
+        )
+        return report
+
+    def cleanup_dead_writers(self) -> list[str]:
+        """Remove staging whose writer is known dead (same host, pid gone) or was a delete."""
+        return self._remove_staging(lambda st: False, dry_run=False)[0]
+
+    def _remove_staging(
+        self, stale: Callable[[StagingInfo], bool], dry_run: bool
+    ) -> tuple[list[str], list[str]]:
+        """Remove interrupted deletes, staging of dead local writers, and what ``stale``
+        says; return (removed, kept)."""
+        removed: list[str] = []
+        kept: list[str] = []
         for st in self.list_staging():
-            stale = st.kind == "del" or st.owner_dead or (st.age_s is None or st.age_s > grace_s)
-            if not stale:
-                report.kept_staging.append(st.name)
+            if not (st.kind == "del" or st.owner_dead or stale(st)):
+                kept.append(st.name)
                 continue
             if not dry_run:
                 try:
                     self._backend.remove_uncommitted(st.name)
                 except StorageError as e:
                     log.warning("could not remove %s: %s", st.name, e)
-                    report.kept_staging.append(st.name)
+                    kept.append(st.name)
                     continue
-            report.removed_staging.append(st.name)
-        return report
-
-    def cleanup_dead_writers(self) -> list[str]:
-        """Remove staging whose writer is known dead (same host, pid gone) or was a delete."""
-        removed = []
-        for st in self.list_staging():
-            if st.kind == "del" or st.owner_dead:
-                try:
-                    self._backend.remove_uncommitted(st.name)
-                    removed.append(st.name)
-                except StorageError as e:
-                    log.warning("could not remove %s: %s", st.name, e)
-        return removed
-
-
-__all__ = [
-    "CheckpointInfo",
-    "CheckpointReport",
-    "CheckpointStore",
-    "CheckpointWriter",
-    "ForgeDistError",
-    "GcReport",
-    "Problem",
-    "StagingInfo",
-]
+            removed.append(st.name)
+        return removed, kept
