@@ -45,3 +45,18 @@ class IntegrityError(ForgeDistError, ValueError):
     def __init__(self, message: str, problems: list | None = None) -> None:
         super().__init__(message)
         self.problems = list(problems or [])
+
+
+class CollectiveTimeoutError(ForgeDistError, TimeoutError):
+    """A collective did not complete before its deadline: a rank died, hung or took
+    another code path. Raised on every surviving rank that waits for it."""
+
+    def __init__(self, message: str, operation: str = "", missing: list[int] | None = None):
+        super().__init__(message)
+        self.operation = operation
+        self.missing = list(missing or [])
+
+
+class CollectiveMismatchError(ForgeDistError, RuntimeError):
+    """Ranks called different collectives or passed incompatible data (e.g. different
+    metric names). Raised on every rank, never on just one."""

@@ -1,0 +1,136 @@
+"""The communicator protocol every backend implements.
+
+A communicator moves small things between the ranks of one job: float64 vectors
+(all-reduced), picklable objects (broadcast from a root, all-gathered) and booleans
+(any/all agreement). Every blocking call has a deadline: ``timeout`` seconds, from the
+argument, else ``FORGE_DIST_TIMEOUT``, else :data:`DEFAULT_TIMEOUT_S`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any
+
+from forge_dist.errors import ConfigurationError
+
+DEFAULT_TIMEOUT_S = 600.0
+OPS = ("sum", "mean", "min", "max")
+
+
+def resolve_timeout(timeout: float | None = None) -> float:
+    """The deadline in seconds for one collective."""
+    if timeout is None:
+        text = os.environ.get("FORGE_DIST_TIMEOUT")
+        if text is None or not text.strip():
+            return DEFAULT_TIMEOUT_S
+        try:
+            timeout = float(text)
+        except ValueError:
+            raise ConfigurationError(
+                f"FORGE_DIST_TIMEOUT must be a number of seconds, got {text!r}"
+            ) from None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise ConfigurationError(f"timeout must be a number of seconds, got {timeout!r}")
+    if not math.isfinite(timeout) or timeout <= 0:
+        raise ConfigurationError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    return float(timeout)
+
+
+def check_op(op: str) -> str:
+    if op not in OPS:
+        raise ConfigurationError(f"reduction op must be one of {OPS}, got {op!r}")
+    return op
+
+
+def reduce_rows(rows: Sequence[Any], op: str) -> Any:
+    """Reduce equal-length float64 vectors in rank order (the same order on every rank,
+    so every rank computes bit-identical results)."""
+    import numpy as np
+
+    stack = np.stack([np.asarray(r, dtype=np.float64) for r in rows])
+    if op == "sum":
+        return stack.sum(axis=0)
+    if op == "mean":
+        return stack.sum(axis=0) / len(rows)
+    if op == "min":
+        return stack.min(axis=0)
+    return stack.max(axis=0)
+
+
+class Communicator(ABC):
+    """Rank, size and deadline-bounded collectives. Same calls, same order, on every rank."""
+
+    backend: str = "?"
+
+    def __init__(self, timeout: float | None = None) -> None:
+        self.timeout = resolve_timeout(timeout)
+
+    @property
+    @abstractmethod
+    def rank(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def size(self) -> int: ...
+
+    @property
+    def is_chief(self) -> bool:
+        return self.rank == 0
+
+    @abstractmethod
+    def allreduce(self, values: Any, op: str = "mean", name: str = "allreduce") -> Any:
+        """Element-wise reduction of a float64 vector across ranks; returns a new array."""
+
+    @abstractmethod
+    def broadcast(self, obj: Any, root: int = 0, name: str = "broadcast") -> Any:
+        """``root``'s object on every rank (small, picklable)."""
+
+    @abstractmethod
+    def allgather(self, obj: Any, name: str = "allgather") -> list[Any]:
+        """Every rank's object, in rank order, on every rank."""
+
+    def barrier(self, name: str = "barrier") -> None:
+        self.allgather(None, name=name)
+
+    def any(self, flag: bool, name: str = "any") -> bool:
+        return bool(self.allreduce([1.0 if flag else 0.0], op="max", name=name)[0] > 0.5)
+
+    def all(self, flag: bool, name: str = "all") -> bool:
+        return bool(self.allreduce([1.0 if flag else 0.0], op="min", name=name)[0] > 0.5)
+
+    def describe(self) -> str:
+        return f"{self.backend} rank {self.rank} of {self.size}"
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.describe()}, timeout {self.timeout:g}s>"
+
+
+class LocalCommunicator(Communicator):
+    """One process: every collective returns its own input."""
+
+    backend = "local"
+
+    @property
+    def rank(self) -> int:
+        return 0
+
+    @property
+    def size(self) -> int:
+        return 1
+
+    def allreduce(self, values: Any, op: str = "mean", name: str = "allreduce") -> Any:
+        import numpy as np
+
+        check_op(op)
+        return np.array(values, dtype=np.float64, copy=True).reshape(-1)
+
+    def broadcast(self, obj: Any, root: int = 0, name: str = "broadcast") -> Any:
+        if root != 0:
+            raise ConfigurationError(f"root {root} does not exist in a job of size 1")
+        return obj
+
+    def allgather(self, obj: Any, name: str = "allgather") -> list[Any]:
+        return [obj]
