@@ -1,0 +1,100 @@
+"""Which Keras is in use, and the few calls that differ between Keras 3 and tf_keras.
+
+``TF_USE_LEGACY_KERAS=1`` selects tf_keras, exactly as it does for ``tf.keras``; the
+choice is made once, when :mod:`forge_dist.keras` is first imported.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+
+def legacy_requested() -> bool:
+    return os.environ.get("TF_USE_LEGACY_KERAS", "").strip().lower() in ("1", "true", "yes")
+
+
+if legacy_requested():
+    import tf_keras as keras  # noqa: F401
+
+    FLAVOR = "tf_keras"
+else:
+    import keras  # noqa: F401
+
+    FLAVOR = "keras3"
+    if not keras.__version__.startswith("3"):  # pragma: no cover - Keras 2 installed as keras
+        FLAVOR = "tf_keras"
+
+Callback = keras.callbacks.Callback
+
+
+def to_float(value: Any) -> float | None:
+    """A scalar from ``logs`` as a Python float; None if it is not a number."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    try:
+        arr = np.asarray(value)
+    except Exception:
+        return None
+    if arr.shape != () and arr.size != 1:
+        return None
+    if arr.dtype.kind not in "fiu":
+        return None
+    return float(arr.reshape(()))
+
+
+def get_lr(optimizer: Any) -> float:
+    return float(np.asarray(optimizer.learning_rate))
+
+
+def set_lr(optimizer: Any, value: float) -> None:
+    from forge_dist.errors import ConfigurationError
+
+    try:
+        optimizer.learning_rate = value
+    except (TypeError, ValueError, AttributeError) as e:
+        raise ConfigurationError(
+            "cannot set the learning rate of this optimizer (is it a LearningRateSchedule? "
+            f"ReduceLROnPlateau needs a plain float learning rate): {e}"
+        ) from e
+
+
+def optimizer_variables(optimizer: Any) -> list[Any]:
+    v = optimizer.variables
+    return list(v() if callable(v) else v)
+
+
+def ensure_optimizer_built(model: Any) -> None:
+    opt = model.optimizer
+    if opt is None:
+        return
+    if not getattr(opt, "built", True) or not optimizer_variables(opt):
+        opt.build(model.trainable_variables)
+
+
+def metric_direction(model: Any, monitor: str) -> str | None:
+    """Keras 3 metrics declare a direction (``"up"``/``"down"``); tf_keras ones do not."""
+    name = monitor.removeprefix("val_")
+    found: list[Any] = []
+    for m in getattr(model, "metrics", []) or []:
+        found.append(m)
+        found.extend(getattr(m, "metrics", []) or [])
+    for m in found:
+        if getattr(m, "name", None) == name and getattr(m, "_direction", None) in ("up", "down"):
+            return m._direction
+    return None
+
+
+def weights_fingerprint(weights: list[Any]) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for w in weights:
+        a = np.ascontiguousarray(np.asarray(w))
+        h.update(str((a.dtype.str, a.shape)).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
