@@ -1,7 +1,7 @@
 # The README's two commands: `make demo` and `make test`. Both set up .venv themselves.
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-EXTRAS ?= dev,s3
+EXTRAS ?= dev,s3,tf,mpi
 
 .PHONY: setup test lint bench clean
 

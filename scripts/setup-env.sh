@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create or refresh the project's virtual environment (.venv), idempotently.
 #
-#   scripts/setup-env.sh [EXTRAS]      e.g. scripts/setup-env.sh dev,s3
+#   scripts/setup-env.sh [EXTRAS]      e.g. scripts/setup-env.sh dev,s3,tf,mpi
 #
 # Installs missing Debian packages through apt-get (as root, or with sudo), creates
 # .venv, and (re)installs forge_dist with the given extras only when pyproject.toml,
@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-EXTRAS="${1:-dev,s3}"
+EXTRAS="${1:-dev,s3,tf,mpi}"
 VENV="${VENV:-.venv}"
 PYTHON="${PYTHON:-python3}"
 

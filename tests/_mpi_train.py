@@ -33,12 +33,23 @@ touched: list[str] = []
 
 
 def audit(event: str, eargs: tuple) -> None:
-    if event in ("open", "os.mkdir", "os.rename", "os.remove", "os.rmdir", "os.listdir",
-                 "os.scandir", "shutil.rmtree", "os.replace", "os.unlink"):
+    if event in (
+        "open",
+        "os.mkdir",
+        "os.rename",
+        "os.remove",
+        "os.rmdir",
+        "os.listdir",
+        "os.scandir",
+        "shutil.rmtree",
+        "os.replace",
+        "os.unlink",
+    ):
         for a in eargs[:2]:
             if isinstance(a, (str, bytes, os.PathLike)):
                 p = os.fsdecode(a)
-                if os.path.abspath(p).startswith(root):
+                full = os.path.abspath(p)
+                if full == root or full.startswith(root + os.sep):
                     touched.append(f"{event} {p}")
 
 
@@ -71,8 +82,9 @@ x_train, y_train = data(100 + rank, 256, False)
 x_val, y_val = data(200 + rank, 128, flip=(rank == 1))
 
 keras.utils.set_random_seed(1234 + (rank if args.mode == "control" else 0))
-model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="tanh"),
-                          keras.layers.Dense(1)])
+model = keras.Sequential(
+    [keras.Input((8,)), keras.layers.Dense(16, activation="tanh"), keras.layers.Dense(1)]
+)
 opt = keras.optimizers.Adam(0.01)
 
 from forge_dist import keras as fk  # noqa: E402
@@ -81,8 +93,14 @@ if args.mode == "forge":
     opt = fk.DistributedOptimizer(opt)
 model.compile(optimizer=opt, loss="mse")
 
-record = {"rank": rank, "size": size, "flavor": _compat.FLAVOR, "fingerprints": [], "lrs": [],
-          "epochs_run": 0}
+record = {
+    "rank": rank,
+    "size": size,
+    "flavor": _compat.FLAVOR,
+    "fingerprints": [],
+    "lrs": [],
+    "epochs_run": 0,
+}
 
 
 class Recorder(keras.callbacks.Callback):
@@ -129,13 +147,21 @@ else:
         Recorder(),
     ]
 
-history = model.fit(x_train, y_train, validation_data=(x_val, y_val), epochs=args.epochs,
-                    batch_size=32, shuffle=False, verbose=0, callbacks=callbacks,
-                    initial_epoch=initial_epoch)
+history = model.fit(
+    x_train,
+    y_train,
+    validation_data=(x_val, y_val),
+    epochs=args.epochs,
+    batch_size=32,
+    shuffle=False,
+    verbose=0,
+    callbacks=callbacks,
+    initial_epoch=initial_epoch,
+)
 record["final_fingerprint"] = _compat.weights_fingerprint(model.get_weights())
 record["final_lr"] = float(_compat.get_lr(model.optimizer))
 record["history_epochs"] = len(history.history.get("loss", []))
-record["touched"] = touched
+record["touched"] = list(touched)
 if args.mode == "forge":
     record["stopped_epoch"] = es.stopped_epoch
     record["best_epoch"] = es.best_epoch

@@ -47,8 +47,18 @@ def to_float(value: Any) -> float | None:
     return float(arr.reshape(()))
 
 
+def to_numpy(value: Any) -> np.ndarray:
+    """A variable or tensor as a NumPy array (also distributed/mirrored variables)."""
+    numpy = getattr(value, "numpy", None)
+    if callable(numpy):
+        return np.asarray(numpy())
+    if FLAVOR == "tf_keras":
+        return np.asarray(keras.backend.get_value(value))
+    return np.asarray(keras.ops.convert_to_numpy(value))
+
+
 def get_lr(optimizer: Any) -> float:
-    return float(np.asarray(optimizer.learning_rate))
+    return float(to_numpy(optimizer.learning_rate))
 
 
 def set_lr(optimizer: Any, value: float) -> None:
@@ -72,7 +82,10 @@ def ensure_optimizer_built(model: Any) -> None:
     opt = model.optimizer
     if opt is None:
         return
-    if not getattr(opt, "built", True) or not optimizer_variables(opt):
+    built = getattr(opt, "built", None)
+    if built is None:
+        built = getattr(opt, "_built", False)  # tf_keras
+    if not built:
         opt.build(model.trainable_variables)
 
 

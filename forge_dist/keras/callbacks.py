@@ -460,7 +460,7 @@ class ChiefModelCheckpoint(_ForgeCallback):
             self._save(epoch, None, logs or {}, epoch_done=True)
 
     def _save(self, epoch: int, batch: int | None, logs: dict[str, Any], epoch_done: bool) -> None:
-        step = int(np.asarray(self.model.optimizer.iterations))
+        step = int(_compat.to_numpy(self.model.optimizer.iterations))
         name = f"ChiefModelCheckpoint(epoch {epoch}, step {step})"
 
         def decide() -> policy.SaveDecision:
@@ -538,7 +538,7 @@ def broadcast_model_state(model: Any, comm: Communicator, root: int = 0, name: s
     payload = None
     if comm.rank == root:
         opt = (
-            [np.asarray(v) for v in _compat.optimizer_variables(model.optimizer)]
+            [_compat.to_numpy(v) for v in _compat.optimizer_variables(model.optimizer)]
             if model.optimizer is not None
             else []
         )

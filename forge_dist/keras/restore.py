@@ -15,8 +15,6 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from forge_dist.comm import Communicator, get_communicator
 from forge_dist.errors import ConfigurationError, ForgeDistError
 from forge_dist.keras import _compat
@@ -38,14 +36,19 @@ class RestoreResult:
 
 def _load_payload(path: str, weights_only: bool, model: Any, custom_objects: Any) -> tuple:
     if weights_only:
+        if model.optimizer is not None:
+            _compat.ensure_optimizer_built(model)  # so saved optimizer variables load too
         model.load_weights(path)
-        return model.get_weights(), None
+        opt_values = None
+        if model.optimizer is not None:
+            opt_values = [_compat.to_numpy(v) for v in _compat.optimizer_variables(model.optimizer)]
+        return model.get_weights(), opt_values
     keras = _compat.keras
     loaded = keras.models.load_model(path, custom_objects=custom_objects, compile=True)
     opt = getattr(loaded, "optimizer", None)
     opt_values = None
     if opt is not None and _compat.optimizer_variables(opt):
-        opt_values = [np.asarray(v) for v in _compat.optimizer_variables(opt)]
+        opt_values = [_compat.to_numpy(v) for v in _compat.optimizer_variables(opt)]
     return loaded.get_weights(), opt_values
 
 
@@ -70,6 +73,8 @@ def _chief_restore(
     from forge_dist.storage import CheckpointStore
 
     store = CheckpointStore(directory, storage_options)
+    if not store.root_exists():
+        return None  # a first run: nothing saved yet
     infos = store.list()
     skipped: list[str] = []
     chosen = None

@@ -408,6 +408,13 @@ class CheckpointStore:
     def __repr__(self) -> str:
         return f"CheckpointStore({self.display!r})"
 
+    def root_exists(self) -> bool:
+        """False only for a local root that does not exist yet (nothing saved there);
+        object-store prefixes always "exist"."""
+        import os.path
+
+        return not self._backend.rename_commit or os.path.lexists(self._backend.root)
+
     @property
     def uses_rename(self) -> bool:
         """True on POSIX roots (rename commit), False on object stores (manifest last)."""

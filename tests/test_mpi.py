@@ -1,0 +1,125 @@
+"""Real two-process training under ``mpirun -np 2`` (mpi4py backend).
+
+Each rank validates on its own shard and rank 1's shard disagrees, so plain Keras
+callbacks stop the ranks at different epochs (the control); forge_dist's keep them
+together, with one writer and identical weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from multiproc import HERE, mpirun
+
+from forge_dist.storage import CheckpointStore
+
+pytestmark = pytest.mark.mpi
+TRAIN = os.path.join(HERE, "_mpi_train.py")
+FORGE = os.path.join(os.path.dirname(sys.executable), "forge-dist")
+COMMON = ["--patience", "2", "--epochs", "8"]
+
+
+def results(out_dir) -> list[dict]:
+    return [json.load(open(os.path.join(out_dir, f"rank-{r}.json"))) for r in (0, 1)]
+
+
+def train(tmp_path, name, *extra, flavor="keras3", env=None, expect_ok=True, **kw):
+    root, out = tmp_path / name, tmp_path / f"{name}-out"
+    env = dict(env or {})
+    if flavor == "tf_keras":
+        env["TF_USE_LEGACY_KERAS"] = "1"
+    run = mpirun(2, [TRAIN, "--root", str(root), "--out", str(out), *extra], env, **kw)
+    if expect_ok:
+        assert run.returncode == 0, run.output[-4000:]
+    return run, root, out
+
+
+def test_control_plain_keras_callbacks_stop_ranks_at_different_epochs(tmp_path):
+    _, root, out = train(tmp_path, "control", "--mode", "control", *COMMON)
+    r0, r1 = results(out)
+    assert r0["epochs_run"] != r1["epochs_run"], "the control must show the divergence"
+    assert r0["final_fingerprint"] != r1["final_fingerprint"]
+
+
+@pytest.mark.parametrize("flavor", ["keras3", "tf_keras"])
+def test_ranks_agree_on_every_decision_and_hold_identical_weights(tmp_path, flavor):
+    _, root, out = train(tmp_path, "run", *COMMON, flavor=flavor)
+    r0, r1 = results(out)
+    assert r0["flavor"] == r1["flavor"] == flavor
+    # Same stop epoch, and it did stop early (patience 2 of 8 epochs).
+    assert r0["epochs_run"] == r1["epochs_run"] < 8
+    assert r0["stopped_epoch"] == r1["stopped_epoch"] > 0
+    # Identical weights after every epoch, identical learning rates, and the same best
+    # weights restored at the end.
+    assert r0["fingerprints"] == r1["fingerprints"]
+    assert r0["lrs"] == r1["lrs"] and r0["lrs"][-1] < r0["lrs"][0]
+    assert r0["final_fingerprint"] == r1["final_fingerprint"]
+    assert r0["final_fingerprint"] == r0["fingerprints"][r0["best_epoch"]]
+    # Exactly one writer: rank 1 never touched the checkpoint root.
+    assert r1["touched"] == [] and r0["touched"]
+    store = CheckpointStore(str(root))
+    assert {c.manifest.writer["rank"] for c in store.list()} == {0}
+    assert subprocess.run([FORGE, "verify", str(root), "--all"], timeout=60).returncode == 0
+    assert (root / "history.csv").read_text().count("\n") == r0["epochs_run"] + 1
+
+
+def test_a_resumed_run_ends_like_an_uninterrupted_one(tmp_path):
+    _, _, out_a = train(tmp_path, "a", *COMMON)
+    killed, root_b, _ = train(
+        tmp_path, "b", *COMMON, "--kill-rank0-after-epoch", "0", expect_ok=False
+    )
+    assert killed.returncode != 0
+    assert CheckpointStore(str(root_b)).steps() == [8]
+    _, _, out_b = train(tmp_path, "b", *COMMON, "--resume")
+    a0, a1 = results(out_a)
+    b0, b1 = results(out_b)
+    assert b0["resumed_from_step"] == b1["resumed_from_step"] == 8
+    # Epochs after the resume match the uninterrupted run bit for bit.
+    assert b0["fingerprints"] == b1["fingerprints"] == a0["fingerprints"][1:]
+    assert b0["stopped_epoch"] == a0["stopped_epoch"]
+    assert b0["final_lr"] == a0["final_lr"]
+    assert b0["final_fingerprint"] == b1["final_fingerprint"] == a0["final_fingerprint"]
+    lines = (tmp_path / "b" / "history.csv").read_text().splitlines()
+    epochs = [line.split(",")[0] for line in lines[1:]]
+    assert epochs == [str(e) for e in range(a0["epochs_run"])], "no epoch twice, none lost"
+    assert subprocess.run([FORGE, "verify", str(root_b), "--all"], timeout=60).returncode == 0
+
+
+def test_a_dead_rank_becomes_an_error_on_the_survivor_within_the_deadline(tmp_path):
+    deadline = 6
+    run, _, out = train(
+        tmp_path,
+        "dead",
+        "--kill-rank1-at-epoch",
+        "1",
+        env={"FORGE_DIST_TIMEOUT": str(deadline)},
+        expect_ok=False,
+        bound_s=120,
+        # Keep the survivor alive when rank 1 dies (Open MPI would kill it otherwise), so
+        # what is shown is forge_dist's deadline, not the launcher's clean-up.
+        mpi_flags=["--enable-recovery"],
+    )
+    assert "CollectiveTimeoutError" in run.output
+    assert "rank(s) 1 did not answer" in run.output
+    assert f"timed out after {deadline}." in run.output
+    assert "MPI_ABORT" in run.output and "Errorcode: 70" in run.output
+    assert not (out / "rank-0.json").exists(), "the survivor must not finish normally"
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"class": "SyncEarlyStopping", "patience": -1}, "patience must be >= 0"),
+        ({"class": "SyncEarlyStopping", "mode": "maximum"}, "mode must be"),
+        ({"class": "SyncReduceLROnPlateau", "factor": 1.5}, "factor must be in"),
+        ({"class": "ChiefModelCheckpoint", "directory": "gs://bucket/run"}, "forge-dist[gcs]"),
+    ],
+)
+def test_bad_configuration_fails_on_every_rank_at_construction(tmp_path, bad, message):
+    run, _, _ = train(tmp_path, "bad", "--bad", json.dumps(bad), expect_ok=False, bound_s=120)
+    assert run.returncode != 0
+    assert run.output.count(message) >= 2, run.output[-3000:]  # once per rank
