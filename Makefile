@@ -3,7 +3,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 EXTRAS ?= dev,s3,tf,mpi
 
-.PHONY: setup test lint bench clean
+.PHONY: setup test demo lint bench clean
 
 setup:
 	@scripts/setup-env.sh $(EXTRAS)
@@ -12,6 +12,10 @@ test: setup
 	$(PY) -m ruff check forge_dist tests benchmarks scripts
 	$(PY) -m ruff format --check forge_dist tests benchmarks scripts
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The main job: a real 2-process data-parallel training with the consistent callbacks.
+demo: setup
+	$(VENV)/bin/forge-dist demo --fresh
 
 lint: setup
 	$(PY) -m ruff check forge_dist tests benchmarks scripts
