@@ -286,3 +286,26 @@ def test_bad_paths_are_refused_by_the_writer(target):
         w.add_bytes("a", b"y")
     assert store.list() == []
     assert store.list_staging() == []
+
+
+def test_open_hashes_what_a_serializer_writes(target):
+    store = target.store()
+    big = os.urandom(20 * 1024 * 1024)  # large enough for the pipelined path
+    with store.writer(1) as w, w.open("archive.bin") as f:
+        assert not f.seekable()
+        f.write(b"head")
+        f.write(memoryview(big))
+        f.write(bytearray(b"tail"))
+        assert f.tell() == len(big) + 8
+    (entry,) = store.get(1).manifest.files
+    assert entry.size == len(big) + 8
+    assert entry.sha256 == sha(b"head" + big + b"tail")
+    assert store.verify(1).ok
+
+
+def test_an_error_inside_open_commits_nothing(target):
+    store = target.store()
+    with pytest.raises(RuntimeError), store.writer(1) as w, w.open("a.bin") as f:
+        f.write(b"partial")
+        raise RuntimeError("serializer crashed")
+    assert store.list() == [] and store.list_staging() == []

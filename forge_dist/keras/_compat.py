@@ -111,3 +111,17 @@ def weights_fingerprint(weights: list[Any]) -> str:
         h.update(str((a.dtype.str, a.shape)).encode())
         h.update(a.tobytes())
     return h.hexdigest()
+
+
+def keras_fileobj_saver() -> Any:
+    """A ``save(model, fileobj)`` that writes a ``.keras`` archive into a writable file
+    object, or None where this Keras cannot (Keras 3's saving library takes file objects;
+    its public ``model.save`` insists on a path), so the caller saves to a path instead."""
+    if FLAVOR != "keras3":
+        return None
+    try:
+        from keras.src.saving import saving_lib
+    except ImportError:  # pragma: no cover - a Keras 3 without that module
+        return None
+    save = getattr(saving_lib, "save_model", None)
+    return save if callable(save) else None

@@ -489,10 +489,30 @@ class ChiefModelCheckpoint(_ForgeCallback):
         self._say(f"epoch {epoch + 1}: saved step {step} to {self.directory}")
 
     def _write(self, step: int, logs: dict[str, Any], state: dict[str, Any]) -> None:
-        """Chief only: save to local scratch, commit through the store, apply retention."""
+        """Chief only: save into the store (streamed, or through local scratch), commit,
+        apply retention."""
         from forge_dist.errors import StorageError
 
         metrics = {k: f for k, v in logs.items() if (f := to_float(v)) is not None}
+        writer = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "rank": self.comm.rank,
+            "world_size": self.comm.size,
+            "backend": self.comm.backend,
+            "keras": _compat.FLAVOR,
+        }
+        stream_save = None if self.save_weights_only else _compat.keras_fileobj_saver()
+        if stream_save is not None:
+            # Stream the archive straight into the store: hashed as it is written, no
+            # scratch copy, nothing read back.
+            with (
+                self.store.writer(step, metrics=metrics, state=state, writer=writer) as w,
+                w.open("model.keras") as f,
+            ):
+                stream_save(self.model, f)
+            self._retain()
+            return
         scratch = tempfile.mkdtemp(prefix="forge-dist-save-")
         try:
             fname = "model.weights.h5" if self.save_weights_only else "model.keras"
@@ -504,25 +524,20 @@ class ChiefModelCheckpoint(_ForgeCallback):
                     self.model.save(path)
             except OSError as e:
                 raise StorageError(f"cannot save the model to local scratch {scratch}: {e}") from e
-            writer = {
-                "host": socket.gethostname(),
-                "pid": os.getpid(),
-                "rank": self.comm.rank,
-                "world_size": self.comm.size,
-                "backend": self.comm.backend,
-                "keras": _compat.FLAVOR,
-            }
             with self.store.writer(step, metrics=metrics, state=state, writer=writer) as w:
                 w.add_file(fname, path)
-            if self.keep_last or self.keep_best:
-                self.store.apply_retention(
-                    keep_last=self.keep_last,
-                    keep_best=self.keep_best,
-                    monitor=self.monitor if self.keep_best else None,
-                    mode=self._resolved_mode or "min",
-                )
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
+        self._retain()
+
+    def _retain(self) -> None:
+        if self.keep_last or self.keep_best:
+            self.store.apply_retention(
+                keep_last=self.keep_last,
+                keep_best=self.keep_best,
+                monitor=self.monitor if self.keep_best else None,
+                mode=self._resolved_mode or "min",
+            )
 
 
 # --------------------------------------------------------------------------- broadcast

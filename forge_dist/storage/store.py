@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 import platform
@@ -42,6 +43,7 @@ from forge_dist.storage.manifest import (
 log = logging.getLogger("forge_dist.storage")
 
 CHUNK = 4 * 1024 * 1024
+_PIPELINE_MIN = 4 * CHUNK
 #: Staging older than this (seconds) may belong to a dead writer on another host.
 DEFAULT_GRACE_S = 3600.0
 
@@ -255,20 +257,29 @@ class CheckpointWriter:
             with self._lock:
                 self._entries.pop(rel, None)
             raise
-        entry = FileEntry(rel, size, h.hexdigest())
+        return self._finish(rel, size, h.hexdigest())
+
+    # -- adding payload
+    def open(self, relpath: str) -> _HashingFile:
+        """A write-only, non-seekable binary file at ``relpath``; its size and sha256 are
+        computed as it is written (for serializers that write to a file object)."""
+        rel = self._reserve(relpath)
+        assert self._staging is not None
+        sink = self.store._backend.open_write(self._staging, rel)
+        return _HashingFile(self, rel, sink)
+
+    def _finish(self, rel: str, size: int, digest: str) -> FileEntry:
+        entry = FileEntry(rel, size, digest)
         with self._lock:
             self._entries[rel] = entry
         _faults.point(f"file-written:{rel}")
         return entry
 
-    # -- adding payload
     def add_stream(self, relpath: str, stream: IO[bytes]) -> FileEntry:
         """Copy an open binary stream to ``relpath``, hashing it on the way."""
         return self._copy(self._reserve(relpath), stream)
 
     def add_bytes(self, relpath: str, data: bytes) -> FileEntry:
-        import io
-
         return self.add_stream(relpath, io.BytesIO(data))
 
     def add_file(self, relpath: str, src_path: str | os.PathLike[str]) -> FileEntry:
@@ -356,6 +367,79 @@ class CheckpointWriter:
         self._done = True
         if self._staging is not None:
             self.store._backend.abort(self._staging)
+
+
+class _HashingFile(io.RawIOBase):
+    """What :meth:`CheckpointWriter.open` returns. Closing it records the file; an error
+    while writing leaves it out (and the writer's block discards the staging)."""
+
+    def __init__(self, writer: CheckpointWriter, rel: str, sink: Any) -> None:
+        super().__init__()
+        self._writer = writer
+        self._rel = rel
+        self._sink = sink
+        self._hash = hashlib.sha256()
+        self._size = 0
+        self._failed = False
+        self.entry: FileEntry | None = None
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def readable(self) -> bool:
+        return False
+
+    def write(self, data: Any) -> int:
+        if self.closed:
+            raise ValueError("write to a closed checkpoint file")
+        view = memoryview(data).cast("B")
+        try:
+            with storage_errors(f"cannot write {self._writer.name}/{self._rel}"):
+                if len(view) <= _PIPELINE_MIN:
+                    self._sink.write(view)
+                    self._hash.update(view)
+                else:
+                    self._pipelined(view)
+        except BaseException:
+            self._failed = True
+            raise
+        self._size += len(view)
+        return len(view)
+
+    def _pipelined(self, view: memoryview) -> None:
+        """Hash chunk k on a helper thread while chunk k is written: for serializers that
+        hand over hundreds of MB in one call, the hash costs almost no extra time."""
+        pending = []
+        with ThreadPoolExecutor(1, thread_name_prefix="forge-dist-hash") as pool:
+            try:
+                for start in range(0, len(view), CHUNK):
+                    chunk = view[start : start + CHUNK]
+                    pending.append(pool.submit(self._hash.update, chunk))
+                    self._sink.write(chunk)
+            finally:
+                for f in pending:
+                    f.result()
+
+    def tell(self) -> int:
+        return self._size
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            if self._failed:
+                self._sink.discard()
+                with self._writer._lock:
+                    self._writer._entries.pop(self._rel, None)
+            else:
+                with storage_errors(f"cannot write {self._writer.name}/{self._rel}"):
+                    self._sink.close()
+                self.entry = self._writer._finish(self._rel, self._size, self._hash.hexdigest())
+        finally:
+            super().close()
 
 
 def default_writer_info() -> dict[str, Any]:
