@@ -24,6 +24,7 @@ lint: setup
 # Benchmarks are not tests: they print ratios against a baseline measured in the same run.
 bench: setup
 	$(PY) benchmarks/bench_store.py
+	$(PY) benchmarks/bench_keras.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

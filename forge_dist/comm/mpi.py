@@ -1,12 +1,15 @@
 """mpi4py backend with deadlines.
 
-Every collective is a star exchange over non-blocking point-to-point messages: each
-rank sends ``(sequence, operation, payload)`` to the root, the root checks that all
-ranks are at the same operation, reduces, and sends the result back. All waits poll
-against the deadline, so the root knows exactly which ranks did not answer and the
-others know the root did not. A timed-out communicator is broken: the error is raised,
-and at interpreter exit the job is aborted (``MPI_Abort``) instead of hanging in
-``MPI_Finalize``.
+* Objects (broadcast, allgather) travel as a star of non-blocking point-to-point
+  messages: each rank sends ``(sequence, operation, payload)`` to the root, which checks
+  that every rank is at the same operation and answers everyone.
+* Vectors (allreduce, the gradient path) use MPI's own non-blocking ``Iallreduce``, after
+  a tiny ``Iallreduce`` that checks every rank is at the same call with the same length.
+
+Every wait polls against the deadline. On a timeout the rank holds a roll call (every
+polling rank answers it), so the error names the ranks that did not answer. A timed-out
+communicator is broken: the error is raised, and at interpreter exit the job is aborted
+(``MPI_Abort``) instead of hanging in ``MPI_Finalize``.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import threading
 import time
 from typing import Any
 
-from forge_dist.comm.base import Communicator, check_op, reduce_rows
+from forge_dist.comm.base import Communicator, check_op
 from forge_dist.errors import (
     CollectiveMismatchError,
     CollectiveTimeoutError,
@@ -31,8 +34,25 @@ log = logging.getLogger("forge_dist.comm")
 
 _TAG_UP = 17001  # rank -> root
 _TAG_DOWN = 17002  # root -> rank
+_TAG_ROLLCALL = 17003  # "are you there?" after a timeout
+_TAG_PRESENT = 17004  # the answer
+_ROLLCALL_S = 5.0  # how long a roll call waits for answers
 _ABORT_CODE = 70
 _abort_registered = False
+
+
+_SPIN_S = 0.002  # poll without sleeping this long: most answers come within it
+
+
+def _backoff(pause: float, start: float) -> float:
+    """Wait a little before polling again: yield the CPU for the first milliseconds
+    (answers usually arrive by then), then sleep with a growing pause up to 1 ms."""
+    if time.monotonic() - start < _SPIN_S:
+        time.sleep(0)
+        return 0.0
+    pause = min(0.001, pause * 2 or 2e-5)
+    time.sleep(pause)
+    return pause
 
 
 def _register_abort(comm: Any) -> None:
@@ -69,6 +89,7 @@ class MPICommunicator(Communicator):
         self._seq = 0
         self._lock = threading.Lock()
         self._broken: str | None = None
+        self._replies: list[Any] = []  # roll-call answers in flight
 
     @property
     def rank(self) -> int:
@@ -77,6 +98,47 @@ class MPICommunicator(Communicator):
     @property
     def size(self) -> int:
         return self._size
+
+    # -- roll call ------------------------------------------------------------
+    def _answer_rollcalls(self) -> None:
+        """Tell any rank holding a roll call that this one is alive (called while polling)."""
+        import numpy as np
+
+        MPI = self._MPI
+        status = MPI.Status()
+        while self._comm.Iprobe(source=MPI.ANY_SOURCE, tag=_TAG_ROLLCALL, status=status):
+            src = status.Get_source()
+            buf = np.empty(1, dtype=np.int64)
+            self._comm.Recv([buf, MPI.INT64_T], source=src, tag=_TAG_ROLLCALL)
+            me = np.array([self._rank], dtype=np.int64)
+            self._replies.append(
+                (self._comm.Isend([me, MPI.INT64_T], dest=src, tag=_TAG_PRESENT), me)
+            )
+        self._replies = [(r, b) for r, b in self._replies if not r.Test()]
+
+    def _rollcall(self) -> list[int]:
+        """Ranks that do not answer within a few seconds (dead, hung or busy elsewhere)."""
+        import numpy as np
+
+        MPI = self._MPI
+        others = [r for r in range(self._size) if r != self._rank]
+        ping = np.array([self._rank], dtype=np.int64)
+        sends = [self._comm.Isend([ping, MPI.INT64_T], dest=r, tag=_TAG_ROLLCALL) for r in others]
+        missing = set(others)
+        end = time.monotonic() + min(_ROLLCALL_S, self.timeout)
+        status = MPI.Status()
+        while missing and time.monotonic() < end:
+            self._answer_rollcalls()
+            for r in list(missing):
+                if self._comm.Iprobe(source=r, tag=_TAG_PRESENT, status=status):
+                    buf = np.empty(1, dtype=np.int64)
+                    self._comm.Recv([buf, MPI.INT64_T], source=r, tag=_TAG_PRESENT)
+                    missing.discard(r)
+            time.sleep(0.001)
+        for req in sends:
+            with contextlib.suppress(Exception):
+                req.Cancel()
+        return sorted(missing)
 
     # -- transport ------------------------------------------------------------
     def _deadline_error(
@@ -107,8 +169,8 @@ class MPICommunicator(Communicator):
                     with contextlib.suppress(Exception):
                         req.Cancel()
                 raise self._deadline_error(name, sorted(reqs), waited)
-            pause = min(0.002, pause * 2 or 2e-5)
-            time.sleep(pause)
+            self._answer_rollcalls()
+            pause = _backoff(pause, start)
 
     def _recv_from(self, sources: list[int], tag: int, name: str, start: float) -> dict[int, bytes]:
         import numpy as np
@@ -133,11 +195,8 @@ class MPICommunicator(Communicator):
             waited = time.monotonic() - start
             if waited > self.timeout:
                 raise self._deadline_error(name, pending, waited)
-            if progressed:
-                pause = 0.0
-            else:
-                pause = min(0.002, pause * 2 or 2e-5)
-                time.sleep(pause)
+            self._answer_rollcalls()
+            pause = 0.0 if progressed else _backoff(pause, start)
         return got
 
     def _isend(self, data: bytes, dest: int, tag: int) -> Any:
@@ -192,19 +251,64 @@ class MPICommunicator(Communicator):
             return result
 
     # -- collectives -----------------------------------------------------------
+    def _wait_request(self, req: Any, name: str, start: float) -> None:
+        pause = 0.0
+        while not req.Test():
+            waited = time.monotonic() - start
+            if waited > self.timeout:
+                missing = self._rollcall()
+                if not missing:
+                    msg = (
+                        f"collective {name!r} timed out after {waited:.1f}s on rank "
+                        f"{self._rank}, yet every rank answered the roll call: they are in "
+                        "different collectives (a diverged code path); the job will abort."
+                    )
+                    self._broken = msg
+                    _register_abort(self._comm)
+                    log.error(msg)
+                    raise CollectiveTimeoutError(msg, name, [])
+                raise self._deadline_error(name, missing, waited)
+            self._answer_rollcalls()
+            pause = _backoff(pause, start)
+
     def allreduce(self, values: Any, op: str = "mean", name: str = "allreduce") -> Any:
+        import zlib
+
         import numpy as np
 
         check_op(op)
-        vec = np.ascontiguousarray(np.asarray(values, dtype=np.float64).reshape(-1))
-
-        def combine(rows: dict[int, Any]) -> Any:
-            lengths = {r: len(v) for r, v in rows.items()}
-            if len(set(lengths.values())) > 1:
-                raise CollectiveMismatchError(f"vector lengths differ across ranks: {lengths}")
-            return reduce_rows([rows[r] for r in sorted(rows)], op)
-
-        return np.array(self._exchange(name, vec, combine), dtype=np.float64)
+        vec = np.array(values, dtype=np.float64, copy=True).reshape(-1)
+        if self._broken:
+            raise CollectiveTimeoutError(f"communicator is broken: {self._broken}", name)
+        if self._size == 1:
+            return vec
+        MPI = self._MPI
+        with self._lock:
+            self._seq += 1
+            start = time.monotonic()
+            # 1. Are all ranks at the same call, with the same length? (max of x and -x
+            #    gives max and min in one tiny reduction.)
+            tag = zlib.crc32(f"{name}/{op}".encode()) & 0x7FFFFFFF
+            probe = np.array([self._seq, len(vec), tag], dtype=np.int64)
+            both = np.concatenate([probe, -probe])
+            req = self._comm.Iallreduce(MPI.IN_PLACE, both, op=MPI.MAX)
+            self._wait_request(req, name, start)
+            hi, lo = both[:3], -both[3:]
+            if not np.array_equal(hi, lo):
+                what = ["call sequence", "vector length", "operation"][
+                    int(np.flatnonzero(hi != lo)[0])
+                ]
+                raise CollectiveMismatchError(
+                    f"{name}: ranks differ in {what} (from {lo.tolist()} to {hi.tolist()}: "
+                    "[sequence, length, operation]) — they are not running the same code path"
+                )
+            # 2. The reduction itself, by MPI.
+            mpi_op = {"sum": MPI.SUM, "mean": MPI.SUM, "min": MPI.MIN, "max": MPI.MAX}[op]
+            req = self._comm.Iallreduce(MPI.IN_PLACE, vec, op=mpi_op)
+            self._wait_request(req, name, start)
+        if op == "mean":
+            vec /= self._size
+        return vec
 
     def broadcast(self, obj: Any, root: int = 0, name: str = "broadcast") -> Any:
         if not 0 <= root < self._size:

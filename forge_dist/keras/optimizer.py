@@ -87,7 +87,7 @@ def DistributedOptimizer(optimizer: Any, communicator: Communicator | None = Non
             "__qualname__": base.__qualname__,
             "_forge_dist_wrapped": True,
             "_forge_dist_comm": comm,
-            "_forge_dist_average": average,
+            "_forge_dist_average": staticmethod(average),
         },
     )
     return cls.from_config(optimizer.get_config())

@@ -1,0 +1,117 @@
+"""Worker for bench_keras.py: run alone or under ``mpirun -np 2``; prints one JSON line
+from rank 0."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+tf.config.threading.set_intra_op_parallelism_threads(1)
+tf.config.threading.set_inter_op_parallelism_threads(1)
+
+from forge_dist import get_communicator  # noqa: E402
+from forge_dist import keras as fk  # noqa: E402
+from forge_dist.keras import _compat  # noqa: E402
+
+keras = _compat.keras
+what = sys.argv[1]
+backend = sys.argv[2] if len(sys.argv) > 2 else "auto"
+comm = get_communicator(backend)
+
+
+def small_model(distributed: bool):
+    keras.utils.set_random_seed(0)
+    m = keras.Sequential(
+        [
+            keras.Input((32,)),
+            keras.layers.Dense(256, activation="relu"),
+            keras.layers.Dense(256, activation="relu"),
+            keras.layers.Dense(1),
+        ]
+    )
+    opt = keras.optimizers.Adam(1e-3)
+    if distributed:
+        opt = fk.DistributedOptimizer(opt, communicator=comm)
+    m.compile(optimizer=opt, loss="mse")
+    return m
+
+
+def epoch_overhead(epochs: int = 300) -> dict:
+    model = small_model(False)
+    logs0 = {"loss": 0.5, "mae": 0.3, "val_loss": 0.6, "val_mae": 0.4, "learning_rate": 1e-3}
+    sync = fk.SyncMetrics(communicator=comm)
+    es = fk.SyncEarlyStopping(patience=10**6, communicator=comm)
+    plain = keras.callbacks.EarlyStopping(patience=10**6)
+    for cb in (sync, es, plain):
+        cb.set_model(model)
+        cb.on_train_begin()
+    forge_t, plain_t = [], []
+    rng = np.random.default_rng(comm.rank)
+    for epoch in range(epochs):
+        logs = {k: v + float(rng.normal()) * 0.01 for k, v in logs0.items()}
+        comm.barrier(name="bench-align")  # start every epoch together
+        t = time.perf_counter()
+        sync.on_epoch_end(epoch, logs)
+        es.on_epoch_end(epoch, logs)
+        forge_t.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        plain.on_epoch_end(epoch, dict(logs))
+        plain_t.append(time.perf_counter() - t)
+    return {
+        "forge_ms": 1e3 * statistics.median(forge_t[10:]),
+        "plain_ms": 1e3 * statistics.median(plain_t[10:]),
+    }
+
+
+def step_time(distributed: bool, steps: int = 64, epochs: int = 4) -> dict:
+    model = small_model(distributed)
+    rng = np.random.default_rng(comm.rank)
+    x = rng.normal(size=(steps * 64, 32)).astype("float32")
+    y = rng.normal(size=(steps * 64, 1)).astype("float32")
+    times = []
+
+    class T(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.t = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            times.append((time.perf_counter() - self.t) / steps)
+
+    cbs = [T()] + ([fk.BroadcastInitialState(communicator=comm)] if distributed else [])
+    model.fit(x, y, batch_size=64, epochs=epochs, verbose=0, shuffle=False, callbacks=cbs)
+    out = {"step_ms": 1e3 * statistics.median(times[1:])}
+    if distributed:
+        # Time spent in the gradient all-reduce itself, per step.
+        opt = model.optimizer
+        avg = opt._forge_dist_average
+        flat = np.zeros(
+            sum(int(np.prod(v.shape)) for v in model.trainable_variables), dtype=np.float32
+        )
+        ts = []
+        for _ in range(50):
+            comm.barrier(name="bench-align")
+            t = time.perf_counter()
+            avg(flat)
+            ts.append(time.perf_counter() - t)
+        out["allreduce_ms"] = 1e3 * statistics.median(ts)
+        out["gradient_mb"] = flat.nbytes / 1e6
+    return out
+
+
+if what == "epoch":
+    result = epoch_overhead()
+elif what == "step":
+    result = step_time(distributed=comm.size > 1)
+elif what == "step-unsynced":  # 2 ranks training independently: the cost of sharing cores
+    result = step_time(distributed=False)
+else:
+    raise SystemExit(f"unknown benchmark {what}")
+if comm.rank == 0:
+    print(json.dumps({"what": what, "ranks": comm.size, **result}), flush=True)
