@@ -81,7 +81,8 @@ def data(seed: int, n: int, flip: bool) -> tuple:
 x_train, y_train = data(100 + rank, 256, False)
 x_val, y_val = data(200 + rank, 128, flip=(rank == 1))
 
-keras.utils.set_random_seed(1234 + (rank if args.mode == "control" else 0))
+# Different initial weights per rank: BroadcastInitialState must make them equal.
+keras.utils.set_random_seed(1234 + rank)
 model = keras.Sequential(
     [keras.Input((8,)), keras.layers.Dense(16, activation="tanh"), keras.layers.Dense(1)]
 )

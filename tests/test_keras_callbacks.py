@@ -252,3 +252,35 @@ def test_mirrored_strategy_over_two_logical_cpus(tmp_path, flavor):
     assert second["initial_epoch"] == 3 and second["fingerprint"] == first["fingerprint"]
     forge = os.path.join(os.path.dirname(sys.executable), "forge-dist")
     assert subprocess.run([forge, "verify", root, "--all"], timeout=60).returncode == 0
+
+
+def test_save_freq_in_batches(tmp_path):
+    root = str(tmp_path / "b")
+    model = make_model()
+    cb = fk.ChiefModelCheckpoint(root, save_freq=3, communicator=LOCAL)
+    fit(model, [cb], epochs=2)  # 4 batches per epoch: saves after batches 3 and 6
+    store = CheckpointStore(root)
+    assert store.steps() == [3, 6]
+    assert store.get(3).state["epoch_done"] is False and store.get(3).state["epoch"] == 0
+    assert store.get(6).state["epoch"] == 1
+
+
+@pytest.mark.parametrize("on_mismatch", ["raise", "warn", "repair"])
+def test_consistency_guard_catches_a_silent_desync(on_mismatch):
+    def rank_fn(comm):
+        keras.utils.set_random_seed(comm.rank)  # a desync: different weights per rank
+        model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+        model.compile(optimizer="sgd", loss="mse")
+        guard = fk.ConsistencyGuard(on_mismatch=on_mismatch, communicator=comm)
+        guard.set_model(model)
+        guard.on_epoch_end(0, {})
+        return guard.mismatches, fk.callbacks._compat.weights_fingerprint(model.get_weights())
+
+    results = run_ranks(2, rank_fn, timeout=30)
+    if on_mismatch == "raise":
+        assert all(isinstance(e, CollectiveMismatchError) for e in results), results
+        assert all("rank(s) 1" in str(e) for e in results)
+        return
+    (m0, f0), (m1, f1) = results
+    assert m0 == m1 == 1
+    assert (f0 == f1) == (on_mismatch == "repair")
