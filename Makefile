@@ -7,6 +7,7 @@ EXTRAS ?= dev,s3,tf,mpi
 
 setup:
 	@scripts/setup-env.sh $(EXTRAS)
+	@scripts/build-horovod.sh
 
 test: setup
 	$(PY) -m ruff check forge_dist tests benchmarks scripts

@@ -24,8 +24,15 @@ ap.add_argument("--epochs", type=int, default=6)
 ap.add_argument("--patience", type=int, default=1)
 ap.add_argument("--kill-rank0-after-epoch", type=int, default=None)
 ap.add_argument("--kill-rank1-at-epoch", type=int, default=None)
+ap.add_argument("--stop-rank1-at-epoch", type=int, default=None, help="SIGSTOP: a hung rank")
 ap.add_argument("--resume", action="store_true")
 ap.add_argument("--bad", default=None, help="a misconfiguration to construct")
+ap.add_argument("--backend", default="mpi", choices=["mpi", "horovod", "auto"])
+ap.add_argument(
+    "--hvd-optimizer",
+    action="store_true",
+    help="Horovod's own DistributedOptimizer (tf_keras) instead of forge_dist's",
+)
 args = ap.parse_args()
 
 root = os.path.abspath(args.root)
@@ -66,7 +73,7 @@ from forge_dist.comm import get_communicator  # noqa: E402
 from forge_dist.keras import _compat  # noqa: E402
 
 keras = _compat.keras
-comm = get_communicator("mpi")
+comm = get_communicator(args.backend)
 rank, size = comm.rank, comm.size
 
 
@@ -90,7 +97,11 @@ opt = keras.optimizers.Adam(0.01)
 
 from forge_dist import keras as fk  # noqa: E402
 
-if args.mode == "forge":
+if args.mode == "forge" and args.hvd_optimizer:
+    import horovod.tensorflow.keras as hvd_keras
+
+    opt = hvd_keras.DistributedOptimizer(opt)
+elif args.mode == "forge":
     opt = fk.DistributedOptimizer(opt)
 model.compile(optimizer=opt, loss="mse")
 
@@ -98,6 +109,7 @@ record = {
     "rank": rank,
     "size": size,
     "flavor": _compat.FLAVOR,
+    "backend": comm.backend,
     "fingerprints": [],
     "lrs": [],
     "epochs_run": 0,
@@ -116,6 +128,8 @@ class Recorder(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         if args.kill_rank1_at_epoch == epoch and rank == 1:
             os.kill(os.getpid(), signal.SIGKILL)
+        if args.stop_rank1_at_epoch == epoch and rank == 1:
+            os.kill(os.getpid(), signal.SIGSTOP)
 
 
 initial_epoch = 0

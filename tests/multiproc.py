@@ -91,3 +91,50 @@ def mpirun(
         *args,
     ]
     return run_bounded(cmd, env, bound_s)
+
+
+def horovodrun_path() -> str:
+    pytest.importorskip(
+        "horovod.tensorflow", reason="Horovod is built by scripts/build-horovod.sh (make test)"
+    )
+    local = os.path.join(BIN, "horovodrun")
+    path = local if os.path.exists(local) else shutil.which("horovodrun")
+    if path is None:
+        pytest.skip("no horovodrun")
+    return path
+
+
+def horovodrun(
+    np_: int, args: list[str], env_extra: dict[str, str] | None = None, bound_s: float = 240
+) -> Run:
+    """``horovodrun -np N -H localhost:N --gloo python ARGS`` with a wall-clock bound."""
+    cmd = [
+        horovodrun_path(),
+        "-np",
+        str(np_),
+        "-H",
+        f"localhost:{np_}",
+        "--gloo",
+        sys.executable,
+        *args,
+    ]
+    return run_bounded(cmd, mpi_env(env_extra), bound_s)
+
+
+def assert_ranks_consistent(r0: dict, r1: dict, root: str, epochs: int) -> None:
+    """The invariants every launcher must keep (DESIGN.md), checked on two ranks' records."""
+    import subprocess
+
+    from forge_dist.storage import CheckpointStore
+
+    assert r0["epochs_run"] == r1["epochs_run"] < epochs, "same stop epoch, and it stopped"
+    assert r0["stopped_epoch"] == r1["stopped_epoch"] > 0
+    assert r0["fingerprints"] == r1["fingerprints"], "identical weights after every epoch"
+    assert r0["lrs"] == r1["lrs"] and r0["lrs"][-1] < r0["lrs"][0]
+    assert r0["final_fingerprint"] == r1["final_fingerprint"]
+    assert r0["final_fingerprint"] == r0["fingerprints"][r0["best_epoch"]]
+    assert r1["touched"] == [] and r0["touched"], "exactly one writer"
+    store = CheckpointStore(str(root))
+    assert {c.manifest.writer["rank"] for c in store.list()} == {0}
+    forge = os.path.join(BIN, "forge-dist")
+    assert subprocess.run([forge, "verify", str(root), "--all"], timeout=60).returncode == 0

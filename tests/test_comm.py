@@ -43,6 +43,8 @@ def test_timeout_from_argument_environment_or_default(monkeypatch):
         ({"OMPI_COMM_WORLD_SIZE": "1"}, "local"),
         ({"SLURM_NTASKS": "2", "SLURM_PROCID": "0"}, "mpi"),
         ({"SLURM_NTASKS": "1", "SLURM_PROCID": "0"}, "local"),
+        ({"HOROVOD_RANK": "0", "HOROVOD_SIZE": "2"}, "horovod"),
+        ({"HOROVOD_RANK": "1", "HOROVOD_SIZE": "2", "OMPI_COMM_WORLD_SIZE": "2"}, "horovod"),
     ],
 )
 def test_auto_detection_from_the_launcher(monkeypatch, env, expected):

@@ -1,4 +1,4 @@
-"""Communicators: rank, size and deadline-bounded collectives (local, mpi, tf).
+"""Communicators: rank, size and deadline-bounded collectives (local, mpi, horovod, tf).
 
 ``get_communicator("auto")`` picks from the environment and logs why at debug level.
 Heavy imports (mpi4py, TensorFlow) happen only inside the backend that needs them.
@@ -30,8 +30,20 @@ def _env_world_size() -> tuple[int, str] | None:
     return None
 
 
+def _horovod_initialised() -> bool:
+    hvd = sys.modules.get("horovod.tensorflow")
+    try:
+        return bool(hvd is not None and hvd.is_initialized())
+    except Exception:  # pragma: no cover - a broken Horovod install
+        return False
+
+
 def detect_backend() -> tuple[str, str]:
     """``(backend, reason)`` for ``"auto"``."""
+    if os.environ.get("HOROVOD_RANK") is not None and os.environ.get("HOROVOD_SIZE"):
+        return "horovod", f"HOROVOD_RANK={os.environ['HOROVOD_RANK']} (started by horovodrun)"
+    if _horovod_initialised():
+        return "horovod", "horovod.tensorflow is imported and initialised"
     env = _env_world_size()
     if env is not None and env[0] > 1:
         return "mpi", f"{env[1]}={env[0]} (started by an MPI launcher)"
@@ -69,9 +81,9 @@ def _create(backend: str, timeout: float | None) -> Communicator:
 
         return TFStrategyCommunicator(timeout)
     if backend == "horovod":
-        raise ConfigurationError(
-            "the 'horovod' backend is not available in this version; use 'mpi' under mpirun"
-        )
+        from forge_dist.comm.horovod import HorovodCommunicator
+
+        return HorovodCommunicator(timeout)
     raise ConfigurationError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 

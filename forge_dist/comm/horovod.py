@@ -1,0 +1,107 @@
+"""``horovod`` backend, on ``horovod.tensorflow`` core ops only (they work with Keras 3
+and tf_keras alike; Horovod's Keras wrappers are broken on Keras 3).
+
+Deadlines: Horovod's stall check/shutdown and Gloo timeouts are derived from the
+communicator's timeout before ``hvd.init()`` (replacing horovodrun's defaults when the
+timeout is explicit: an argument or ``FORGE_DIST_TIMEOUT``), so a collective that some
+rank never joins makes Horovod shut down instead of waiting forever, and a peer that dies
+makes it fail at once. The waiting ranks then raise :class:`CollectiveTimeoutError`
+naming the operation (Horovod does not say which rank is missing; its stall warning in
+the log does, and horovodrun names a rank that died).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+from typing import Any
+
+from forge_dist.comm.base import Communicator, check_op
+from forge_dist.errors import BackendNotInstalledError, CollectiveTimeoutError, ConfigurationError
+
+log = logging.getLogger("forge_dist.comm")
+
+
+def _tf_name(name: str, seq: int) -> str:
+    """Horovod names collectives like TF ops: keep it to safe characters, unique by call."""
+    return f"forge_dist.{seq}.{re.sub(r'[^A-Za-z0-9_.-]+', '_', name).strip('_')[:80]}"
+
+
+class HorovodCommunicator(Communicator):
+    backend = "horovod"
+
+    def __init__(self, timeout: float | None = None) -> None:
+        super().__init__(timeout)
+        # horovodrun exports its own stall settings (shutdown disabled by default); an
+        # explicit forge_dist deadline replaces them, otherwise they only fill gaps.
+        explicit = timeout is not None or bool(os.environ.get("FORGE_DIST_TIMEOUT"))
+        stall = {
+            "HOROVOD_STALL_CHECK_TIME_SECONDS": str(max(1, int(self.timeout) // 2)),
+            "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": str(max(1, int(self.timeout))),
+            # Gloo's own operation timeout (default 30 s) fires first otherwise.
+            "HOROVOD_GLOO_TIMEOUT_SECONDS": str(max(5, int(self.timeout))),
+        }
+        for var, value in stall.items():
+            if explicit or not os.environ.get(var):
+                os.environ[var] = value
+        try:
+            import horovod.tensorflow as hvd
+        except ImportError as e:
+            raise BackendNotInstalledError(
+                f"the 'horovod' backend needs Horovod built with TensorFlow ({e}); "
+                "run scripts/build-horovod.sh (make test does)"
+            ) from e
+        hvd.init()
+        self._hvd = hvd
+        self._seq = 0
+        self._lock = threading.Lock()
+
+    @property
+    def rank(self) -> int:
+        return int(self._hvd.rank())
+
+    @property
+    def size(self) -> int:
+        return int(self._hvd.size())
+
+    def _call(self, name: str, fn: Any) -> Any:
+        with self._lock:
+            self._seq += 1
+            op_name = _tf_name(name, self._seq)
+            try:
+                return fn(op_name)
+            except Exception as e:  # HorovodInternalError, tf.errors.*: a peer is gone
+                text = " ".join(str(e).split())[:300]
+                msg = (
+                    f"collective {name!r} failed on rank {self.rank} of {self.size}: a rank "
+                    f"died, hung past the deadline ({self.timeout:g}s, FORGE_DIST_TIMEOUT) or "
+                    f"left the job, and Horovod shut down ({type(e).__name__}: {text})"
+                )
+                log.error(msg)
+                raise CollectiveTimeoutError(msg, name) from e
+
+    def allreduce(self, values: Any, op: str = "mean", name: str = "allreduce") -> Any:
+        import numpy as np
+        import tensorflow as tf
+
+        check_op(op)
+        vec = np.asarray(values, dtype=np.float64).reshape(-1)
+        hvd_op = {
+            "sum": self._hvd.Sum,
+            "mean": self._hvd.Average,
+            "min": self._hvd.Min,
+            "max": self._hvd.Max,
+        }[op]
+        return self._call(
+            name, lambda n: self._hvd.allreduce(tf.constant(vec), op=hvd_op, name=n).numpy()
+        )
+
+    def broadcast(self, obj: Any, root: int = 0, name: str = "broadcast") -> Any:
+        if not 0 <= root < self.size:
+            raise ConfigurationError(f"root {root} does not exist in a job of size {self.size}")
+        return self._call(name, lambda n: self._hvd.broadcast_object(obj, root_rank=root, name=n))
+
+    def allgather(self, obj: Any, name: str = "allgather") -> list[Any]:
+        return list(self._call(name, lambda n: self._hvd.allgather_object(obj, name=n)))
