@@ -90,3 +90,38 @@ def test_a_hung_rank_becomes_an_error_on_the_survivor_within_the_deadline(tmp_pa
     survivor = "\n".join(ln for ln in run.output.splitlines() if ln.startswith("[0]"))
     assert "Horovod has been shut down" in survivor or "CollectiveTimeoutError" in survivor
     assert not (out / "rank-0.json").exists()
+
+
+def test_launch_script_trains_and_resumes_like_an_uninterrupted_run(tmp_path):
+    import subprocess
+
+    from multiproc import horovodrun_path, mpi_env, run_bounded
+
+    horovodrun_path()  # skips with a reason where Horovod is not built
+    launch = os.path.join(os.path.dirname(HERE), "scripts", "launch_horovod.sh")
+    env = mpi_env({"PYTHON_OVERRIDE": os.sys.executable})
+
+    def run(root, *extra):
+        report = str(tmp_path / (os.path.basename(root) + "-{rank}.json"))
+        r = run_bounded(
+            [launch, "--checkpoint-dir", str(root), "--report", report, *extra], env, bound_s=240
+        )
+        assert r.returncode == 0, r.output[-3000:]
+        out = []
+        for k in (0, 1):
+            with open(report.replace("{rank}", str(k))) as f:
+                out.append(json.load(f))
+        return out
+
+    whole = run(tmp_path / "whole", "--epochs", "6", "--patience", "10")
+    run(tmp_path / "split", "--epochs", "3", "--patience", "10")
+    resumed = run(tmp_path / "split", "--epochs", "6", "--patience", "10", "--resume")
+    assert whole[0]["backend"] == "horovod"
+    assert whole[0]["fingerprint"] == whole[1]["fingerprint"]
+    assert resumed[0]["fingerprint"] == resumed[1]["fingerprint"] == whole[0]["fingerprint"]
+    forge = os.path.join(os.path.dirname(os.sys.executable), "forge-dist")
+    for root in ("whole", "split"):
+        assert (
+            subprocess.run([forge, "verify", str(tmp_path / root), "--all"], timeout=60).returncode
+            == 0
+        )
