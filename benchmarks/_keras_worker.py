@@ -26,7 +26,7 @@ backend = sys.argv[2] if len(sys.argv) > 2 else "auto"
 comm = get_communicator(backend)
 
 
-def small_model(distributed: bool):
+def small_model(distributed: bool, horovods_own: bool = False):
     keras.utils.set_random_seed(0)
     m = keras.Sequential(
         [
@@ -37,7 +37,11 @@ def small_model(distributed: bool):
         ]
     )
     opt = keras.optimizers.Adam(1e-3)
-    if distributed:
+    if horovods_own:
+        import horovod.tensorflow.keras as hvd_keras
+
+        opt = hvd_keras.DistributedOptimizer(opt)
+    elif distributed:
         opt = fk.DistributedOptimizer(opt, communicator=comm)
     m.compile(optimizer=opt, loss="mse")
     return m
@@ -70,8 +74,10 @@ def epoch_overhead(epochs: int = 300) -> dict:
     }
 
 
-def step_time(distributed: bool, steps: int = 64, epochs: int = 4) -> dict:
-    model = small_model(distributed)
+def step_time(
+    distributed: bool, steps: int = 64, epochs: int = 4, horovods_own: bool = False
+) -> dict:
+    model = small_model(distributed, horovods_own)
     rng = np.random.default_rng(comm.rank)
     x = rng.normal(size=(steps * 64, 32)).astype("float32")
     y = rng.normal(size=(steps * 64, 1)).astype("float32")
@@ -87,7 +93,7 @@ def step_time(distributed: bool, steps: int = 64, epochs: int = 4) -> dict:
     cbs = [T()] + ([fk.BroadcastInitialState(communicator=comm)] if distributed else [])
     model.fit(x, y, batch_size=64, epochs=epochs, verbose=0, shuffle=False, callbacks=cbs)
     out = {"step_ms": 1e3 * statistics.median(times[1:])}
-    if distributed:
+    if distributed and not horovods_own and comm.backend != "horovod":
         # Time spent in the gradient all-reduce itself, per step.
         opt = model.optimizer
         avg = opt._forge_dist_average
@@ -109,6 +115,8 @@ if what == "epoch":
     result = epoch_overhead()
 elif what == "step":
     result = step_time(distributed=comm.size > 1)
+elif what == "step-horovod-own":  # Horovod's DistributedOptimizer (tf_keras)
+    result = step_time(distributed=True, horovods_own=True)
 elif what == "step-unsynced":  # 2 ranks training independently: the cost of sharing cores
     result = step_time(distributed=False)
 else:

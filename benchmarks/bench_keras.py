@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -43,12 +44,37 @@ def env() -> dict[str, str]:
     return e
 
 
-def worker(args: list[str], mpi: bool) -> dict:
-    cmd = (mpirun() if mpi else []) + [sys.executable, WORKER, *args]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=600)
+def horovodrun() -> list[str]:
+    path = os.path.join(BIN, "horovodrun")
+    return [
+        path if os.path.exists(path) else "horovodrun",
+        "-np",
+        "2",
+        "-H",
+        "localhost:2",
+        "--gloo",
+    ]
+
+
+def worker(
+    args: list[str],
+    mpi: bool,
+    launcher: list[str] | None = None,
+    extra_env: dict[str, str] | None = None,
+) -> dict:
+    cmd = (launcher if launcher is not None else mpirun() if mpi else []) + [
+        sys.executable,
+        WORKER,
+        *args,
+    ]
+    out = subprocess.run(
+        cmd, capture_output=True, text=True, env={**env(), **(extra_env or {})}, timeout=600
+    )
     if out.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
-    line = [ln for ln in out.stdout.splitlines() if ln.startswith("{")][-1]
+    # horovodrun prefixes each line with "[rank]<stdout>:".
+    lines = [re.sub(r"^\[\d+\]<stdout>:", "", ln) for ln in out.stdout.splitlines()]
+    line = [ln for ln in lines if ln.startswith("{")][-1]
     return json.loads(line)
 
 
@@ -123,6 +149,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--skip-save", action="store_true")
+    ap.add_argument("--skip-horovod", action="store_true")
     args = ap.parse_args()
     results: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores"}
 
@@ -159,6 +186,28 @@ def main() -> int:
         f"({share:.0%}), the rest {rest:.2f} ms (the host call out of the graph, waiting "
         "for the slower rank)"
     )
+
+    if not args.skip_horovod:
+        legacy = {"TF_USE_LEGACY_KERAS": "1"}
+        hv_epoch = worker(["epoch", "auto"], False, horovodrun())
+        results["epoch_overhead_horovod"] = hv_epoch
+        print(
+            f"4. SyncMetrics+SyncEarlyStopping per epoch under horovodrun --gloo: "
+            f"{hv_epoch['forge_ms']:.2f} ms (plain EarlyStopping {hv_epoch['plain_ms']:.3f} ms)"
+        )
+        ours, theirs = [], []
+        for _ in range(args.reps):
+            ours.append(worker(["step", "auto"], False, horovodrun(), legacy)["step_ms"])
+            theirs.append(
+                worker(["step-horovod-own", "auto"], False, horovodrun(), legacy)["step_ms"]
+            )
+        mo, mt = statistics.median(ours), statistics.median(theirs)
+        results["optimizer_vs_horovod"] = {"forge_ms": ours, "horovod_ms": theirs, "ratio": mo / mt}
+        print(
+            f"5. tf_keras step under horovodrun, forge_dist.keras.DistributedOptimizer "
+            f"{mo:.2f} ms vs Horovod's DistributedOptimizer {mt:.2f} ms = {mo / mt:.2f}x "
+            "(target <= 1.1x)"
+        )
 
     if not args.skip_save:
         save = save_bench(args.reps)
