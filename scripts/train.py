@@ -15,6 +15,7 @@ replaced by the rank.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -45,8 +46,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def watch_root(root: str, touched: list[str]) -> None:
+    """Record every file operation this process makes under a local checkpoint root (for
+    the report: only the chief may appear there)."""
+    root = os.path.abspath(root)
+    events = {
+        "open",
+        "os.mkdir",
+        "os.rename",
+        "os.replace",
+        "os.remove",
+        "os.unlink",
+        "os.rmdir",
+        "os.listdir",
+        "os.scandir",
+        "shutil.rmtree",
+    }
+
+    def hook(event: str, eargs: tuple) -> None:
+        if event in events:
+            for a in eargs[:2]:
+                if isinstance(a, (str, bytes, os.PathLike)):
+                    p = os.path.abspath(os.fsdecode(a))
+                    if p == root or p.startswith(root + os.sep):
+                        touched.append(f"{event} {p}")
+
+    sys.addaudithook(hook)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    touched: list[str] = []
+    if args.report and "://" not in args.checkpoint_dir:
+        watch_root(args.checkpoint_dir, touched)
     import numpy as np
     import tensorflow as tf
 
@@ -59,7 +91,20 @@ def main(argv: list[str] | None = None) -> int:
     from forge_dist.keras import _compat
 
     keras = _compat.keras
-    comm = get_communicator(args.backend)
+    strategy = None
+    if args.backend == "tf" and os.environ.get("TF_CONFIG"):
+        # One process per worker (scripts/launch_mwms.sh); every collective, the
+        # strategy's included, is bounded by the same deadline.
+        from forge_dist.comm.base import resolve_timeout
+
+        strategy = tf.distribute.MultiWorkerMirroredStrategy(
+            communication_options=tf.distribute.experimental.CommunicationOptions(
+                timeout_seconds=resolve_timeout()
+            )
+        )
+    scope = strategy.scope if strategy is not None else contextlib.nullcontext
+    with scope():
+        comm = get_communicator(args.backend)
     rank, size = comm.rank, comm.size
     options = json.loads(args.storage_options) if args.storage_options else None
 
@@ -76,25 +121,26 @@ def main(argv: list[str] | None = None) -> int:
     x_val, y_val = shard(max(64, args.samples // 2), 0.3 if rank == size - 1 else 0.0)
 
     keras.utils.set_random_seed(args.seed)
-    model = keras.Sequential(
-        [
-            keras.Input((16,)),
-            keras.layers.Dense(64, activation="relu"),
-            keras.layers.Dense(64, activation="relu"),
-            keras.layers.Dense(1),
-        ]
-    )
-    opt = keras.optimizers.Adam(args.learning_rate)
-    if size > 1:
-        if args.optimizer == "horovod":
+    with scope():
+        model = keras.Sequential(
+            [
+                keras.Input((16,)),
+                keras.layers.Dense(64, activation="relu"),
+                keras.layers.Dense(64, activation="relu"),
+                keras.layers.Dense(1),
+            ]
+        )
+        opt = keras.optimizers.Adam(args.learning_rate)
+        if size > 1 and args.optimizer == "horovod":
             if _compat.FLAVOR != "tf_keras":
                 sys.exit("--optimizer horovod needs tf_keras (TF_USE_LEGACY_KERAS=1)")
             import horovod.tensorflow.keras as hvd_keras
 
             opt = hvd_keras.DistributedOptimizer(opt)
-        else:
+        elif size > 1:
+            # Under a tf.distribute strategy this returns the optimizer unchanged.
             opt = fk.DistributedOptimizer(opt, communicator=comm)
-    model.compile(optimizer=opt, loss="mse")
+        model.compile(optimizer=opt, loss="mse")
 
     initial_epoch = 0
     if args.resume:
@@ -104,16 +150,17 @@ def main(argv: list[str] | None = None) -> int:
         initial_epoch = restored.initial_epoch
         if rank == 0 and restored.restored:
             print(f"resumed from step {restored.step}, epoch {initial_epoch}", flush=True)
-    callbacks = fk.production_callbacks(
-        args.checkpoint_dir,
-        monitor="val_loss",
-        patience=args.patience,
-        reduce_lr_patience=1,
-        reduce_lr_factor=0.5,
-        storage_options=options,
-        communicator=comm,
-        verbose=1 if rank == 0 else 0,
-    )
+    with scope():
+        callbacks = fk.production_callbacks(
+            args.checkpoint_dir,
+            monitor="val_loss",
+            patience=args.patience,
+            reduce_lr_patience=1,
+            reduce_lr_factor=0.5,
+            storage_options=options,
+            communicator=comm,
+            verbose=1 if rank == 0 else 0,
+        )
     es = next(c for c in callbacks if isinstance(c, fk.SyncEarlyStopping))
     model.fit(
         x_train,
@@ -136,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             "best_epoch": es.best_epoch,
             "learning_rate": _compat.get_lr(model.optimizer),
             "fingerprint": _compat.weights_fingerprint(model.get_weights()),
+            "touched_root": len(touched),
         }
         path = args.report.replace("{rank}", str(rank))
         with open(path, "w") as f:

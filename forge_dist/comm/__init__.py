@@ -77,9 +77,9 @@ def _create(backend: str, timeout: float | None) -> Communicator:
             )
         return comm
     if backend == "tf":
-        from forge_dist.comm.tf import TFStrategyCommunicator
+        from forge_dist.comm.tf import make_tf_communicator
 
-        return TFStrategyCommunicator(timeout)
+        return make_tf_communicator(timeout)
     if backend == "horovod":
         from forge_dist.comm.horovod import HorovodCommunicator
 

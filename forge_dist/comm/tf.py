@@ -1,32 +1,41 @@
-"""``tf`` backend: a tf.distribute strategy inside one process (MirroredStrategy).
+"""``tf`` backend: a tf.distribute strategy.
 
-MirroredStrategy runs every replica in this one process and Keras already reduces
-metrics across its replicas, so there is a single rank: collectives return their input.
-MultiWorkerMirroredStrategy (several processes) is a separate backend, not this one.
+* MirroredStrategy runs every replica in this one process and Keras already reduces
+  metrics across them: a single rank, collectives return their input.
+* MultiWorkerMirroredStrategy (one process per worker, ``TF_CONFIG``): ranks are the
+  workers in the strategy's replica order (the chief first); collectives are the
+  strategy's own all-gathers, bounded by ``CommunicationOptions(timeout_seconds=...)``.
+  Every worker must take part in a save there (TensorFlow reads some variables through
+  collectives), so this communicator sets ``collective_saves``.
 """
 
 from __future__ import annotations
 
+import pickle
+import threading
 from typing import Any
 
-from forge_dist.comm.base import LocalCommunicator
-from forge_dist.errors import ConfigurationError
+from forge_dist.comm.base import Communicator, LocalCommunicator, check_op, reduce_rows
+from forge_dist.errors import CollectiveTimeoutError, ConfigurationError
+
+
+def is_multi_worker(strategy: Any) -> bool:
+    name = type(strategy).__name__
+    return "MultiWorker" in name or "CollectiveAll" in name
 
 
 class TFStrategyCommunicator(LocalCommunicator):
+    """MirroredStrategy in one process."""
+
     backend = "tf"
+    multi_worker = False
+    collective_saves = False
 
     def __init__(self, timeout: float | None = None, strategy: Any = None) -> None:
         super().__init__(timeout)
         import tensorflow as tf
 
         self.strategy = strategy if strategy is not None else tf.distribute.get_strategy()
-        kind = type(self.strategy).__name__
-        if "MultiWorker" in kind or "CollectiveAll" in kind:
-            raise ConfigurationError(
-                f"{kind} runs several worker processes; the 'tf' backend of this version "
-                "covers MirroredStrategy (one process). Use mpirun with backend='mpi'."
-            )
 
     @property
     def num_replicas(self) -> int:
@@ -37,3 +46,106 @@ class TFStrategyCommunicator(LocalCommunicator):
             f"tf rank 0 of 1 ({type(self.strategy).__name__}, "
             f"{self.num_replicas} replicas in this process)"
         )
+
+
+class MultiWorkerCommunicator(Communicator):
+    """MultiWorkerMirroredStrategy: one rank per worker process."""
+
+    backend = "tf"
+    multi_worker = True
+    collective_saves = True
+
+    def __init__(self, timeout: float | None = None, strategy: Any = None) -> None:
+        super().__init__(timeout)
+        import tensorflow as tf
+
+        self._tf = tf
+        self.strategy = strategy if strategy is not None else tf.distribute.get_strategy()
+        if not is_multi_worker(self.strategy):
+            raise ConfigurationError(
+                f"{type(self.strategy).__name__} is not a MultiWorkerMirroredStrategy"
+            )
+        per_worker = len(self.strategy.extended.worker_devices)
+        if per_worker != 1:
+            raise ConfigurationError(
+                f"forge_dist expects one replica per worker process, found {per_worker}"
+            )
+        self._options = tf.distribute.experimental.CommunicationOptions(
+            timeout_seconds=self.timeout
+        )
+        self._lock = threading.Lock()
+        self._size = int(self.strategy.num_replicas_in_sync)
+        ids = self.strategy.run(
+            lambda: tf.distribute.get_replica_context().replica_id_in_sync_group
+        )
+        self._rank = int(self.strategy.experimental_local_results(ids)[0])
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def _gather(self, row: Any, name: str) -> Any:
+        """All-gather one equal-length row per worker; rows in rank order."""
+        tf = self._tf
+
+        def fn(t: Any) -> Any:
+            ctx = tf.distribute.get_replica_context()
+            return ctx.all_gather(t[None], axis=0, options=self._options)
+
+        try:
+            out = self.strategy.run(fn, args=(tf.constant(row),))
+            return self.strategy.experimental_local_results(out)[0].numpy()
+        except (
+            tf.errors.DeadlineExceededError,
+            tf.errors.UnavailableError,
+            tf.errors.CancelledError,
+            tf.errors.InternalError,
+        ) as e:
+            msg = (
+                f"collective {name!r} failed on worker {self._rank} of {self._size} within "
+                f"{self.timeout:g}s (FORGE_DIST_TIMEOUT): a worker died, hung or runs other "
+                f"code ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
+            )
+            raise CollectiveTimeoutError(msg, name) from e
+
+    def allreduce(self, values: Any, op: str = "mean", name: str = "allreduce") -> Any:
+        import numpy as np
+
+        check_op(op)
+        vec = np.asarray(values, dtype=np.float64).reshape(-1)
+        with self._lock:
+            rows = self._gather(vec, name)
+        return reduce_rows(list(rows), op)
+
+    def allgather(self, obj: Any, name: str = "allgather") -> list[Any]:
+        import numpy as np
+
+        data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        with self._lock:
+            lengths = self._gather(np.array([len(data)], dtype=np.int64), f"{name}/lengths")
+            width = -(-int(lengths.max()) // 8)  # bytes packed into int64 words
+            padded = np.zeros(width * 8, dtype=np.uint8)
+            padded[: len(data)] = np.frombuffer(data, dtype=np.uint8)
+            rows = self._gather(padded.view(np.int64), name)
+        return [pickle.loads(rows[r].tobytes()[: int(lengths[r, 0])]) for r in range(self._size)]
+
+    def broadcast(self, obj: Any, root: int = 0, name: str = "broadcast") -> Any:
+        if not 0 <= root < self._size:
+            raise ConfigurationError(f"root {root} does not exist in a job of size {self._size}")
+        return self.allgather(obj if self._rank == root else None, name)[root]
+
+    def describe(self) -> str:
+        return f"tf worker {self._rank} of {self._size} (MultiWorkerMirroredStrategy)"
+
+
+def make_tf_communicator(timeout: float | None = None) -> Communicator:
+    import tensorflow as tf
+
+    strategy = tf.distribute.get_strategy()
+    if is_multi_worker(strategy):
+        return MultiWorkerCommunicator(timeout, strategy)
+    return TFStrategyCommunicator(timeout, strategy)

@@ -34,6 +34,17 @@ def _resolve_comm(communicator: Communicator | None) -> Communicator:
     return communicator if communicator is not None else get_communicator("auto")
 
 
+def check_keras_supports(comm: Communicator) -> None:
+    """Keras 3 does not train under MultiWorkerMirroredStrategy: say so at construction,
+    on every worker, instead of failing deep inside fit."""
+    if getattr(comm, "multi_worker", False) and _compat.FLAVOR == "keras3":
+        raise ConfigurationError(
+            "Keras 3 does not run under MultiWorkerMirroredStrategy (keras-team/keras#20585: "
+            "model.fit fails converting PerReplica values). Set TF_USE_LEGACY_KERAS=1 to use "
+            "tf_keras, or launch with Horovod (scripts/launch_horovod.sh)."
+        )
+
+
 def _check_mode_arg(mode: str) -> str:
     if mode not in ("auto", "min", "max"):
         raise ConfigurationError(f"mode must be 'auto', 'min' or 'max', got {mode!r}")
@@ -55,6 +66,7 @@ class _ForgeCallback(Callback):
     def __init__(self, communicator: Communicator | None = None, verbose: int = 0) -> None:
         super().__init__()
         self.comm = _resolve_comm(communicator)
+        check_keras_supports(self.comm)
         self.verbose = verbose
         self.state_key_unique = self.state_key
 
@@ -266,7 +278,9 @@ class SyncEarlyStopping(_ForgeCallback):
 
         decision = self._agree(f"SyncEarlyStopping(epoch {epoch})", decide)
         self.state = decision.state
-        if decision.snapshot_weights and self.comm.is_chief:
+        # Under MultiWorkerMirroredStrategy reading variables may need every worker.
+        symmetric = getattr(self.comm, "collective_saves", False)
+        if decision.snapshot_weights and (self.comm.is_chief or symmetric):
             self.best_weights = self.model.get_weights()
         if decision.stop:
             self.model.stop_training = True
@@ -483,10 +497,46 @@ class ChiefModelCheckpoint(_ForgeCallback):
             "learning_rate": _compat.get_lr(self.model.optimizer),
             "callbacks": collect_state(self.model),
         }
-        self._agree(f"{name} commit", lambda: self._write(step, logs, state))
+        if getattr(self.comm, "collective_saves", False):
+            self._collective_save(name, step, logs, state)
+        else:
+            self._agree(f"{name} commit", lambda: self._write(step, logs, state))
         self.last_saved_step = step
         self.saved_steps.append(step)
         self._say(f"epoch {epoch + 1}: saved step {step} to {self.directory}")
+
+    def _collective_save(
+        self, name: str, step: int, logs: dict[str, Any], state: dict[str, Any]
+    ) -> None:
+        """MultiWorkerMirroredStrategy: every worker saves (TensorFlow may read variables
+        through collectives); the chief into the store, the others into a scratch folder
+        outside the root that is always deleted. Any failure is raised on every worker."""
+        failure: BaseException | None = None
+        try:
+            if self.comm.is_chief:
+                self._write(step, logs, state)
+            else:
+                scratch = tempfile.mkdtemp(prefix="forge-dist-worker-save-")
+                try:
+                    fname = "model.weights.h5" if self.save_weights_only else "model.keras"
+                    path = os.path.join(scratch, fname)
+                    if self.save_weights_only:
+                        self.model.save_weights(path)
+                    else:
+                        self.model.save(path)
+                finally:
+                    shutil.rmtree(scratch, ignore_errors=True)
+        except Exception as e:
+            failure = e
+        outcomes = self.comm.allgather(
+            None if failure is None else f"{type(failure).__name__}: {failure}",
+            name=f"{name} commit",
+        )
+        if failure is not None:
+            raise failure
+        bad = [(r, m) for r, m in enumerate(outcomes) if m is not None]
+        if bad:
+            raise ForgeDistError(f"{name} failed on worker {bad[0][0]}: {bad[0][1]}")
 
     def _write(self, step: int, logs: dict[str, Any], state: dict[str, Any]) -> None:
         """Chief only: save into the store (streamed, or through local scratch), commit,
@@ -590,7 +640,8 @@ class BroadcastInitialState(_ForgeCallback):
         self.root = root
 
     def on_train_begin(self, logs: Any = None) -> None:
-        if self.comm.size > 1:
+        # A tf.distribute strategy creates every replica's variables from the chief's.
+        if self.comm.size > 1 and self.comm.backend != "tf":
             broadcast_model_state(self.model, self.comm, self.root, "BroadcastInitialState")
 
 

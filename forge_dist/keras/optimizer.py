@@ -77,6 +77,11 @@ def DistributedOptimizer(  # noqa: N802
     compiled step; otherwise one host call per step through the communicator.
     ``compression="fp16"`` sends gradients as float16 (Horovod's fp16 compression)."""
     comm = communicator if communicator is not None else get_communicator("auto")
+    from forge_dist.keras.callbacks import check_keras_supports
+
+    check_keras_supports(comm)
+    if comm.backend == "tf":
+        return optimizer  # the tf.distribute strategy averages gradients itself
     if compression not in ("none", "fp16"):
         raise ConfigurationError(f"compression must be 'none' or 'fp16', got {compression!r}")
     in_graph = _in_graph_average(comm, compression) if comm.backend == "horovod" else None

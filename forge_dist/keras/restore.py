@@ -126,6 +126,15 @@ def restore_latest(
     checkpoint under ``directory``; return what was restored and the ``initial_epoch``.
     With no checkpoint yet, nothing changes and ``initial_epoch`` is 0."""
     comm = communicator if communicator is not None else get_communicator("auto")
+    if getattr(comm, "multi_worker", False):
+        import tensorflow as tf
+
+        if tf.distribute.in_cross_replica_context() and tf.distribute.has_strategy():
+            raise ConfigurationError(
+                "call restore_latest outside strategy.scope(): the chief loads the checkpoint "
+                "alone, and a load inside a MultiWorkerMirroredStrategy scope would need "
+                "every worker"
+            )
     if verify not in ("fast", "full"):
         raise ConfigurationError(f"verify must be 'fast' or 'full', got {verify!r}")
     payload: Any = None

@@ -1,0 +1,75 @@
+"""MultiWorkerMirroredStrategy: two ``TF_CONFIG`` workers on localhost (tf_keras),
+started by scripts/launch_mwms.sh as a user would."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from multiproc import mpi_env, run_bounded
+
+from forge_dist.storage import CheckpointStore
+
+pytestmark = pytest.mark.keras
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCH = os.path.join(ROOT, "scripts", "launch_mwms.sh")
+FORGE = os.path.join(os.path.dirname(sys.executable), "forge-dist")
+
+
+def launch(tmp_path, name, *args, env_extra=None, ok=True):
+    pytest.importorskip("tf_keras", reason="tf_keras is in the [tf] extra")
+    report = str(tmp_path / f"{name}-{{rank}}.json")
+    env = mpi_env(
+        {"PYTHON_OVERRIDE": sys.executable, "FORGE_DIST_TIMEOUT": "120", **(env_extra or {})}
+    )
+    run = run_bounded(
+        [LAUNCH, "--checkpoint-dir", str(tmp_path / name), "--report", report, *args],
+        env,
+        bound_s=300,
+    )
+    if ok:
+        assert run.returncode == 0, run.output[-4000:]
+    reports = []
+    for r in (0, 1):
+        path = report.replace("{rank}", str(r))
+        if os.path.exists(path):
+            with open(path) as f:
+                reports.append(json.load(f))
+    return run, reports
+
+
+def test_two_workers_agree_with_one_writer_and_resume_exactly(tmp_path):
+    _, whole = launch(tmp_path, "whole", "--epochs", "6", "--patience", "10")
+    w0, w1 = whole
+    assert w0["backend"] == "tf" and w0["size"] == 2 and w0["keras"] == "tf_keras"
+    assert w0["fingerprint"] == w1["fingerprint"] and w0["learning_rate"] == w1["learning_rate"]
+    assert w0["best_epoch"] == w1["best_epoch"]
+    # One writer: the other worker saved into scratch outside the root, never under it.
+    assert w1["touched_root"] == 0 and w0["touched_root"] > 0
+    root = tmp_path / "whole"
+    assert sorted(p.name for p in root.iterdir() if not p.name.startswith("step-")) == [
+        "history.csv"
+    ]
+    assert {c.manifest.writer["rank"] for c in CheckpointStore(str(root)).list()} == {0}
+    assert subprocess.run([FORGE, "verify", str(root), "--all"], timeout=60).returncode == 0
+
+    launch(tmp_path, "split", "--epochs", "3", "--patience", "10")
+    _, resumed = launch(tmp_path, "split", "--epochs", "6", "--patience", "10", "--resume")
+    assert resumed[0]["fingerprint"] == resumed[1]["fingerprint"] == w0["fingerprint"]
+    assert (
+        subprocess.run([FORGE, "verify", str(tmp_path / "split"), "--all"], timeout=60).returncode
+        == 0
+    )
+
+
+def test_keras3_under_multiworker_is_refused_clearly_on_every_worker(tmp_path):
+    run, reports = launch(
+        tmp_path, "k3", "--epochs", "2", env_extra={"TF_USE_LEGACY_KERAS": "0"}, ok=False
+    )
+    assert run.returncode != 0 and reports == []
+    assert run.output.count("Keras 3 does not run under MultiWorkerMirroredStrategy") >= 1
+    assert "TF_USE_LEGACY_KERAS=1" in run.output
+    assert not (tmp_path / "k3").exists(), "nothing may be written"
