@@ -23,7 +23,12 @@ from forge_dist.keras import _compat  # noqa: E402
 keras = _compat.keras
 what = sys.argv[1]
 backend = sys.argv[2] if len(sys.argv) > 2 else "auto"
-comm = get_communicator(backend)
+if backend == "tf" and os.environ.get("TF_CONFIG"):  # a MultiWorkerMirroredStrategy worker
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    with strategy.scope():
+        comm = get_communicator("tf")
+else:
+    comm = get_communicator(backend)
 
 
 def small_model(distributed: bool, horovods_own: bool = False):

@@ -113,11 +113,14 @@ def test_launch_script_trains_and_resumes_like_an_uninterrupted_run(tmp_path):
                 out.append(json.load(f))
         return out
 
-    whole = run(tmp_path / "whole", "--epochs", "6", "--patience", "10")
-    run(tmp_path / "split", "--epochs", "3", "--patience", "10")
-    resumed = run(tmp_path / "split", "--epochs", "6", "--patience", "10", "--resume")
+    whole = run(tmp_path / "whole", "--epochs", "20", "--patience", "2")
+    run(tmp_path / "split", "--epochs", "3", "--patience", "2")
+    resumed = run(tmp_path / "split", "--epochs", "20", "--patience", "2", "--resume")
     assert whole[0]["backend"] == "horovod"
     assert whole[0]["fingerprint"] == whole[1]["fingerprint"]
+    assert whole[0]["stopped_epoch"] == whole[1]["stopped_epoch"] > 0
+    assert resumed[0]["stopped_epoch"] == whole[0]["stopped_epoch"]
+    assert whole[1]["touched_root"] == 0 and whole[0]["touched_root"] > 0
     assert resumed[0]["fingerprint"] == resumed[1]["fingerprint"] == whole[0]["fingerprint"]
     forge = os.path.join(os.path.dirname(os.sys.executable), "forge-dist")
     for root in ("whole", "split"):

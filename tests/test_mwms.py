@@ -42,11 +42,12 @@ def launch(tmp_path, name, *args, env_extra=None, ok=True):
 
 
 def test_two_workers_agree_with_one_writer_and_resume_exactly(tmp_path):
-    _, whole = launch(tmp_path, "whole", "--epochs", "6", "--patience", "10")
+    _, whole = launch(tmp_path, "whole", "--epochs", "12", "--patience", "2")
     w0, w1 = whole
     assert w0["backend"] == "tf" and w0["size"] == 2 and w0["keras"] == "tf_keras"
     assert w0["fingerprint"] == w1["fingerprint"] and w0["learning_rate"] == w1["learning_rate"]
     assert w0["best_epoch"] == w1["best_epoch"]
+    assert w0["stopped_epoch"] == w1["stopped_epoch"] > 0, "same stop epoch, and it stopped"
     # One writer: the other worker saved into scratch outside the root, never under it.
     assert w1["touched_root"] == 0 and w0["touched_root"] > 0
     root = tmp_path / "whole"
@@ -56,9 +57,10 @@ def test_two_workers_agree_with_one_writer_and_resume_exactly(tmp_path):
     assert {c.manifest.writer["rank"] for c in CheckpointStore(str(root)).list()} == {0}
     assert subprocess.run([FORGE, "verify", str(root), "--all"], timeout=60).returncode == 0
 
-    launch(tmp_path, "split", "--epochs", "3", "--patience", "10")
-    _, resumed = launch(tmp_path, "split", "--epochs", "6", "--patience", "10", "--resume")
+    launch(tmp_path, "split", "--epochs", "3", "--patience", "2")
+    _, resumed = launch(tmp_path, "split", "--epochs", "12", "--patience", "2", "--resume")
     assert resumed[0]["fingerprint"] == resumed[1]["fingerprint"] == w0["fingerprint"]
+    assert resumed[0]["stopped_epoch"] == w0["stopped_epoch"]
     assert (
         subprocess.run([FORGE, "verify", str(tmp_path / "split"), "--all"], timeout=60).returncode
         == 0
