@@ -9,6 +9,7 @@ raised on every rank, never as a warning on one.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import logging
 import os
@@ -101,6 +102,22 @@ class _ForgeCallback(Callback):
     def _resolve_mode(self, monitor: str, mode: str) -> str:
         direction = _compat.metric_direction(self.model, monitor) if mode == "auto" else None
         return policy.resolve_mode(monitor, mode, direction)
+
+    def _setup_monitor(self, monitor: str, mode: str) -> str | None:
+        """Check ``monitor``/``mode`` now; return the mode if the name decides it (else
+        it is resolved from the model's metrics in ``on_train_begin``)."""
+        policy.check_monitor(monitor)
+        self.monitor = monitor
+        self.mode = _check_mode_arg(mode)
+        resolved = _try_resolve(monitor, mode)
+        self._mode_resolved = resolved is not None
+        return resolved
+
+    def _finish_mode(self) -> None:
+        if not self._mode_resolved:
+            mode = self._resolve_mode(self.monitor, self.mode)
+            self.config = dataclasses.replace(self.config, mode=mode)
+            self._mode_resolved = True
 
 
 def _missing_monitor(monitor: str, logs: dict[str, Any], who: str) -> ConfigurationError:
@@ -208,10 +225,7 @@ class SyncEarlyStopping(_ForgeCallback):
         communicator: Communicator | None = None,
     ) -> None:
         super().__init__(communicator, verbose)
-        policy.check_monitor(monitor)
-        self.monitor = monitor
-        self.mode = _check_mode_arg(mode)
-        resolved = _try_resolve(monitor, mode)
+        resolved = self._setup_monitor(monitor, mode)
         # Validates every number now, on every rank; the mode may wait for the model.
         self.config = policy.EarlyStopConfig(
             monitor=monitor,
@@ -222,7 +236,6 @@ class SyncEarlyStopping(_ForgeCallback):
             start_from_epoch=start_from_epoch,
             restore_best_weights=bool(restore_best_weights),
         )
-        self._mode_resolved = resolved is not None
         self.state = policy.EarlyStopState()
         self.best_weights: list[Any] | None = None
         self.patience = patience
@@ -249,10 +262,7 @@ class SyncEarlyStopping(_ForgeCallback):
         return {"mode": self.config.mode, **self.state.to_json()}
 
     def on_train_begin(self, logs: Any = None) -> None:
-        if not self._mode_resolved:
-            mode = self._resolve_mode(self.monitor, self.mode)
-            self.config = policy.EarlyStopConfig(**{**self.config.__dict__, "mode": mode})
-            self._mode_resolved = True
+        self._finish_mode()
         restored = take_pending(self.model, self.state_key_unique)
         self.state = (
             policy.EarlyStopState.from_json(restored) if restored else policy.EarlyStopState()
@@ -323,10 +333,7 @@ class SyncReduceLROnPlateau(_ForgeCallback):
         communicator: Communicator | None = None,
     ) -> None:
         super().__init__(communicator, verbose)
-        policy.check_monitor(monitor)
-        self.monitor = monitor
-        self.mode = _check_mode_arg(mode)
-        resolved = _try_resolve(monitor, mode)
+        resolved = self._setup_monitor(monitor, mode)
         self.config = policy.PlateauConfig(
             monitor=monitor,
             mode=resolved or "min",
@@ -336,7 +343,6 @@ class SyncReduceLROnPlateau(_ForgeCallback):
             cooldown=cooldown,
             min_lr=min_lr,
         )
-        self._mode_resolved = resolved is not None
         self.state = policy.PlateauState()
 
     @property
@@ -355,10 +361,7 @@ class SyncReduceLROnPlateau(_ForgeCallback):
         return {"mode": self.config.mode, **self.state.to_json()}
 
     def on_train_begin(self, logs: Any = None) -> None:
-        if not self._mode_resolved:
-            mode = self._resolve_mode(self.monitor, self.mode)
-            self.config = policy.PlateauConfig(**{**self.config.__dict__, "mode": mode})
-            self._mode_resolved = True
+        self._finish_mode()
         _compat.get_lr(self.model.optimizer)  # fails early, on every rank, without one
         restored = take_pending(self.model, self.state_key_unique)
         self.state = policy.PlateauState.from_json(restored) if restored else policy.PlateauState()
@@ -414,9 +417,9 @@ class ChiefModelCheckpoint(_ForgeCallback):
         super().__init__(communicator, verbose)
         from forge_dist.storage import CheckpointStore
 
-        policy.check_monitor(monitor)
-        self.monitor = monitor
-        self.mode = _check_mode_arg(mode)
+        # The mode is resolved from the model's metrics at train begin if the name does not
+        # decide it.
+        self._resolved_mode = self._setup_monitor(monitor, mode)
         if save_freq != "epoch" and (
             isinstance(save_freq, bool) or not isinstance(save_freq, int) or save_freq < 1
         ):
@@ -431,9 +434,6 @@ class ChiefModelCheckpoint(_ForgeCallback):
         self.save_freq = save_freq
         self.keep_last = keep_last
         self.keep_best = keep_best
-        self._resolved_mode = _try_resolve(monitor, mode)
-        if (save_best_only or keep_best) and self._resolved_mode is None and mode == "auto":
-            self._resolved_mode = None  # resolved from the model's metrics at train begin
         self.best: float | None = initial_value_threshold
         # Built on every rank so a missing backend fails everywhere at construction;
         # only the chief ever calls it.
