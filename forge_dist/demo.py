@@ -170,6 +170,7 @@ def main() -> int:
             "stopped_early": es.stopped_epoch > 0,
             "best_epoch": es.best_epoch + 1,
             "best_val_loss": es.best,
+            "restored_best": bool(es.config.restore_best_weights and es.state.has_best_weights),
             "final_lr": _compat.get_lr(model.optimizer),
             "plateau_wait": plateau.wait,
             "checkpoints_committed": len(ckpt.saved_steps),

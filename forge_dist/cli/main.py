@@ -543,7 +543,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     parts = [
         f"{summary['ranks']} rank(s), {summary['replicas']} replica(s)",
         stop,
-        f"best epoch {summary['best_epoch']} (val_loss {summary['best_val_loss']:.4f})",
+        f"best epoch {summary['best_epoch']} (val_loss {summary['best_val_loss']:.4f})"
+        + (", its weights restored on every rank" if summary.get("restored_best") else ""),
         f"final lr {summary['final_lr']:.4g}",
         f"{summary['checkpoints_committed']} checkpoint(s) committed, {len(reports)} kept, "
         + ("all verified" if not bad else f"{len(bad)} CORRUPT"),
