@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# A one-node SLURM cluster on this machine, for the tests (and for trying the sbatch
+# scripts by hand).
+#
+#   slurm/local-cluster.sh up       install slurm-wlm and munge if missing, start the daemons
+#   slurm/local-cluster.sh status   print sinfo; exit 0 only if the node is up
+#   slurm/local-cluster.sh down     stop the daemons
+#   slurm/local-cluster.sh env      print `export SLURM_CONF=...` for client commands
+#
+# Everything but the Debian packages lives in $FORGE_SLURM_DIR (default
+# /var/tmp/forge-dist-slurm): config, state, spool and logs. Needs root (the daemons run
+# as root here, SlurmUser=root) and apt-get the first time.
+set -euo pipefail
+DIR="${FORGE_SLURM_DIR:-/var/tmp/forge-dist-slurm}"
+CONF="$DIR/slurm.conf"
+HOST="$(hostname -s)"
+CPUS="$(nproc)"
+
+die() { echo "local-cluster: $*" >&2; exit 1; }
+
+install() {
+    local missing=()
+    for pkg in slurm-wlm munge; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" \
+            || missing+=("$pkg")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    command -v apt-get >/dev/null || die "apt-get is needed to install ${missing[*]}"
+    echo "local-cluster: installing ${missing[*]}" >&2
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+}
+
+write_conf() {
+    mkdir -p "$DIR/state" "$DIR/spool" "$DIR/log"
+    cat > "$CONF" <<CONF
+# Written by slurm/local-cluster.sh for a one-node test cluster.
+ClusterName=forge
+SlurmctldHost=$HOST
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+MpiDefault=none
+ReturnToService=2
+SchedulerType=sched/backfill
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+StateSaveLocation=$DIR/state
+SlurmdSpoolDir=$DIR/spool
+SlurmctldPidFile=$DIR/slurmctld.pid
+SlurmdPidFile=$DIR/slurmd.pid
+SlurmctldLogFile=$DIR/log/slurmctld.log
+SlurmdLogFile=$DIR/log/slurmd.log
+SlurmctldPort=6917
+SlurmdPort=6918
+JobCompType=jobcomp/none
+NodeName=$HOST CPUs=$CPUS State=UNKNOWN
+PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
+CONF
+}
+
+up() {
+    [ "$(id -u)" -eq 0 ] || die "needs root (the test cluster runs its daemons as root)"
+    install
+    write_conf
+    mkdir -p /run/munge "$DIR/log" && chown munge:munge /run/munge
+    [ -f /etc/munge/munge.key ] || { mungekey --create 2>/dev/null || create-munge-key; }
+    if ! pgrep -x munged >/dev/null; then
+        # Daemons must not hold the caller's stdout/stderr open (a caller waiting for
+        # EOF on them would wait forever).
+        runuser -u munge -- /usr/sbin/munged --force </dev/null >>"$DIR/log/munged.out" 2>&1
+    fi
+    export SLURM_CONF="$CONF"
+    pgrep -x slurmctld >/dev/null \
+        || /usr/sbin/slurmctld -f "$CONF" </dev/null >>"$DIR/log/slurmctld.out" 2>&1
+    pgrep -x slurmd >/dev/null \
+        || /usr/sbin/slurmd -f "$CONF" </dev/null >>"$DIR/log/slurmd.out" 2>&1
+    for _ in $(seq 1 60); do
+        if sinfo -h -o '%T' 2>/dev/null | grep -Eq '^(idle|mixed|allocated)'; then
+            echo "local-cluster: up ($HOST, $CPUS CPUs); export SLURM_CONF=$CONF" >&2
+            return 0
+        fi
+        scontrol update nodename="$HOST" state=resume >/dev/null 2>&1 || true
+        sleep 1
+    done
+    tail -5 "$DIR/log/slurmctld.log" "$DIR/log/slurmd.log" >&2 || true
+    die "the node did not come up within 60 s"
+}
+
+down() {
+    export SLURM_CONF="$CONF"
+    [ -f "$CONF" ] && scontrol shutdown >/dev/null 2>&1 || true
+    pkill -x slurmd 2>/dev/null || true
+    pkill -x slurmctld 2>/dev/null || true
+    # Wait until they are gone, so an `up` right after starts fresh daemons.
+    for _ in $(seq 1 30); do
+        pgrep -x slurmctld >/dev/null || pgrep -x slurmd >/dev/null || break
+        sleep 0.5
+    done
+    pkill -9 -x slurmctld 2>/dev/null || true
+    pkill -9 -x slurmd 2>/dev/null || true
+    echo "local-cluster: down" >&2
+}
+
+case "${1:-}" in
+    up) up ;;
+    down) down ;;
+    status) SLURM_CONF="$CONF" sinfo && SLURM_CONF="$CONF" sinfo -h -o '%T' | grep -Eq '^(idle|mixed|allocated)' ;;
+    env) echo "export SLURM_CONF=$CONF" ;;
+    *) die "usage: $0 up|down|status|env" ;;
+esac
