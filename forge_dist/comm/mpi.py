@@ -144,12 +144,20 @@ class MPICommunicator(Communicator):
     def _deadline_error(
         self, name: str, missing: list[int], waited: float
     ) -> CollectiveTimeoutError:
-        who = ", ".join(str(r) for r in missing)
-        msg = (
-            f"collective {name!r} timed out after {waited:.1f}s on rank {self._rank}: "
-            f"rank(s) {who} did not answer (deadline {self.timeout:g}s, FORGE_DIST_TIMEOUT). "
-            "A rank died, hung, or is running different code; the job will abort."
-        )
+        """Mark the communicator broken (the job aborts at exit) and build the error."""
+        where = f"collective {name!r} timed out after {waited:.1f}s on rank {self._rank}"
+        if missing:
+            who = ", ".join(str(r) for r in missing)
+            msg = (
+                f"{where}: rank(s) {who} did not answer (deadline {self.timeout:g}s, "
+                "FORGE_DIST_TIMEOUT). A rank died, hung, or is running different code; "
+                "the job will abort."
+            )
+        else:
+            msg = (
+                f"{where}, yet every rank answered the roll call: they are in different "
+                "collectives (a diverged code path); the job will abort."
+            )
         self._broken = msg
         _register_abort(self._comm)
         log.error(msg)
@@ -256,18 +264,7 @@ class MPICommunicator(Communicator):
         while not req.Test():
             waited = time.monotonic() - start
             if waited > self.timeout:
-                missing = self._rollcall()
-                if not missing:
-                    msg = (
-                        f"collective {name!r} timed out after {waited:.1f}s on rank "
-                        f"{self._rank}, yet every rank answered the roll call: they are in "
-                        "different collectives (a diverged code path); the job will abort."
-                    )
-                    self._broken = msg
-                    _register_abort(self._comm)
-                    log.error(msg)
-                    raise CollectiveTimeoutError(msg, name, [])
-                raise self._deadline_error(name, missing, waited)
+                raise self._deadline_error(name, self._rollcall(), waited)
             self._answer_rollcalls()
             pause = _backoff(pause, start)
 

@@ -8,6 +8,7 @@ raised on every rank, never as a warning on one.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
@@ -16,7 +17,7 @@ import os
 import shutil
 import socket
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -516,16 +517,8 @@ class ChiefModelCheckpoint(_ForgeCallback):
             if self.comm.is_chief:
                 self._write(step, logs, state)
             else:
-                scratch = tempfile.mkdtemp(prefix="forge-dist-worker-save-")
-                try:
-                    fname = "model.weights.h5" if self.save_weights_only else "model.keras"
-                    path = os.path.join(scratch, fname)
-                    if self.save_weights_only:
-                        self.model.save_weights(path)
-                    else:
-                        self.model.save(path)
-                finally:
-                    shutil.rmtree(scratch, ignore_errors=True)
+                with self._scratch_save("forge-dist-worker-save-"):
+                    pass  # saved only so the collectives line up; deleted right away
         except Exception as e:
             failure = e
         outcomes = self.comm.allgather(
@@ -541,8 +534,6 @@ class ChiefModelCheckpoint(_ForgeCallback):
     def _write(self, step: int, logs: dict[str, Any], state: dict[str, Any]) -> None:
         """Chief only: save into the store (streamed, or through local scratch), commit,
         apply retention."""
-        from forge_dist.errors import StorageError
-
         metrics = {k: f for k, v in logs.items() if (f := to_float(v)) is not None}
         writer = {
             "host": socket.gethostname(),
@@ -563,7 +554,20 @@ class ChiefModelCheckpoint(_ForgeCallback):
                 stream_save(self.model, f)
             self._retain()
             return
-        scratch = tempfile.mkdtemp(prefix="forge-dist-save-")
+        with (
+            self._scratch_save("forge-dist-save-") as path,
+            self.store.writer(step, metrics=metrics, state=state, writer=writer) as w,
+        ):
+            w.add_file(os.path.basename(path), path)
+        self._retain()
+
+    @contextlib.contextmanager
+    def _scratch_save(self, prefix: str) -> Iterator[str]:
+        """Save the model into a local scratch folder (never under the root); yield the
+        file's path; delete the folder afterwards, even on error."""
+        from forge_dist.errors import StorageError
+
+        scratch = tempfile.mkdtemp(prefix=prefix)
         try:
             fname = "model.weights.h5" if self.save_weights_only else "model.keras"
             path = os.path.join(scratch, fname)
@@ -574,11 +578,9 @@ class ChiefModelCheckpoint(_ForgeCallback):
                     self.model.save(path)
             except OSError as e:
                 raise StorageError(f"cannot save the model to local scratch {scratch}: {e}") from e
-            with self.store.writer(step, metrics=metrics, state=state, writer=writer) as w:
-                w.add_file(fname, path)
+            yield path
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-        self._retain()
 
     def _retain(self) -> None:
         if self.keep_last or self.keep_best:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import math
 import os
 import platform
 import shutil
@@ -495,8 +496,6 @@ class CheckpointStore:
     def root_exists(self) -> bool:
         """False only for a local root that does not exist yet (nothing saved there);
         object-store prefixes always "exist"."""
-        import os.path
-
         return not self._backend.rename_commit or os.path.lexists(self._backend.root)
 
     @property
@@ -596,12 +595,7 @@ class CheckpointStore:
         check_mode(mode)
         sign = 1.0 if mode == "min" else -1.0
         candidates = [
-            c
-            for c in self.list()
-            if c.readable
-            and monitor in c.metrics
-            and c.metrics[monitor] == c.metrics[monitor]
-            and abs(c.metrics[monitor]) != float("inf")
+            c for c in self.list() if c.readable and math.isfinite(c.metrics.get(monitor, math.nan))
         ]
         candidates.sort(key=lambda c: (sign * c.metrics[monitor], -c.step))
         for info in candidates:
