@@ -6,10 +6,13 @@
     scripts/launch_horovod.sh --checkpoint-dir ./runs/exp1               # horovodrun --gloo
 
 Synthetic regression data by default (each rank gets its own shard). ``--resume``
-restores the newest checkpoint that verifies and continues from its epoch. Keras 3 by
-default; ``TF_USE_LEGACY_KERAS=1`` for tf_keras. ``--report FILE`` writes what this rank
-decided (stop epoch, learning rate, weight fingerprint) as JSON; ``{rank}`` in FILE is
-replaced by the rank.
+restores the newest checkpoint that verifies and continues exactly where it stopped,
+mid-epoch included. SIGUSR1 or SIGTERM to any rank makes every rank save once and exit
+with 75 (forge_dist.preemption.PREEMPTED_EXIT_CODE); slurm/*.sbatch requeue on it.
+Keras 3 by default; ``TF_USE_LEGACY_KERAS=1`` for tf_keras. With ``--backend tf`` the
+MultiWorkerMirroredStrategy cluster comes from ``TF_CONFIG``, or from SLURM's variables
+under ``srun``. ``--report FILE`` writes what this rank decided (stop epoch, learning
+rate, weight fingerprint) as JSON; ``{rank}`` in FILE is replaced by the rank.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import contextlib
 import json
 import os
 import sys
+
+from forge_dist.preemption import Preempted
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -92,15 +97,26 @@ def main(argv: list[str] | None = None) -> int:
 
     keras = _compat.keras
     strategy = None
-    if args.backend == "tf" and os.environ.get("TF_CONFIG"):
-        # One process per worker (scripts/launch_mwms.sh); every collective, the
-        # strategy's included, is bounded by the same deadline.
+    if args.backend == "tf" and (os.environ.get("TF_CONFIG") or os.environ.get("SLURM_STEP_ID")):
+        # One process per worker (scripts/launch_mwms.sh, or srun in
+        # slurm/train_mwms.sbatch); every collective, the strategy's included, is bounded
+        # by the same deadline.
         from forge_dist.comm.base import resolve_timeout
 
+        resolver = None
+        if not os.environ.get("TF_CONFIG"):
+            # Hosts and task index from SLURM; every task of a job picks the same ports.
+            port_base = int(os.environ.get("FORGE_MWMS_PORT_BASE", "0")) or 20000 + (
+                int(os.environ.get("SLURM_JOB_ID", "0")) % 20000
+            )
+            resolver = tf.distribute.cluster_resolver.SlurmClusterResolver(
+                port_base=port_base, auto_set_gpu=False
+            )
         strategy = tf.distribute.MultiWorkerMirroredStrategy(
+            cluster_resolver=resolver,
             communication_options=tf.distribute.experimental.CommunicationOptions(
                 timeout_seconds=resolve_timeout()
-            )
+            ),
         )
     scope = strategy.scope if strategy is not None else contextlib.nullcontext
     with scope():
@@ -142,14 +158,17 @@ def main(argv: list[str] | None = None) -> int:
             opt = fk.DistributedOptimizer(opt, communicator=comm)
         model.compile(optimizer=opt, loss="mse")
 
-    initial_epoch = 0
+    restored = None
     if args.resume:
         restored = fk.restore_latest(
             model, args.checkpoint_dir, storage_options=options, communicator=comm
         )
-        initial_epoch = restored.initial_epoch
         if rank == 0 and restored.restored:
-            print(f"resumed from step {restored.step}, epoch {initial_epoch}", flush=True)
+            print(
+                f"resumed from step {restored.step}: epoch {restored.initial_epoch + 1}"
+                f" after batch {restored.initial_batch}",
+                flush=True,
+            )
     with scope():
         callbacks = fk.production_callbacks(
             args.checkpoint_dir,
@@ -162,17 +181,22 @@ def main(argv: list[str] | None = None) -> int:
             verbose=1 if rank == 0 else 0,
         )
     es = next(c for c in callbacks if isinstance(c, fk.SyncEarlyStopping))
-    model.fit(
-        x_train,
-        y_train,
-        validation_data=(x_val, y_val),
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        shuffle=False,
-        initial_epoch=initial_epoch,
-        verbose=2 if rank == 0 else 0,
-        callbacks=callbacks,
-    )
+    preempted: Preempted | None = None
+    try:
+        fk.fit_resumed(
+            model,
+            restored,
+            x_train,
+            y_train,
+            validation_data=(x_val, y_val),
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            shuffle=False,  # the same batches in the same order: resumable mid-epoch
+            verbose=2 if rank == 0 else 0,
+            callbacks=callbacks,
+        )
+    except Preempted as stop:  # every rank: the checkpoint is committed
+        preempted = stop
     if args.report:
         report = {
             "rank": rank,
@@ -184,11 +208,21 @@ def main(argv: list[str] | None = None) -> int:
             "learning_rate": _compat.get_lr(model.optimizer),
             "fingerprint": _compat.weights_fingerprint(model.get_weights()),
             "touched_root": len(touched),
+            "resumed_step": restored.step if restored else None,
+            "resumed_batch": restored.initial_batch if restored else None,
+            "preempted": None
+            if preempted is None
+            else {
+                "signal": preempted.signal_name,
+                "step": preempted.step,
+                "epoch": preempted.epoch,
+                "batch": preempted.batch,
+            },
         }
         path = args.report.replace("{rank}", str(rank))
         with open(path, "w") as f:
             json.dump(report, f)
-    return 0
+    return 0 if preempted is None else int(preempted.code)
 
 
 if __name__ == "__main__":

@@ -13,12 +13,13 @@ from forge_dist.keras.callbacks import (
     ChiefCSVLogger,
     ChiefModelCheckpoint,
     ConsistencyGuard,
+    PreemptionCheckpoint,
     SyncEarlyStopping,
     SyncMetrics,
     SyncReduceLROnPlateau,
 )
 from forge_dist.keras.optimizer import DistributedOptimizer
-from forge_dist.keras.restore import RestoreResult, restore_latest
+from forge_dist.keras.restore import RestoreResult, fit_resumed, restore_latest
 
 
 def production_callbacks(
@@ -38,6 +39,7 @@ def production_callbacks(
     keep_best: int | None = 1,
     csv_url: str | None = None,
     guard_every_n_epochs: int | None = 1,
+    preemption_signals: Any = ("SIGUSR1", "SIGTERM"),
     validation_samples: Any = None,
     storage_options: dict[str, Any] | None = None,
     communicator: Any = None,
@@ -45,9 +47,12 @@ def production_callbacks(
 ) -> list[Any]:
     """The recommended stack, in the order that makes it correct:
 
-    initial-state broadcast, metric sync, plateau, early stop, checkpoint, CSV, guard.
-    The CSV defaults to ``<directory>/history.csv`` (beside the steps; readers ignore it).
-    Pass ``reduce_lr_patience=None`` or ``guard_every_n_epochs=None`` to leave those out.
+    initial-state broadcast, metric sync, plateau, early stop, checkpoint, CSV, guard,
+    preemption. The CSV defaults to ``<directory>/history.csv`` (beside the steps;
+    readers ignore it). On any of ``preemption_signals`` (to any rank) the job saves once
+    and every rank exits with 75 (:class:`PreemptionCheckpoint`). Pass
+    ``reduce_lr_patience=None``, ``guard_every_n_epochs=None`` or
+    ``preemption_signals=None`` to leave those out.
     """
     cbs: list[Any] = [
         BroadcastInitialState(communicator=communicator),
@@ -76,20 +81,19 @@ def production_callbacks(
             communicator=communicator,
         )
     )
-    cbs.append(
-        ChiefModelCheckpoint(
-            directory,
-            monitor=monitor,
-            mode=mode,
-            save_best_only=save_best_only,
-            save_weights_only=save_weights_only,
-            keep_last=keep_last,
-            keep_best=keep_best,
-            verbose=verbose,
-            storage_options=storage_options,
-            communicator=communicator,
-        )
+    checkpoint = ChiefModelCheckpoint(
+        directory,
+        monitor=monitor,
+        mode=mode,
+        save_best_only=save_best_only,
+        save_weights_only=save_weights_only,
+        keep_last=keep_last,
+        keep_best=keep_best,
+        verbose=verbose,
+        storage_options=storage_options,
+        communicator=communicator,
     )
+    cbs.append(checkpoint)
     cbs.append(
         ChiefCSVLogger(
             csv_url or directory.rstrip("/") + "/history.csv",
@@ -99,6 +103,12 @@ def production_callbacks(
     )
     if guard_every_n_epochs is not None:
         cbs.append(ConsistencyGuard(every_n_epochs=guard_every_n_epochs, communicator=communicator))
+    if preemption_signals is not None:
+        cbs.append(
+            PreemptionCheckpoint(
+                checkpoint, preemption_signals, communicator=communicator, verbose=verbose
+            )
+        )
     return cbs
 
 
@@ -109,10 +119,12 @@ __all__ = [
     "ChiefModelCheckpoint",
     "ConsistencyGuard",
     "DistributedOptimizer",
+    "PreemptionCheckpoint",
     "RestoreResult",
     "SyncEarlyStopping",
     "SyncMetrics",
     "SyncReduceLROnPlateau",
+    "fit_resumed",
     "production_callbacks",
     "restore_latest",
 ]

@@ -20,6 +20,10 @@ class Registry:
     callbacks: list[weakref.ref] = field(default_factory=list)
     pending: dict[str, Any] = field(default_factory=dict)  # state restored from a checkpoint
     restored_epoch: int | None = None
+    # Set by fit_resumed around the fit that finishes an interrupted epoch:
+    batch_offset: int = 0  # batches of this epoch done before this fit began
+    partial_fit: bool = False  # another fit follows: training does not end here
+    keep_state: bool = False  # a fit that continues the previous one: keep state
 
 
 def registry(model: Any) -> Registry:

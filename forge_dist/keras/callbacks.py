@@ -264,6 +264,8 @@ class SyncEarlyStopping(_ForgeCallback):
 
     def on_train_begin(self, logs: Any = None) -> None:
         self._finish_mode()
+        if registry(self.model).keep_state:
+            return
         restored = take_pending(self.model, self.state_key_unique)
         self.state = (
             policy.EarlyStopState.from_json(restored) if restored else policy.EarlyStopState()
@@ -299,6 +301,8 @@ class SyncEarlyStopping(_ForgeCallback):
             self._say(decision.message)
 
     def on_train_end(self, logs: Any = None) -> None:
+        if registry(self.model).partial_fit and not self.model.stop_training:
+            return  # fit_resumed: training goes on in the next fit
         if self.state.stopped_epoch > 0:
             self._say(f"Epoch {self.state.stopped_epoch + 1}: early stopping")
         if self.config.restore_best_weights and self.state.has_best_weights:
@@ -364,6 +368,8 @@ class SyncReduceLROnPlateau(_ForgeCallback):
     def on_train_begin(self, logs: Any = None) -> None:
         self._finish_mode()
         _compat.get_lr(self.model.optimizer)  # fails early, on every rank, without one
+        if registry(self.model).keep_state:
+            return
         restored = take_pending(self.model, self.state_key_unique)
         self.state = policy.PlateauState.from_json(restored) if restored else policy.PlateauState()
 
@@ -455,6 +461,8 @@ class ChiefModelCheckpoint(_ForgeCallback):
                 if (self.save_best_only or self.keep_best)
                 else "min"
             )
+        if registry(self.model).keep_state:
+            return
         restored = take_pending(self.model, self.state_key_unique)
         if restored:
             self.best = restored.get("best", self.best)
@@ -470,15 +478,34 @@ class ChiefModelCheckpoint(_ForgeCallback):
             self._batches = 0
             self._save(self._epoch, batch, logs or {}, epoch_done=False)
 
+    def save_now(self, epoch: int, batch: int | None, epoch_done: bool) -> int:
+        """Save whatever ``save_best_only`` says (every rank calls it, e.g. on preemption);
+        return the step. A step this callback already saved is not written again."""
+        step = int(_compat.to_numpy(self.model.optimizer.iterations))
+        if self.last_saved_step != step:
+            self._save(epoch, batch, {}, epoch_done=epoch_done, force=True)
+        return step
+
     def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
         if self.save_freq == "epoch":
             self._save(epoch, None, logs or {}, epoch_done=True)
 
-    def _save(self, epoch: int, batch: int | None, logs: dict[str, Any], epoch_done: bool) -> None:
+    def _save(
+        self,
+        epoch: int,
+        batch: int | None,
+        logs: dict[str, Any],
+        epoch_done: bool,
+        force: bool = False,
+    ) -> None:
         step = int(_compat.to_numpy(self.model.optimizer.iterations))
         name = f"ChiefModelCheckpoint(epoch {epoch}, step {step})"
+        if batch is not None:  # position in the epoch, counting batches before a resume
+            batch += registry(self.model).batch_offset
 
         def decide() -> policy.SaveDecision:
+            if force:
+                return policy.SaveDecision(True, self.best, policy.Reason.SAVE)
             current = to_float(logs.get(self.monitor))
             return policy.save_step(
                 self.monitor, self._resolved_mode or "min", self.best, current, self.save_best_only
@@ -590,6 +617,96 @@ class ChiefModelCheckpoint(_ForgeCallback):
                 monitor=self.monitor if self.keep_best else None,
                 mode=self._resolved_mode or "min",
             )
+
+
+# --------------------------------------------------------------------------- preemption
+class PreemptionCheckpoint(_ForgeCallback):
+    """Saves once and stops every rank when any rank gets a preemption signal.
+
+    The handler only sets a flag. Every ``check_every_n_batches`` batches, and at each
+    epoch end, the ranks agree whether any of them was signalled; if so, ``checkpoint``
+    (a :class:`ChiefModelCheckpoint`) commits one checkpoint with the batch position and
+    every callback's state, and every rank raises
+    :class:`~forge_dist.preemption.Preempted` (a ``SystemExit`` with ``exit_code``,
+    75 by default). The last batch of an epoch is checked at the epoch end, after the
+    other callbacks (put this one last), so a save never falls between a finished
+    epoch and its validation. Resume with :func:`restore_latest` and
+    :func:`fit_resumed`.
+    """
+
+    state_key = "preemption"
+
+    def __init__(
+        self,
+        checkpoint: ChiefModelCheckpoint,
+        signals: Any = None,
+        check_every_n_batches: int = 1,
+        exit_code: int | None = None,
+        communicator: Communicator | None = None,
+        verbose: int = 1,
+    ) -> None:
+        from forge_dist.preemption import DEFAULT_SIGNALS, PREEMPTED_EXIT_CODE, SignalFlag
+
+        if not isinstance(checkpoint, ChiefModelCheckpoint):
+            raise ConfigurationError(
+                "checkpoint must be the ChiefModelCheckpoint that saves on preemption, "
+                f"got {type(checkpoint).__name__}"
+            )
+        super().__init__(communicator if communicator is not None else checkpoint.comm, verbose)
+        n = check_every_n_batches
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ConfigurationError(f"check_every_n_batches must be a positive int, got {n!r}")
+        code = PREEMPTED_EXIT_CODE if exit_code is None else exit_code
+        if isinstance(code, bool) or not isinstance(code, int) or not 1 <= code <= 255:
+            raise ConfigurationError(f"exit_code must be an int in 1..255, got {exit_code!r}")
+        self.checkpoint = checkpoint
+        self.flag = SignalFlag(DEFAULT_SIGNALS if signals is None else signals)
+        self.check_every_n_batches = n
+        self.exit_code = code
+        self._epoch = 0
+        self._batches = 0
+        self._steps: int | None = None
+
+    def on_train_begin(self, logs: Any = None) -> None:
+        self.flag.install()
+        self._steps = (self.params or {}).get("steps")
+
+    def on_train_end(self, logs: Any = None) -> None:
+        if not registry(self.model).partial_fit:
+            self.flag.uninstall()
+
+    def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+        self._epoch = epoch
+        self._batches = 0
+
+    def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+        self._batches += 1
+        if self._steps is not None and batch + 1 >= self._steps:
+            return  # checked at the epoch end, after validation and the other callbacks
+        if self._batches % self.check_every_n_batches == 0:
+            self._check(batch, epoch_done=False)
+
+    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+        if not self.model.stop_training:  # agreed on every rank; training ends anyway
+            self._check(None, epoch_done=True)
+
+    def _check(self, batch: int | None, epoch_done: bool) -> None:
+        from forge_dist.preemption import Preempted
+
+        where = f"epoch {self._epoch}" + ("" if batch is None else f" batch {batch}")
+        if not self.comm.any(self.flag.raised, name=f"PreemptionCheckpoint({where})"):
+            return
+        got = self.comm.allgather(
+            self.flag.received.name if self.flag.received else None,
+            name=f"PreemptionCheckpoint({where}) signals",
+        )
+        signalled = [f"rank {r}: {n}" for r, n in enumerate(got) if n]
+        step = self.checkpoint.save_now(self._epoch, batch, epoch_done)
+        position = None if batch is None else batch + registry(self.model).batch_offset
+        stop = Preempted(self.exit_code, next(n for n in got if n), step, self._epoch, position)
+        self._say(f"{stop} (signalled: {', '.join(signalled)})")
+        self.flag.uninstall()  # fit ends here: on_train_end will not run
+        raise stop
 
 
 # --------------------------------------------------------------------------- broadcast
@@ -799,6 +916,7 @@ __all__ = [
     "ChiefCSVLogger",
     "ChiefModelCheckpoint",
     "ConsistencyGuard",
+    "PreemptionCheckpoint",
     "SyncEarlyStopping",
     "SyncMetrics",
     "SyncReduceLROnPlateau",

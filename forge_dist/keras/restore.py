@@ -30,6 +30,7 @@ class RestoreResult:
     step: int | None = None
     epoch: int | None = None  # last epoch (0-based) the checkpoint saw
     initial_epoch: int = 0  # what to pass to model.fit
+    initial_batch: int = 0  # batches of initial_epoch already trained (fit_resumed skips them)
     state: dict[str, Any] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)  # corrupt steps passed over
 
@@ -168,7 +169,84 @@ def restore_latest(
         reg.pending[f"{key}:best_weights"] = w
     epoch = state.get("epoch")
     reg.restored_epoch = epoch
-    initial = 0 if epoch is None else int(epoch) + (1 if state.get("epoch_done", True) else 0)
+    epoch_done = state.get("epoch_done", True)
+    initial = 0 if epoch is None else int(epoch) + (1 if epoch_done else 0)
+    batch = state.get("batch")
+    initial_batch = 0 if epoch_done or batch is None else int(batch) + 1
     if comm.is_chief:
-        log.info("restored step %s (epoch %s) from %s", step, epoch, directory)
-    return RestoreResult(True, step, epoch, initial, state, skipped)
+        log.info(
+            "restored step %s (epoch %s, %s) from %s",
+            step,
+            epoch,
+            "end" if epoch_done else f"after batch {initial_batch}",
+            directory,
+        )
+    return RestoreResult(True, step, epoch, initial, initial_batch, state, skipped)
+
+
+def _skip_rows(data: Any, rows: int) -> Any:
+    """``data`` without its first ``rows`` samples: arrays, or lists/tuples/dicts of them."""
+    if data is None:
+        return None
+    if isinstance(data, dict):
+        return {k: _skip_rows(v, rows) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return type(data)(_skip_rows(v, rows) for v in data)
+    if not hasattr(data, "shape") or not hasattr(data, "__getitem__"):
+        raise ConfigurationError(
+            "fit_resumed resumes mid-epoch only for array inputs (NumPy arrays, or lists or "
+            f"dicts of them), got {type(data).__name__}; save at epoch ends instead"
+        )
+    return data[rows:]
+
+
+def fit_resumed(
+    model: Any,
+    restored: RestoreResult | None,
+    x: Any = None,
+    y: Any = None,
+    *,
+    batch_size: int | None = None,
+    epochs: int = 1,
+    callbacks: list[Any] | None = None,
+    shuffle: bool = False,
+    **fit_kwargs: Any,
+) -> Any:
+    """``model.fit`` that continues exactly where ``restored`` stopped.
+
+    After a checkpoint taken at an epoch end this is ``model.fit(...,
+    initial_epoch=restored.initial_epoch)``. After one taken mid-epoch (a preemption, or
+    ``save_freq=N``) it first trains the rest of that epoch on the samples its first
+    ``restored.initial_batch`` batches did not cover, then the remaining epochs, with the
+    same callback objects and their state carried between the two fits, so the result is
+    the one an uninterrupted run would have reached. That needs the same batches in the
+    same order: array inputs with ``shuffle=False``. Returns the last fit's History.
+    """
+    from forge_dist.keras._state import registry
+
+    epoch = restored.initial_epoch if restored is not None else 0
+    skip = restored.initial_batch if restored is not None else 0
+    args = dict(fit_kwargs, batch_size=batch_size, callbacks=callbacks, shuffle=shuffle)
+    if skip == 0 or epoch >= epochs:
+        return model.fit(x, y, epochs=epochs, initial_epoch=epoch, **args)
+    if shuffle:
+        raise ConfigurationError(
+            "resuming mid-epoch needs the interrupted epoch's batches in their order: "
+            "pass shuffle=False"
+        )
+    rows = skip * (batch_size or 32)  # Keras' default batch size
+    reg = registry(model)
+    reg.batch_offset, reg.partial_fit = skip, epoch + 1 < epochs
+    try:
+        history = model.fit(
+            _skip_rows(x, rows), _skip_rows(y, rows), epochs=epoch + 1, initial_epoch=epoch, **args
+        )
+    finally:
+        reg.batch_offset, reg.partial_fit = 0, False
+    if model.stop_training or epoch + 1 >= epochs:
+        return history
+    reg.keep_state = True
+    try:
+        return model.fit(x, y, epochs=epochs, initial_epoch=epoch + 1, **args)
+    finally:
+        reg.keep_state = False

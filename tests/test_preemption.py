@@ -1,0 +1,190 @@
+"""Coordinated preemption: a signal sets a flag, the ranks agree at a batch boundary, the
+chief saves once, every rank exits with 75, and a resumed run ends where an
+uninterrupted one does. In one process here; under mpirun and SLURM in test_mpi.py and
+test_slurm.py."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from forge_dist.errors import ConfigurationError
+from forge_dist.preemption import PREEMPTED_EXIT_CODE, Preempted, SignalFlag, parse_signals
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# ----------------------------------------------------------------- the pure part
+def test_preempted_exits_with_75_and_is_not_an_exception():
+    stop = Preempted(PREEMPTED_EXIT_CODE, "SIGUSR1", 40, 2, 7)
+    assert isinstance(stop, SystemExit) and not isinstance(stop, Exception)
+    assert stop.code == 75
+    assert "saved step 40 (epoch 3, batch 8)" in str(stop)
+    # Uncaught, it ends the process with its code and no traceback.
+    code = "from forge_dist.preemption import Preempted; raise Preempted(75, 'SIGTERM', 1, 0, None)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 75 and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ("SIGNOPE", "not a signal"),
+        ("KILL", "cannot be caught"),
+        ([], "at least one"),
+        (True, "not a signal"),
+    ],
+)
+def test_bad_signals_are_refused(bad, message):
+    with pytest.raises(ConfigurationError, match=message):
+        parse_signals(bad)
+
+
+def test_signal_flag_records_the_first_signal_and_restores_handlers():
+    before = signal.getsignal(signal.SIGUSR2)
+    flag = SignalFlag(["USR2", signal.SIGUSR1])
+    flag.install()
+    try:
+        assert not flag.raised
+        os.kill(os.getpid(), signal.SIGUSR2)  # delivered before kill() returns to Python
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert flag.received == signal.SIGUSR2
+    finally:
+        flag.uninstall()
+    assert signal.getsignal(signal.SIGUSR2) == before
+
+
+# ----------------------------------------------------------------- Keras, one process
+keras = pytest.importorskip("keras", reason="Keras is in the [tf] extra")
+from forge_dist import keras as fk  # noqa: E402
+from forge_dist.comm import LocalCommunicator  # noqa: E402
+from forge_dist.keras import _compat  # noqa: E402
+from forge_dist.storage import CheckpointStore  # noqa: E402
+
+LOCAL = LocalCommunicator()
+RNG = np.random.default_rng(1)
+X = RNG.normal(size=(160, 4)).astype("float32")  # 10 batches of 16
+Y = np.tanh(X @ np.array([[1.0], [-1.0], [0.5], [0.2]], dtype="float32")).astype("float32")
+XV, YV = X[:48] + 0.3, Y[:48]
+
+
+class SignalAt(keras.callbacks.Callback):
+    """Sends this process ``sig`` at the end of (epoch, batch): a real signal."""
+
+    def __init__(self, epoch: int, batch: int, sig=signal.SIGUSR1):
+        super().__init__()
+        self.at, self.sig, self.epoch = (epoch, batch), sig, 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if (self.epoch, batch) == self.at:
+            os.kill(os.getpid(), self.sig)
+
+
+def run(root, epochs=8, restored_from=None, extra=(), **kw):
+    keras.utils.set_random_seed(5)
+    model = keras.Sequential(
+        [keras.Input((4,)), keras.layers.Dense(8, activation="tanh"), keras.layers.Dense(1)]
+    )
+    model.compile(optimizer=keras.optimizers.Adam(0.02), loss="mse")
+    restored = None
+    if restored_from:
+        restored = fk.restore_latest(model, restored_from, communicator=LOCAL)
+    cbs = fk.production_callbacks(
+        str(root), patience=3, reduce_lr_patience=1, communicator=LOCAL, verbose=0, **kw
+    )
+    # The signal comes from "outside": before forge_dist's callbacks see the batch end.
+    cbs = [*extra, *cbs]
+    fk.fit_resumed(
+        model,
+        restored,
+        X,
+        Y,
+        validation_data=(XV, YV),
+        epochs=epochs,
+        batch_size=16,
+        verbose=0,
+        callbacks=cbs,
+    )
+    es = next(c for c in cbs if isinstance(c, fk.SyncEarlyStopping))
+    return model, es
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    model, es = run(tmp_path_factory.mktemp("ref") / "root")
+    return _compat.weights_fingerprint(model.get_weights()), es.stopped_epoch
+
+
+@pytest.mark.keras
+@pytest.mark.parametrize(
+    "epoch, batch, expect_batch",
+    [(2, 4, 4), (0, 0, 0), (3, 9, None)],  # mid-epoch; first batch; last batch: epoch end
+)
+def test_preempted_run_resumes_to_the_uninterrupted_result(
+    tmp_path, uninterrupted, epoch, batch, expect_batch
+):
+    root = tmp_path / "root"
+    old = signal.getsignal(signal.SIGUSR1)
+    with pytest.raises(Preempted) as info:
+        run(root, extra=[SignalAt(epoch, batch)])
+    stop = info.value
+    assert stop.code == 75 and stop.signal_name == "SIGUSR1"
+    assert (stop.epoch, stop.batch) == (epoch, expect_batch)
+    assert signal.getsignal(signal.SIGUSR1) == old  # the handlers are put back
+    store = CheckpointStore(str(root))
+    newest = store.newest()
+    assert newest.step == stop.step == epoch * 10 + batch + 1  # saved at once, that batch
+    assert newest.state["epoch"] == epoch
+    assert newest.state["epoch_done"] is (expect_batch is None)
+    assert newest.state["batch"] == expect_batch
+    assert store.verify(newest.step).ok
+    fingerprint, stopped = uninterrupted
+    model, es = run(root, restored_from=str(root))
+    assert _compat.weights_fingerprint(model.get_weights()) == fingerprint
+    assert es.stopped_epoch == stopped
+
+
+@pytest.mark.keras
+def test_a_second_preemption_during_the_resumed_partial_epoch(tmp_path, uninterrupted):
+    root = tmp_path / "root"
+    with pytest.raises(Preempted):
+        run(root, extra=[SignalAt(1, 2)])
+    # Preempted again 3 batches into the rest of epoch 2: the position counts from the
+    # epoch's start, not from where the resumed fit began.
+    with pytest.raises(Preempted) as info:
+        run(root, restored_from=str(root), extra=[SignalAt(1, 2, signal.SIGTERM)])
+    assert (info.value.epoch, info.value.batch, info.value.signal_name) == (1, 5, "SIGTERM")
+    model, _ = run(root, restored_from=str(root))
+    assert _compat.weights_fingerprint(model.get_weights()) == uninterrupted[0]
+
+
+@pytest.mark.keras
+def test_fit_resumed_refuses_shuffle_mid_epoch(tmp_path):
+    root = tmp_path / "root"
+    with pytest.raises(Preempted):
+        run(root, extra=[SignalAt(0, 3)])
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    model.compile(optimizer="adam", loss="mse")
+    with pytest.raises(ConfigurationError, match="shuffle=False"):
+        fk.fit_resumed(model, fk.RestoreResult(True, 4, 0, 0, 4), X, Y, batch_size=16, shuffle=True)
+
+
+@pytest.mark.keras
+def test_preemption_checkpoint_arguments_fail_at_construction(tmp_path):
+    ckpt = fk.ChiefModelCheckpoint(str(tmp_path), communicator=LOCAL)
+    with pytest.raises(ConfigurationError, match="ChiefModelCheckpoint"):
+        fk.PreemptionCheckpoint(str(tmp_path), communicator=LOCAL)
+    with pytest.raises(ConfigurationError, match="check_every_n_batches"):
+        fk.PreemptionCheckpoint(ckpt, check_every_n_batches=0)
+    with pytest.raises(ConfigurationError, match="exit_code"):
+        fk.PreemptionCheckpoint(ckpt, exit_code=0)
+    with pytest.raises(ConfigurationError, match="not a signal"):
+        fk.PreemptionCheckpoint(ckpt, signals=["SIGWHAT"])
