@@ -2,6 +2,7 @@
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 EXTRAS ?= dev,s3,tf,mpi
+SHELL_SCRIPTS := scripts/*.sh slurm/*.sh slurm/*.sbatch
 
 .PHONY: setup test demo lint bench clean
 
@@ -12,6 +13,7 @@ setup:
 test: setup
 	$(PY) -m ruff check forge_dist tests benchmarks scripts
 	$(PY) -m ruff format --check forge_dist tests benchmarks scripts
+	$(VENV)/bin/shellcheck -x $(SHELL_SCRIPTS)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The main job: a real 2-process data-parallel training with the consistent callbacks.
@@ -21,6 +23,8 @@ demo: setup
 lint: setup
 	$(PY) -m ruff check forge_dist tests benchmarks scripts
 	$(PY) -m ruff format --check forge_dist tests benchmarks scripts
+	$(VENV)/bin/shellcheck -x $(SHELL_SCRIPTS)
+	$(VENV)/bin/hadolint Dockerfile
 
 # Benchmarks are not tests: they print ratios against a baseline measured in the same run.
 bench: setup

@@ -41,8 +41,16 @@ export PATH="$BIN:$PATH"
 command -v mpicxx >/dev/null || die "mpicxx not found: install the [mpi] extra (Open MPI wheel)"
 command -v cmake >/dev/null || die "cmake not found (apt-get install cmake)"
 
+cached_wheel() {
+    local w
+    for w in "$CACHE/$KEY"/horovod-*.whl; do
+        [ -f "$w" ] && { echo "$w"; return 0; }
+    done
+    return 0
+}
+
 mkdir -p "$CACHE"
-WHEEL="$(ls "$CACHE/$KEY"/horovod-*.whl 2>/dev/null | head -1 || true)"
+WHEEL="$(cached_wheel)"
 if [ -z "$WHEEL" ]; then
     echo "build-horovod: building $KEY (a few minutes)" >&2
     WORK="$(mktemp -d)"
@@ -55,6 +63,7 @@ if [ -z "$WHEEL" ]; then
     tar -xzf "$SDIST" -C "$WORK"
     SRC="$WORK/horovod-$HOROVOD_VERSION"
     CMAKE="$SRC/horovod/tensorflow/CMakeLists.txt"
+    # shellcheck disable=SC2016  # the literal CMake line, ${...} included
     LINE='list(APPEND TF_SOURCES "${PROJECT_SOURCE_DIR}/horovod/tensorflow/xla_mpi_ops.cc")'
     [ "$(grep -cxF "$LINE" "$CMAKE")" = 1 ] \
         || die "$CMAKE no longer lists xla_mpi_ops.cc exactly once: the workaround needs review"
@@ -62,12 +71,12 @@ if [ -z "$WHEEL" ]; then
         || die "xla_mpi_ops.cc is no longer GPU-only: dropping it is not safe any more"
     grep -vxF "$LINE" "$CMAKE" > "$CMAKE.new" && mv "$CMAKE.new" "$CMAKE"
     HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITH_MPI=1 \
-    HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1 HOROVOD_GPU_OPERATIONS= \
+    HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1 HOROVOD_GPU_OPERATIONS='' \
     MAKEFLAGS="-j$(nproc)" \
         "$PY" -m pip wheel --quiet --no-build-isolation --no-deps -w "$WORK/dist" "$SRC"
     mkdir -p "$CACHE/$KEY"
     cp "$WORK"/dist/horovod-*.whl "$CACHE/$KEY/"
-    WHEEL="$(ls "$CACHE/$KEY"/horovod-*.whl | head -1)"
+    WHEEL="$(cached_wheel)"
 fi
 
 "$PY" -m pip install --quiet --disable-pip-version-check --force-reinstall --no-deps "$WHEEL"

@@ -109,8 +109,15 @@ def main(argv: list[str] | None = None) -> int:
             port_base = int(os.environ.get("FORGE_MWMS_PORT_BASE", "0")) or 20000 + (
                 int(os.environ.get("SLURM_JOB_ID", "0")) % 20000
             )
+            gpu_args: dict = {}
+            if not os.environ.get("SLURM_GPUS_ON_NODE"):
+                # CPU nodes: the resolver pairs every task with a GPU slot (and counts
+                # them with nvidia-smi), so zero GPUs would list no tasks. Give it one
+                # slot per task and set nothing from them.
+                tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS") or os.environ["SLURM_NTASKS"])
+                gpu_args = {"gpus_per_node": tasks, "gpus_per_task": 1, "auto_set_gpu": False}
             resolver = tf.distribute.cluster_resolver.SlurmClusterResolver(
-                port_base=port_base, auto_set_gpu=False
+                port_base=port_base, **gpu_args
             )
         strategy = tf.distribute.MultiWorkerMirroredStrategy(
             cluster_resolver=resolver,

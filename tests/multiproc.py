@@ -52,33 +52,82 @@ class Run:
     seconds: float
 
 
+class Background:
+    """``cmd`` running in its own process group, its output collected in a file."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str]) -> None:
+        import tempfile
+
+        self.cmd = cmd
+        self.t0 = time.monotonic()
+        self._out = tempfile.TemporaryFile()  # noqa: SIM115  (read while the job runs)
+        self.proc = subprocess.Popen(
+            cmd, stdout=self._out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+
+    def output(self) -> str:
+        self._out.seek(0)
+        return self._out.read().decode(errors="replace")
+
+    def wait(self, bound_s: float) -> Run:
+        """Wait for the end; fail the test (never hang) past ``bound_s`` from the start."""
+        try:
+            self.proc.wait(timeout=max(0.0, bound_s - (time.monotonic() - self.t0)))
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+            pytest.fail(
+                f"{' '.join(self.cmd[:6])} ... did not finish within {bound_s}s:\n"
+                + self.output()[-3000:]
+            )
+        return Run(self.proc.returncode, self.output(), time.monotonic() - self.t0)
+
+
 def run_bounded(cmd: list[str], env: dict[str, str], bound_s: float) -> Run:
     """Run ``cmd`` in its own process group; fail the test (never hang) past ``bound_s``."""
-    t0 = time.monotonic()
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True
-    )
-    try:
-        out, _ = proc.communicate(timeout=bound_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(
-            f"{' '.join(cmd[:6])} ... did not finish within {bound_s}s:\n"
-            + out.decode(errors="replace")[-3000:]
-        )
-    return Run(proc.returncode, out.decode(errors="replace"), time.monotonic() - t0)
+    return Background(cmd, env).wait(bound_s)
 
 
-def mpirun(
+def wait_until(condition, bound_s: float, what: str, job: Background | None = None) -> None:
+    """Poll ``condition`` (an outside event: a file, a process) until it holds; fail past
+    ``bound_s``, or at once if ``job`` ended first."""
+    deadline = time.monotonic() + bound_s
+    while not condition():
+        if job is not None and job.proc.poll() is not None:
+            pytest.fail(f"the job ended before {what}:\n{job.output()[-3000:]}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"no {what} within {bound_s}s")
+        time.sleep(0.1)
+
+
+def pids_with(marker: str, env_item: str) -> list[int]:
+    """Processes whose command line contains ``marker`` and whose environment holds
+    ``env_item`` (e.g. ``OMPI_COMM_WORLD_RANK=1``)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+            if marker not in cmdline or not cmdline.split(" ", 1)[0].endswith(
+                ("python", "python3")
+            ):
+                continue
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if env_item.encode() in f.read().split(b"\0"):
+                    found.append(int(pid))
+        except OSError:
+            continue  # gone, or not ours
+    return found
+
+
+def mpirun_cmd(
     np_: int,
     args: list[str],
     env_extra: dict[str, str] | None = None,
-    bound_s: float = 240,
     mpi_flags: list[str] | None = None,
-) -> Run:
+) -> tuple[list[str], dict[str, str]]:
+    """``mpirun -np N --oversubscribe python ARGS`` and its environment."""
     mpirun = need_mpi()
-    env = mpi_env(env_extra)
     exported = [a for k in (env_extra or {}) for a in ("-x", k)]
     cmd = [
         mpirun,
@@ -90,6 +139,17 @@ def mpirun(
         sys.executable,
         *args,
     ]
+    return cmd, mpi_env(env_extra)
+
+
+def mpirun(
+    np_: int,
+    args: list[str],
+    env_extra: dict[str, str] | None = None,
+    bound_s: float = 240,
+    mpi_flags: list[str] | None = None,
+) -> Run:
+    cmd, env = mpirun_cmd(np_, args, env_extra, mpi_flags)
     return run_bounded(cmd, env, bound_s)
 
 

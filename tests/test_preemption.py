@@ -188,3 +188,79 @@ def test_preemption_checkpoint_arguments_fail_at_construction(tmp_path):
         fk.PreemptionCheckpoint(ckpt, exit_code=0)
     with pytest.raises(ConfigurationError, match="not a signal"):
         fk.PreemptionCheckpoint(ckpt, signals=["SIGWHAT"])
+
+
+# ----------------------------------------------------------------- mpirun -np 2, kill -USR1
+TRAIN = os.path.join(os.path.dirname(HERE), "scripts", "train.py")
+
+
+def train_args(root, report, *extra):
+    # 32 batches an epoch, no early stop: long enough to be signalled mid-run, and the
+    # same number of epochs with or without a preemption.
+    return [
+        TRAIN,
+        "--backend",
+        "mpi",
+        "--checkpoint-dir",
+        str(root),
+        "--epochs",
+        "6",
+        "--samples",
+        "1024",
+        "--patience",
+        "100",
+        "--report",
+        str(report),
+        *extra,
+    ]
+
+
+def reports(path):
+    import json
+
+    out = []
+    for r in (0, 1):
+        with open(str(path).replace("{rank}", str(r))) as f:
+            out.append(json.load(f))
+    return out
+
+
+def committed(root) -> bool:
+    return os.path.isdir(root) and any(
+        n.startswith("step-") and "." not in n for n in os.listdir(root)
+    )
+
+
+@pytest.mark.mpi
+@pytest.mark.slow
+def test_mpirun_kill_usr1_to_rank_1_only_saves_once_and_resumes_exactly(tmp_path):
+    from multiproc import Background, mpirun, mpirun_cmd, pids_with, wait_until
+
+    ref = tmp_path / "ref"
+    run = mpirun(2, train_args(ref / "root", ref / "r{rank}.json"), bound_s=240)
+    assert run.returncode == 0, run.output[-3000:]
+    expected = reports(ref / "r{rank}.json")[0]["fingerprint"]
+
+    root, report = tmp_path / "root", tmp_path / "r{rank}.json"
+    job = Background(*mpirun_cmd(2, train_args(root, report)))
+    wait_until(lambda: committed(root), 180, "first checkpoint", job)
+    rank1 = pids_with(str(root), "OMPI_COMM_WORLD_RANK=1")
+    assert len(rank1) == 1, rank1
+    os.kill(rank1[0], signal.SIGUSR1)  # rank 0 is not signalled
+    done = job.wait(240)
+    assert done.returncode == PREEMPTED_EXIT_CODE, done.output[-3000:]
+    assert "(signalled: rank 1: SIGUSR1)" in done.output
+    r0, r1 = reports(report)
+    assert r0["preempted"] == r1["preempted"] is not None  # same step, same batch
+    assert r0["fingerprint"] == r1["fingerprint"]
+    step = r0["preempted"]["step"]
+    store = CheckpointStore(str(root))
+    assert store.newest().step == step and store.verify(step).ok
+    assert {c.manifest.writer["rank"] for c in store.list()} == {0}
+    assert r1["touched_root"] == 0
+
+    run = mpirun(2, train_args(root, report, "--resume"), bound_s=240)
+    assert run.returncode == 0, run.output[-3000:]
+    r0, r1 = reports(report)
+    assert r0["resumed_step"] == step
+    assert r0["fingerprint"] == r1["fingerprint"] == expected

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,6 +18,7 @@ pytestmark = pytest.mark.slurm
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLUSTER = os.path.join(ROOT, "slurm", "local-cluster.sh")
 FORGE = os.path.join(os.path.dirname(sys.executable), "forge-dist")
+TRAIN = os.path.join(ROOT, "scripts", "train.py")
 
 
 @pytest.fixture(scope="module")
@@ -46,37 +48,143 @@ def test_srun_runs_two_tasks(slurm_env):
     assert sorted(out.stdout.split("\n")[:2]) == ["task 0", "task 1"]
 
 
-def test_sbatch_mpi_job_trains_consistently(slurm_env, tmp_path):
-    root = tmp_path / "root"
-    report = str(tmp_path / "rank-{rank}.json")
-    env = dict(
+def job_state(env: dict[str, str], job: str) -> dict[str, str]:
+    out = subprocess.run(
+        ["scontrol", "-o", "show", "job", job], capture_output=True, text=True, env=env, timeout=30
+    )
+    assert out.returncode == 0, out.stderr
+    return dict(kv.split("=", 1) for kv in out.stdout.split() if "=" in kv)
+
+
+def read_reports(template: str) -> list[dict]:
+    out = []
+    for r in (0, 1):  # both tasks ran
+        with open(template.replace("{rank}", str(r))) as f:
+            out.append(json.load(f))
+    return out
+
+
+def job_env(slurm_env, root, epochs, train_args):
+    return dict(
         slurm_env,
         FORGE_CHECKPOINT_DIR=str(root),
-        FORGE_EPOCHS="20",
+        FORGE_EPOCHS=str(epochs),
         FORGE_PYTHON=sys.executable,
-        FORGE_TRAIN_ARGS=f"--patience 2 --report {report}",
+        FORGE_TRAIN_ARGS=train_args,
     )
+
+
+@pytest.mark.parametrize(
+    "script, backend, keras_flavor",
+    [
+        ("train_mpi", "mpi", "keras3"),
+        ("train_horovod", "horovod", "keras3"),
+        ("train_mwms", "tf", "tf_keras"),
+    ],
+)
+def test_sbatch_job_trains_consistently(slurm_env, tmp_path, script, backend, keras_flavor):
+    if backend == "horovod":
+        pytest.importorskip("horovod.tensorflow", reason="Horovod is built by make setup")
+    root = tmp_path / "root"
+    report = str(tmp_path / "rank-{rank}.json")
+    env = job_env(slurm_env, root, 20, f"--patience 2 --report {report}")
     run = run_bounded(
         [
             "sbatch",
             "--wait",
             f"--output={tmp_path}/job-%j.out",
-            os.path.join(ROOT, "slurm", "train_mpi.sbatch"),
+            os.path.join(ROOT, "slurm", f"{script}.sbatch"),
         ],
         env,
         bound_s=300,
     )
     logs = "".join(p.read_text() for p in tmp_path.glob("job-*.out"))
     assert run.returncode == 0, run.output + logs[-3000:]
-    assert "2 ranks on" in logs
-    reports = []
-    for r in (0, 1):  # both tasks ran
-        with open(report.replace("{rank}", str(r))) as f:
-            reports.append(json.load(f))
-    r0, r1 = reports
-    assert r0["backend"] == "mpi" and r0["size"] == 2
-    assert r0["stopped_epoch"] == r1["stopped_epoch"] > 0
+    assert "2 tasks on" in logs
+    r0, r1 = read_reports(report)
+    assert (r0["backend"], r0["size"], r0["keras"]) == (backend, 2, keras_flavor)
+    assert r0["stopped_epoch"] == r1["stopped_epoch"] > 0, "same stop epoch, and it stopped"
     assert r0["fingerprint"] == r1["fingerprint"]
-    assert r1["touched_root"] == 0 and r0["touched_root"] > 0
+    assert r1["touched_root"] == 0 and r0["touched_root"] > 0, "exactly one writer"
     assert {c.manifest.writer["rank"] for c in CheckpointStore(str(root)).list()} == {0}
+    assert subprocess.run([FORGE, "verify", str(root), "--all"], timeout=60).returncode == 0
+
+
+def test_scancel_usr1_saves_once_requeues_and_resumes_exactly(slurm_env, tmp_path):
+    """A USR1 warning to the batch shell (as `#SBATCH --signal=B:USR1@120` sends it) of a
+    running job: every rank saves and exits 75, the job requeues itself, the second run
+    resumes mid-epoch and ends with the weights of an uninterrupted run."""
+    from multiproc import mpirun, wait_until
+
+    args = "--patience 100 --samples 1024"  # 32 batches an epoch, no early stop: 6 epochs
+    ref = tmp_path / "ref"
+    run = mpirun(
+        2,
+        [
+            TRAIN,
+            "--backend",
+            "mpi",
+            "--checkpoint-dir",
+            str(ref),
+            "--epochs",
+            "6",
+            *args.split(),
+            "--report",
+            str(tmp_path / "ref-{rank}.json"),
+        ],
+    )
+    assert run.returncode == 0, run.output[-3000:]
+    expected = read_reports(str(tmp_path / "ref-{rank}.json"))[0]["fingerprint"]
+
+    root = tmp_path / "root"
+    report = str(tmp_path / "rank-{rank}.json")
+    env = job_env(slurm_env, root, 6, f"{args} --report {report}")
+    out = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            f"--output={tmp_path}/job.out",
+            os.path.join(ROOT, "slurm", "train_mpi.sbatch"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    job = out.stdout.strip().split(";")[0]
+    try:
+        wait_until(
+            lambda: any(p.name.startswith("step-") for p in root.glob("step-*[0-9]")),
+            120,
+            "first checkpoint",
+        )
+        sig = subprocess.run(
+            ["scancel", "--batch", "--signal=USR1", job], env=slurm_env, timeout=30
+        )
+        assert sig.returncode == 0
+        # SLURM holds a requeued job back for a while (BeginTime): release it now.
+        wait_until(lambda: job_state(slurm_env, job).get("Restarts") == "1", 120, "requeue")
+        subprocess.run(
+            ["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm_env, timeout=30
+        )
+        wait_until(
+            lambda: (
+                job_state(slurm_env, job)["JobState"]
+                in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
+            ),
+            240,
+            "the end of the requeued job",
+        )
+    finally:
+        subprocess.run(["scancel", job], env=slurm_env, timeout=30)
+    logs = (tmp_path / "job.out").read_text()
+    state = job_state(slurm_env, job)
+    assert state["JobState"] == "COMPLETED", logs[-3000:]
+    assert "requeueing" in logs and "restart 1" in logs
+    saved = re.findall(r"preempted by SIGUSR1: saved step (\d+) \(epoch \d+", logs)
+    assert len(saved) == 1, logs[-3000:]  # one save, announced by the chief
+    r0, r1 = read_reports(report)
+    assert r0["resumed_step"] == r1["resumed_step"] == int(saved[0])
+    assert r0["fingerprint"] == r1["fingerprint"] == expected
     assert subprocess.run([FORGE, "verify", str(root), "--all"], timeout=60).returncode == 0
