@@ -111,3 +111,36 @@ def test_bad_configuration_fails_on_every_rank_at_construction(tmp_path, bad, me
     run, _, _ = train(tmp_path, "bad", "--bad", json.dumps(bad), expect_ok=False, bound_s=120)
     assert run.returncode != 0
     assert run.output.count(message) >= 2, run.output[-3000:]  # once per rank
+
+
+COLLECTIVES = """
+import json, sys
+import numpy as np
+from forge_dist import get_communicator
+c = get_communicator("mpi")
+r = c.rank
+out = {
+    "sum": c.allreduce([r + 1.0, -r], op="sum").tolist(),
+    "mean": c.allreduce([r + 1.0, -r], op="mean").tolist(),
+    "max": c.allreduce([r + 1.0, -r], op="max").tolist(),
+    "min": c.allreduce([r + 1.0, -r], op="min").tolist(),
+    "any": [c.any(r == 1), c.any(False)],
+    "all": [c.all(r == 1), c.all(True)],
+    "broadcast": c.broadcast({"from": r}, root=1),
+    "allgather": c.allgather(r * 10),
+}
+json.dump(out, open(sys.argv[1].replace("{rank}", str(r)), "w"))
+"""
+
+
+def test_collectives_reduce_across_real_ranks(tmp_path):
+    script = tmp_path / "collectives.py"
+    script.write_text(COLLECTIVES)
+    run = mpirun(2, [str(script), str(tmp_path / "r{rank}.json")], bound_s=120)
+    assert run.returncode == 0, run.output[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"r{r}.json").read_text()) for r in (0, 1))
+    assert r0 == r1
+    assert r0["sum"] == [3.0, -1.0] and r0["mean"] == [1.5, -0.5]
+    assert r0["max"] == [2.0, 0.0] and r0["min"] == [1.0, -1.0]
+    assert r0["any"] == [True, False] and r0["all"] == [False, True]
+    assert r0["broadcast"] == {"from": 1} and r0["allgather"] == [0, 10]

@@ -286,11 +286,14 @@ class MPICommunicator(Communicator):
             # 1. Are all ranks at the same call, with the same length? (max of x and -x
             #    gives max and min in one tiny reduction.)
             tag = zlib.crc32(f"{name}/{op}".encode()) & 0x7FFFFFFF
-            probe = np.array([self._seq, len(vec), tag], dtype=np.int64)
-            both = np.concatenate([probe, -probe])
+            probe = np.array([self._seq, len(vec), tag], dtype=np.float64)
+            # A max or min rides along in the same reduction (min as max of -x): one
+            # round trip for any()/all(), the check the training loop makes every batch.
+            ride = {"max": vec, "min": -vec}.get(op)
+            both = np.concatenate([probe, -probe, ride if ride is not None else []])
             req = self._comm.Iallreduce(MPI.IN_PLACE, both, op=MPI.MAX)
             self._wait_request(req, name, start)
-            hi, lo = both[:3], -both[3:]
+            hi, lo = both[:3], -both[3:6]
             if not np.array_equal(hi, lo):
                 what = ["call sequence", "vector length", "operation"][
                     int(np.flatnonzero(hi != lo)[0])
@@ -299,9 +302,10 @@ class MPICommunicator(Communicator):
                     f"{name}: ranks differ in {what} (from {lo.tolist()} to {hi.tolist()}: "
                     "[sequence, length, operation]) — they are not running the same code path"
                 )
+            if ride is not None:
+                return both[6:] if op == "max" else -both[6:]
             # 2. The reduction itself, by MPI.
-            mpi_op = {"sum": MPI.SUM, "mean": MPI.SUM, "min": MPI.MIN, "max": MPI.MAX}[op]
-            req = self._comm.Iallreduce(MPI.IN_PLACE, vec, op=mpi_op)
+            req = self._comm.Iallreduce(MPI.IN_PLACE, vec, op=MPI.SUM)
             self._wait_request(req, name, start)
         if op == "mean":
             vec /= self._size
