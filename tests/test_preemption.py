@@ -98,7 +98,13 @@ def run(root, epochs=8, restored_from=None, extra=(), **kw):
     if restored_from:
         restored = fk.restore_latest(model, restored_from, communicator=LOCAL)
     cbs = fk.production_callbacks(
-        str(root), patience=3, reduce_lr_patience=1, communicator=LOCAL, verbose=0, **kw
+        str(root),
+        patience=3,
+        reduce_lr_patience=1,
+        communicator=LOCAL,
+        verbose=0,
+        preemption_check_every_n_batches=1,  # saved at the very batch signalled
+        **kw,
     )
     # The signal comes from "outside": before forge_dist's callbacks see the batch end.
     cbs = [*extra, *cbs]
@@ -264,3 +270,32 @@ def test_mpirun_kill_usr1_to_rank_1_only_saves_once_and_resumes_exactly(tmp_path
     r0, r1 = reports(report)
     assert r0["resumed_step"] == step
     assert r0["fingerprint"] == r1["fingerprint"] == expected
+
+
+@pytest.mark.keras
+@pytest.mark.parametrize(
+    "timing, expected",
+    [
+        ((0.4, 100, 0.02, 50), 10),  # 4 ms steps, 0.4 ms checks: every 10th batch is 1 %
+        ((200.0, 100, 0.02, 50), 1),  # 2 s steps: a check costs nothing, check every batch
+        ((50.0, 100, 50.0, 50), 20),  # 0.5 s steps, 1 s checks: still within 10 s
+    ],
+)
+def test_auto_spacing_keeps_checks_cheap_and_prompt(tmp_path, timing, expected):
+    cb = fk.PreemptionCheckpoint(fk.ChiefModelCheckpoint(str(tmp_path), communicator=LOCAL))
+    cb._timing = list(timing)
+    assert cb._propose_every() == expected
+
+
+@pytest.mark.keras
+def test_ranks_agree_on_the_largest_proposed_spacing(tmp_path):
+    from threadcomm import run_ranks
+
+    def rank_fn(comm):
+        ckpt = fk.ChiefModelCheckpoint(str(tmp_path / "root"), communicator=comm)
+        cb = fk.PreemptionCheckpoint(ckpt, communicator=comm)
+        cb._timing = [0.4, 100, 0.02 * (1 + comm.rank), 50]  # rank 1's checks cost more
+        cb._check(None, epoch_done=True)  # the epoch-end agreement, nobody signalled
+        return cb.every
+
+    assert run_ranks(2, rank_fn) == [20, 20]

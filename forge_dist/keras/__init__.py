@@ -40,6 +40,7 @@ def production_callbacks(
     csv_url: str | None = None,
     guard_every_n_epochs: int | None = 1,
     preemption_signals: Any = ("SIGUSR1", "SIGTERM"),
+    preemption_check_every_n_batches: int | str = "auto",
     validation_samples: Any = None,
     storage_options: dict[str, Any] | None = None,
     communicator: Any = None,
@@ -106,7 +107,11 @@ def production_callbacks(
     if preemption_signals is not None:
         cbs.append(
             PreemptionCheckpoint(
-                checkpoint, preemption_signals, communicator=communicator, verbose=verbose
+                checkpoint,
+                preemption_signals,
+                check_every_n_batches=preemption_check_every_n_batches,
+                communicator=communicator,
+                verbose=verbose,
             )
         )
     return cbs
