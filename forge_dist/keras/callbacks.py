@@ -18,6 +18,7 @@ import os
 import shutil
 import socket
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -403,6 +404,14 @@ class ChiefModelCheckpoint(_ForgeCallback):
     ``model.weights.h5`` with ``save_weights_only``) and a manifest with the epoch's
     metrics and every forge_dist callback's state. Other ranks never touch storage, but
     learn whether the save succeeded: a failed save is an error on every rank.
+
+    With ``async_save=True`` the chief copies the model's and optimizer's variables to
+    host memory at the save point and goes back to training; one background thread
+    loads the copy into a twin of the model (built once), serializes, hashes and
+    commits it. At most one save is in flight: a save due while one is being written
+    waits for it (``when_busy="wait"``) or is skipped (``"skip"``, agreed on every
+    rank). A background failure is raised on every rank at the next epoch end;
+    ``on_train_end``, a preemption save and interpreter exit wait for the last commit.
     """
 
     state_key = "checkpoint"
@@ -421,9 +430,23 @@ class ChiefModelCheckpoint(_ForgeCallback):
         initial_value_threshold: float | None = None,
         storage_options: dict[str, Any] | None = None,
         communicator: Communicator | None = None,
+        async_save: bool = False,
+        when_busy: str = "wait",
     ) -> None:
         super().__init__(communicator, verbose)
         from forge_dist.storage import CheckpointStore
+
+        if when_busy not in ("wait", "skip"):
+            raise ConfigurationError(f"when_busy must be 'wait' or 'skip', got {when_busy!r}")
+        if async_save and getattr(self.comm, "collective_saves", False):
+            raise ConfigurationError(
+                "async_save is not available under MultiWorkerMirroredStrategy: every worker "
+                "takes part in each save there, so it cannot run behind the training loop"
+            )
+        self.async_save = bool(async_save)
+        self.when_busy = when_busy
+        self._background: _BackgroundWriter | None = None
+        self._twin: Any = None
 
         # The mode is resolved from the model's metrics at train begin if the name does not
         # decide it.
@@ -484,12 +507,31 @@ class ChiefModelCheckpoint(_ForgeCallback):
         return the step. A step this callback already saved is not written again."""
         step = int(_compat.to_numpy(self.model.optimizer.iterations))
         if self.last_saved_step != step:
-            self._save(epoch, batch, {}, epoch_done=epoch_done, force=True)
+            self._save(epoch, batch, {}, epoch_done=epoch_done, force=True)  # synchronous
+        elif self.async_save:  # this step's save may still be in flight: let it commit
+            self._agree(f"ChiefModelCheckpoint(step {step}) background", self._drain)
         return step
 
     def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
         if self.save_freq == "epoch":
             self._save(epoch, None, logs or {}, epoch_done=True)
+        elif self.async_save:  # a background failure surfaces at every epoch end
+            self._agree(f"ChiefModelCheckpoint(epoch {epoch}) background", self._raise_background)
+
+    def on_train_end(self, logs: Any = None) -> None:
+        if self.async_save:
+            self._agree("ChiefModelCheckpoint(last background save)", self._drain)
+
+    def _raise_background(self) -> None:
+        """Chief: raise the error of a finished background save, if it failed."""
+        if self._background is not None:
+            self._background.raise_error()
+
+    def _drain(self) -> None:
+        """Chief: wait for the save in flight to commit; raise its error."""
+        if self._background is not None:
+            self._background.wait()
+            self._background.raise_error()
 
     def _save(
         self,
@@ -505,8 +547,13 @@ class ChiefModelCheckpoint(_ForgeCallback):
             batch += registry(self.model).batch_offset
 
         def decide() -> policy.SaveDecision:
+            self._raise_background()
             if force:
                 return policy.SaveDecision(True, self.best, policy.Reason.SAVE)
+            if self.when_busy == "skip" and self._background and self._background.busy:
+                return policy.SaveDecision(
+                    False, self.best, policy.Reason.SKIP, "the previous save is still in flight"
+                )
             current = to_float(logs.get(self.monitor))
             return policy.save_step(
                 self.monitor, self._resolved_mode or "min", self.best, current, self.save_best_only
@@ -528,8 +575,10 @@ class ChiefModelCheckpoint(_ForgeCallback):
         }
         if getattr(self.comm, "collective_saves", False):
             self._collective_save(name, step, logs, state)
+        elif self.async_save and not force:
+            self._agree(f"{name} snapshot", lambda: self._submit(step, logs, state))
         else:
-            self._agree(f"{name} commit", lambda: self._write(step, logs, state))
+            self._agree(f"{name} commit", lambda: (self._drain(), self._write(step, logs, state)))
         self.last_saved_step = step
         self.saved_steps.append(step)
         self._say(f"epoch {epoch + 1}: saved step {step} to {self.directory}")
@@ -559,9 +608,40 @@ class ChiefModelCheckpoint(_ForgeCallback):
         if bad:
             raise ForgeDistError(f"{name} failed on worker {bad[0][0]}: {bad[0][1]}")
 
-    def _write(self, step: int, logs: dict[str, Any], state: dict[str, Any]) -> None:
-        """Chief only: save into the store (streamed, or through local scratch), commit,
-        apply retention."""
+    def _submit(self, step: int, logs: dict[str, Any], state: dict[str, Any]) -> None:
+        """Chief: wait for the save in flight, copy the variables to host memory, and hand
+        the copy to the background writer."""
+        self._drain()
+        if self._twin is None:
+            self._twin = _make_twin(self.model)
+        weights = [np.array(w, copy=True) for w in self.model.get_weights()]
+        opt_values = None
+        if self.model.optimizer is not None:
+            opt_values = [
+                np.array(_compat.to_numpy(v), copy=True)
+                for v in _compat.optimizer_variables(self.model.optimizer)
+            ]
+        twin = self._twin
+        lr = state.get("learning_rate")
+
+        def write() -> None:
+            twin.set_weights(weights)
+            if opt_values is not None:
+                assign_optimizer_variables(twin, opt_values)
+                if lr is not None:
+                    _compat.set_lr(twin.optimizer, float(lr))
+            self._write(step, logs, state, model=twin)
+
+        if self._background is None:
+            self._background = _BackgroundWriter()
+        self._background.start(write, f"step {step}")
+
+    def _write(
+        self, step: int, logs: dict[str, Any], state: dict[str, Any], model: Any = None
+    ) -> None:
+        """Chief only: save ``model`` (the live one by default) into the store (streamed,
+        or through local scratch), commit, apply retention."""
+        model = self.model if model is None else model
         metrics = {k: f for k, v in logs.items() if (f := to_float(v)) is not None}
         writer = {
             "host": socket.gethostname(),
@@ -579,31 +659,33 @@ class ChiefModelCheckpoint(_ForgeCallback):
                 self.store.writer(step, metrics=metrics, state=state, writer=writer) as w,
                 w.open("model.keras") as f,
             ):
-                stream_save(self.model, f)
+                stream_save(model, f)
             self._retain()
             return
         with (
-            self._scratch_save("forge-dist-save-") as path,
+            self._scratch_save("forge-dist-save-", model) as path,
             self.store.writer(step, metrics=metrics, state=state, writer=writer) as w,
         ):
             w.add_file(os.path.basename(path), path)
         self._retain()
 
     @contextlib.contextmanager
-    def _scratch_save(self, prefix: str) -> Iterator[str]:
-        """Save the model into a local scratch folder (never under the root); yield the
-        file's path; delete the folder afterwards, even on error."""
+    def _scratch_save(self, prefix: str, model: Any = None) -> Iterator[str]:
+        """Save ``model`` (the live one by default) into a local scratch folder (never
+        under the root); yield the file's path; delete the folder afterwards, even on
+        error."""
         from forge_dist.errors import StorageError
 
+        model = self.model if model is None else model
         scratch = tempfile.mkdtemp(prefix=prefix)
         try:
             fname = "model.weights.h5" if self.save_weights_only else "model.keras"
             path = os.path.join(scratch, fname)
             try:
                 if self.save_weights_only:
-                    self.model.save_weights(path)
+                    model.save_weights(path)
                 else:
-                    self.model.save(path)
+                    model.save(path)
             except OSError as e:
                 raise StorageError(f"cannot save the model to local scratch {scratch}: {e}") from e
             yield path
@@ -618,6 +700,72 @@ class ChiefModelCheckpoint(_ForgeCallback):
                 monitor=self.monitor if self.keep_best else None,
                 mode=self._resolved_mode or "min",
             )
+
+
+class _BackgroundWriter:
+    """One non-daemon thread at a time (interpreter exit waits for it); keeps its error."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._what = ""
+
+    @property
+    def busy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self, fn: Callable[[], None], what: str) -> None:
+        if self.busy:
+            raise RuntimeError("a background save is already running")  # a bug, not input
+        self._what = what
+
+        def run() -> None:
+            try:
+                fn()
+            except BaseException as e:  # kept for the training loop to raise
+                self._error = e
+
+        self._thread = threading.Thread(target=run, name=f"forge-dist-save {what}")
+        self._thread.start()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def raise_error(self) -> None:
+        if self._error is not None and not self.busy:
+            e, self._error = self._error, None
+            raise ForgeDistError(f"background save of {self._what} failed: {e}") from e
+
+
+def _make_twin(model: Any) -> Any:
+    """A copy of ``model``'s architecture with a plain optimizer of the same class and
+    config, built: what a background save loads a host snapshot into."""
+    keras = _compat.keras
+    try:
+        twin = keras.models.clone_model(model)
+    except Exception as e:
+        raise ConfigurationError(
+            f"async_save needs a model keras.models.clone_model can copy: {e}"
+        ) from e
+    opt = model.optimizer
+    if opt is not None:
+        config = model.get_compile_config() if hasattr(model, "get_compile_config") else None
+        if config:
+            twin.compile_from_config(config)  # the same loss, metrics and optimizer config
+        else:
+            wrapped = getattr(type(opt), "_forge_dist_wrapped", False)
+            cls = type(opt).__mro__[1] if wrapped else type(opt)
+            twin.compile(optimizer=cls.from_config(opt.get_config()), loss=model.loss)
+        _compat.ensure_optimizer_built(twin)
+        mine = len(_compat.optimizer_variables(opt))
+        theirs = len(_compat.optimizer_variables(twin.optimizer))
+        if mine != theirs:
+            raise ConfigurationError(
+                f"async_save could not rebuild the optimizer ({theirs} variables, not {mine})"
+            )
+    return twin
 
 
 # --------------------------------------------------------------------------- preemption

@@ -1,0 +1,176 @@
+"""ChiefModelCheckpoint(async_save=True): a host snapshot at the save point, written by
+one background thread while training goes on."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.keras
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+keras = pytest.importorskip("keras", reason="Keras is in the [tf] extra")
+
+from forge_dist import keras as fk  # noqa: E402
+from forge_dist.comm import LocalCommunicator  # noqa: E402
+from forge_dist.errors import ConfigurationError, ForgeDistError  # noqa: E402
+from forge_dist.keras import _compat  # noqa: E402
+from forge_dist.storage import CheckpointStore, _faults  # noqa: E402
+
+LOCAL = LocalCommunicator()
+RNG = np.random.default_rng(2)
+X = RNG.normal(size=(128, 4)).astype("float32")  # 8 batches of 16
+Y = (X @ np.array([[1.0], [-1.0], [0.5], [0.0]], dtype="float32")).astype("float32")
+GATE_S = 60  # no test waits longer than this on its own gate
+
+
+def make_model():
+    keras.utils.set_random_seed(4)
+    model = keras.Sequential(
+        [keras.Input((4,)), keras.layers.Dense(8, activation="tanh"), keras.layers.Dense(1)]
+    )
+    model.compile(
+        optimizer=fk.DistributedOptimizer(keras.optimizers.Adam(0.05), communicator=LOCAL),
+        loss="mse",
+        metrics=["mae"],
+    )
+    return model
+
+
+def fit(model, callbacks, epochs=3):
+    model.fit(
+        X,
+        Y,
+        validation_data=(X[:32], Y[:32]),
+        epochs=epochs,
+        batch_size=16,
+        shuffle=False,
+        verbose=0,
+        callbacks=callbacks,
+    )
+
+
+class Record(keras.callbacks.Callback):
+    """Weights at every epoch end, and a hook at one (epoch, batch) end."""
+
+    def __init__(self, at=None, action=None):
+        super().__init__()
+        self.weights, self.at, self.action, self.epoch = {}, at, action, 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if (self.epoch, batch) == self.at:
+            self.action()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.weights[epoch] = [w.copy() for w in self.model.get_weights()]
+
+
+@pytest.fixture
+def gate():
+    """Hold the background writer of ``step`` at its first store point until released."""
+
+    class Gate:
+        def __init__(self):
+            self.step, self.reached, self.open = None, threading.Event(), threading.Event()
+
+        def hook(self, point):
+            if threading.current_thread() is threading.main_thread():
+                return
+            if self.step is not None and not self.reached.is_set():
+                self.reached.set()
+                assert self.open.wait(GATE_S), "the test never released the writer"
+
+    g = Gate()
+    _faults.hook = g.hook
+    yield g
+    _faults.hook = None
+
+
+def test_the_saved_weights_are_the_save_points_even_though_training_went_on(tmp_path, gate):
+    model = make_model()
+    gate.step = 8  # epoch 0's save
+    released = {}
+
+    def release():  # 3 batches into epoch 1: the model has moved on
+        assert gate.reached.wait(GATE_S), "the background save never started"
+        released["weights"] = [w.copy() for w in model.get_weights()]
+        gate.open.set()
+
+    rec = Record(at=(1, 2), action=release)
+    ckpt = fk.ChiefModelCheckpoint(str(tmp_path), communicator=LOCAL, async_save=True)
+    fit(model, [rec, ckpt])
+    store = CheckpointStore(str(tmp_path))
+    assert store.steps() == [8, 16, 24]  # on_train_end waited for the last commit
+    assert ckpt._background is not None and not ckpt._background.busy
+    loaded = keras.models.load_model(str(tmp_path / "step-00000008" / "model.keras"))
+    saved = loaded.get_weights()
+    assert _compat.weights_fingerprint(saved) == _compat.weights_fingerprint(rec.weights[0])
+    assert _compat.weights_fingerprint(saved) != _compat.weights_fingerprint(released["weights"])
+    assert int(loaded.optimizer.iterations.numpy()) == 8  # the optimizer's state too
+    for step in store.steps():
+        assert store.verify(step).ok
+
+
+def test_async_checkpoint_loads_like_a_synchronous_one(tmp_path):
+    sync_root, async_root = tmp_path / "sync", tmp_path / "async"
+    for root, flag in ((sync_root, False), (async_root, True)):
+        fit(
+            make_model(),
+            [fk.ChiefModelCheckpoint(str(root), communicator=LOCAL, async_save=flag)],
+            2,
+        )
+    a = keras.models.load_model(str(sync_root / "step-00000016" / "model.keras"))
+    b = keras.models.load_model(str(async_root / "step-00000016" / "model.keras"))
+    assert type(a.optimizer) is type(b.optimizer)
+    assert float(a.optimizer.learning_rate) == float(b.optimizer.learning_rate)
+    for u, v in zip(
+        a.get_weights() + [x.numpy() for x in a.optimizer.variables],
+        b.get_weights() + [x.numpy() for x in b.optimizer.variables],
+        strict=True,
+    ):
+        np.testing.assert_array_equal(u, v)
+    np.testing.assert_array_equal(a.predict(X, verbose=0), b.predict(X, verbose=0))
+
+
+def test_a_background_failure_is_raised_at_the_next_epoch_end(tmp_path):
+    def fail(point):
+        if threading.current_thread() is not threading.main_thread() and "file-written" in point:
+            raise OSError(28, "No space left on device (injected)")
+
+    model = make_model()
+    ckpt = fk.ChiefModelCheckpoint(str(tmp_path), communicator=LOCAL, async_save=True)
+    rec = Record()
+    _faults.hook = fail
+    try:
+        with pytest.raises(ForgeDistError, match="background save of step 8 failed.*No space"):
+            fit(model, [rec, ckpt])
+    finally:
+        _faults.hook = None
+    assert sorted(rec.weights) == [0, 1]  # raised at the end of epoch 1, not lost
+    assert CheckpointStore(str(tmp_path)).steps() == []
+
+
+def test_when_busy_skip_skips_and_says_so_on_every_rank(tmp_path, gate):
+    gate.step = 8
+
+    class Release(keras.callbacks.Callback):  # after the checkpoint's epoch-1 decision
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 1:
+                gate.open.set()
+
+    ckpt = fk.ChiefModelCheckpoint(
+        str(tmp_path), communicator=LOCAL, async_save=True, when_busy="skip"
+    )
+    fit(make_model(), [ckpt, Release()])
+    assert ckpt.saved_steps == [8, 24]
+    assert CheckpointStore(str(tmp_path)).steps() == [8, 24]
+
+
+def test_async_arguments_fail_at_construction(tmp_path):
+    with pytest.raises(ConfigurationError, match="when_busy"):
+        fk.ChiefModelCheckpoint(str(tmp_path), communicator=LOCAL, when_busy="later")
