@@ -28,10 +28,16 @@ POINTS = [
 DEADLINE_S = 60
 
 
-def run_and_kill_at(url: str, options: dict | None, point: str, env: dict[str, str]) -> None:
+def run_and_kill_at(
+    url: str,
+    options: dict | None,
+    point: str,
+    env: dict[str, str],
+    script: str = "_crash_writer.py",
+) -> None:
     """Start the writer, answer "go" at every point before ``point``, SIGKILL it there."""
     proc = subprocess.Popen(
-        [sys.executable, os.path.join(HERE, "_crash_writer.py"), url, json.dumps(options or {})],
+        [sys.executable, os.path.join(HERE, script), url, json.dumps(options or {})],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -116,3 +122,20 @@ def test_sigkill_at_every_point_leaves_a_consistent_store(kind, point, tmp_path,
     if kind == "local":
         leftovers = [n for n in os.listdir(url) if not n.startswith("step-") or "." in n]
         assert leftovers == []
+
+
+ASYNC_POINTS = ["file-written:model.keras", "before-manifest", "manifest-written"]
+
+
+@pytest.mark.keras
+@pytest.mark.parametrize("point", ASYNC_POINTS)
+def test_sigkill_during_a_background_save_keeps_the_previous_checkpoint(point, tmp_path):
+    """Training with async_save; the process is killed while the background thread writes
+    the second checkpoint (the training loop has gone on meanwhile)."""
+    pytest.importorskip("keras", reason="Keras is in the [tf] extra")
+    url = str(tmp_path / "root")
+    run_and_kill_at(url, None, f"16:{point}", {}, script="_crash_async.py")
+    store = CheckpointStore(url)
+    assert store.steps() == [8]
+    assert store.verify(8).ok
+    assert cli_verify_all(url, None, {}) == 0
