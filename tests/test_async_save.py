@@ -174,3 +174,37 @@ def test_when_busy_skip_skips_and_says_so_on_every_rank(tmp_path, gate):
 def test_async_arguments_fail_at_construction(tmp_path):
     with pytest.raises(ConfigurationError, match="when_busy"):
         fk.ChiefModelCheckpoint(str(tmp_path), communicator=LOCAL, when_busy="later")
+
+
+TF_KERAS = """
+import os, sys
+import numpy as np
+from forge_dist import keras as fk
+from forge_dist.comm import LocalCommunicator
+from forge_dist.keras import _compat
+keras, local = _compat.keras, LocalCommunicator()
+x = np.random.default_rng(0).normal(size=(128, 4)).astype("float32")
+model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3), keras.layers.Dense(1)])
+opt = fk.DistributedOptimizer(keras.optimizers.Adam(0.01), communicator=local)
+model.compile(optimizer=opt, loss="mse")
+ckpt = fk.ChiefModelCheckpoint(sys.argv[1], communicator=local, async_save=True)
+model.fit(x, x[:, :1], epochs=2, batch_size=16, verbose=0, callbacks=[ckpt])
+m = keras.models.load_model(os.path.join(sys.argv[1], "step-00000016", "model.keras"))
+same = _compat.weights_fingerprint(m.get_weights()) == _compat.weights_fingerprint(
+    model.get_weights())
+print("RESULT", _compat.FLAVOR, int(m.optimizer.iterations.numpy()), same)
+"""
+
+
+def test_async_save_on_tf_keras(tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", TF_KERAS, str(tmp_path / "root")],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "TF_USE_LEGACY_KERAS": "1"},
+    )
+    assert "RESULT tf_keras 16 True" in out.stdout, out.stderr[-3000:]
