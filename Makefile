@@ -1,7 +1,7 @@
 # The README's two commands: `make demo` and `make test`. Both set up .venv themselves.
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-EXTRAS ?= dev,s3,tf,mpi
+EXTRAS ?= dev,s3,tf,mpi,bench
 SHELL_SCRIPTS := scripts/*.sh slurm/*.sh slurm/*.sbatch
 
 .PHONY: setup test demo lint bench clean
@@ -26,10 +26,12 @@ lint: setup
 	$(VENV)/bin/shellcheck -x $(SHELL_SCRIPTS)
 	$(VENV)/bin/hadolint Dockerfile
 
-# Benchmarks are not tests: they print ratios against a baseline measured in the same run.
+# Benchmarks are not tests: they print ratios against a baseline measured in the same run,
+# then benchmarks/report.py writes benchmarks/results.{json,md,png}.
 bench: setup
 	$(PY) benchmarks/bench_store.py
 	$(PY) benchmarks/bench_keras.py
+	$(PY) benchmarks/report.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

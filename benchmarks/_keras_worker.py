@@ -116,8 +116,40 @@ def step_time(
     return out
 
 
+def written_bytes() -> int:
+    """Bytes this process has passed to write() so far (Linux /proc/self/io)."""
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("wchar:"))
+
+
+def bytes_per_save(root: str, saves: int = 3) -> dict:
+    """Bytes every rank writes for one checkpoint: plain Keras 3 ``ModelCheckpoint`` (each
+    rank saves the same file) vs ``ChiefModelCheckpoint`` (the chief alone)."""
+    model = small_model(False)
+    model.fit(np.zeros((64, 32), "float32"), np.zeros((64, 1), "float32"), verbose=0)
+    plain = keras.callbacks.ModelCheckpoint(os.path.join(root, "plain", "model.keras"))
+    forge = fk.ChiefModelCheckpoint(os.path.join(root, "forge"), communicator=comm)
+    out = {}
+    for name, cb in (("plain", plain), ("forge", forge)):
+        cb.set_model(model)
+        cb.on_train_begin()
+        os.makedirs(os.path.join(root, "plain"), exist_ok=True)
+        total = 0
+        for epoch in range(saves):
+            model.optimizer.iterations.assign_add(1)
+            comm.barrier(name="bench-align")
+            before = written_bytes()
+            cb.on_epoch_end(epoch, {"loss": 1.0, "val_loss": 1.0})
+            total += written_bytes() - before
+            comm.barrier(name="bench-align")
+        out[name] = [int(b) / saves for b in comm.allgather(total, name="bench-bytes")]
+    return {"bytes_per_rank": out}
+
+
 if what == "epoch":
     result = epoch_overhead()
+elif what == "bytes":
+    result = bytes_per_save(sys.argv[3])
 elif what == "step":
     result = step_time(distributed=comm.size > 1)
 elif what == "step-horovod-own":  # Horovod's DistributedOptimizer (tf_keras)

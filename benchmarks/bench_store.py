@@ -17,6 +17,11 @@ interleaved, repetition by repetition:
 Every timed command starts after ``sync``, so no run pays for the previous one's
 writeback.
 
+Then the same on a real S3 HTTP endpoint on 127.0.0.1 (moto's server, through s3fs;
+``--s3-size-mb``, default 100): commit through the store vs a plain upload of the same
+files (s3fs ``put``, no manifest), and ``verify`` vs reading every object back and
+hashing it with ``hashlib.sha256`` one after the other.
+
 Prints medians and ratios (lower is better for time ratios, higher for throughput),
 and writes them to benchmarks/out/store.json.
 """
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import shutil
@@ -72,9 +78,74 @@ def timed(cmd: list[str]) -> float:
     return time.perf_counter() - t0
 
 
+def s3_bench(src_mb: int, reps: int, base: str) -> dict:
+    """Commit and verify against a local S3 endpoint, each against a plain baseline."""
+    import hashlib
+
+    import boto3
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    from forge_dist.storage import CheckpointStore
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        url = f"http://{host}:{port}"
+        creds = {"aws_access_key_id": "bench", "aws_secret_access_key": "bench"}
+        boto3.client("s3", endpoint_url=url, region_name="us-east-1", **creds).create_bucket(
+            Bucket="bench"
+        )
+        options = {
+            "key": "bench",
+            "secret": "bench",
+            "client_kwargs": {"endpoint_url": url, "region_name": "us-east-1"},
+        }
+        fs = s3fs.S3FileSystem(**options)
+        src = os.path.join(base, "s3-src")
+        nbytes = make_payload(src, src_mb)
+        files = sorted(os.listdir(src))
+        store = CheckpointStore("s3://bench/root", options)
+        t: dict[str, list[float]] = {"commit": [], "put": [], "verify": [], "read_sha256": []}
+        store.put(src, 0)  # warm-up
+        for rep in range(reps):
+            step = rep + 1
+            t0 = time.perf_counter()
+            store.put(src, step)
+            t["commit"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            fs.put(src, f"bench/plain-{rep}", recursive=True)
+            t["put"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            assert store.verify(step).ok
+            t["verify"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            for name in files:
+                hashlib.sha256(fs.cat_file(f"bench/plain-{rep}/{name}")).hexdigest()
+            t["read_sha256"].append(time.perf_counter() - t0)
+            fs.rm(f"bench/plain-{rep}", recursive=True)
+            store.apply_retention(keep_last=1)
+        med = {k: statistics.median(v) for k, v in t.items()}
+        return {
+            "bytes": nbytes,
+            "files": len(files),
+            "reps": reps,
+            "seconds": {k: {"median": med[k], "min": min(v), "max": max(v)} for k, v in t.items()},
+            "ratios": {
+                "commit_vs_put": med["commit"] / med["put"],
+                "verify_throughput_vs_read_sha256": med["read_sha256"] / med["verify"],
+            },
+        }
+    finally:
+        server.stop()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-mb", type=int, default=500)
+    ap.add_argument("--s3-size-mb", type=int, default=100)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--dir", default=None, help="scratch folder on the disk to measure")
     args = ap.parse_args()
@@ -152,6 +223,17 @@ def main() -> int:
                 f"verify throughput / openssl dgst -sha256   : "
                 f"{r['verify_throughput_vs_openssl']:.2f}x (a faster single-thread baseline)"
             )
+        shutil.rmtree(root)
+        shutil.rmtree(src)
+        s3 = s3_bench(args.s3_size_mb, args.reps, base)
+        results["s3"] = s3
+        r = s3["ratios"]
+        print(
+            f"\nS3 (moto on 127.0.0.1, {s3['bytes'] / 1e6:.0f} MB):\n"
+            f"commit through the store / plain s3fs put : {r['commit_vs_put']:.2f}x\n"
+            f"verify throughput / read + sha256          : "
+            f"{r['verify_throughput_vs_read_sha256']:.2f}x"
+        )
         out = os.path.join(HERE, "out")
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "store.json"), "w") as f:

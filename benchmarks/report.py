@@ -1,0 +1,251 @@
+"""One report from the benchmarks' outputs (benchmarks/out/*.json).
+
+    python benchmarks/report.py
+
+Writes benchmarks/results.json (every figure, the machine and the date),
+benchmarks/results.md (one table: each line names its baseline, measured in the same
+run, and gives the ratio; absolute figures are context) and benchmarks/results.png (the
+ratios as a chart). ``make bench`` runs the benchmarks, then this.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import sys
+from dataclasses import asdict, dataclass
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+OUT = os.path.join(HERE, "out")
+
+
+@dataclass
+class Row:
+    group: str
+    measure: str
+    baseline: str
+    ours: str  # absolute figure, context only
+    theirs: str
+    ratio: float  # ours / baseline: time, or bytes (lower is better)
+    target: str = ""
+
+
+def _load(folder: str, name: str) -> dict:
+    path = os.path.join(folder, f"{name}.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def _ms(x: float) -> str:
+    return f"{x:.2f} ms"
+
+
+def _s(x: float) -> str:
+    return f"{x:.2f} s" if x >= 0.1 else f"{x * 1e3:.0f} ms"
+
+
+def rows(store: dict, keras: dict) -> list[Row]:
+    out: list[Row] = []
+    if "checkpoint_50m" in keras:
+        c = keras["checkpoint_50m"]
+        s = {k: v["median"] for k, v in c["seconds"].items()}
+        what = f"stall per checkpoint, {c['params'] / 1e6:.0f} M params ({c['file_mb']:.0f} MB)"
+        base = "plain Keras `ModelCheckpoint`"
+        out += [
+            Row(
+                "1. checkpoint stall",
+                f"{what}: `ChiefModelCheckpoint`",
+                base,
+                _s(s["chief_sync"]),
+                _s(s["keras_checkpoint"]),
+                c["ratio_sync_vs_keras"],
+                "durable (fsync), hashed, committed",
+            ),
+            Row(
+                "1. checkpoint stall",
+                f"{what}: `ChiefModelCheckpoint(async_save=True)`",
+                base,
+                _s(s["chief_async"]),
+                _s(s["keras_checkpoint"]),
+                c["ratio_async_vs_keras"],
+                f"≤ 0.10; the write goes on behind ({_s(s['async_write'])})",
+            ),
+        ]
+    if store:
+        s = {k: v["median"] for k, v in store["seconds"].items()}
+        mb = store["bytes"] / 1e6
+        out += [
+            Row(
+                "2. storage, local disk",
+                f"commit {mb:.0f} MB through the store",
+                "`cp -r` + `sync -f` (same durability)",
+                _s(s["store_commit"]),
+                _s(s["cp_sync"]),
+                s["store_commit"] / s["cp_sync"],
+            ),
+            Row(
+                "2. storage, local disk",
+                "`forge-dist verify` (time)",
+                "`sha256sum` of the same files",
+                _s(s["verify"]),
+                _s(s["sha256sum"]),
+                s["verify"] / s["sha256sum"],
+            ),
+        ]
+        if "s3" in store:
+            s3 = store["s3"]
+            t = {k: v["median"] for k, v in s3["seconds"].items()}
+            mb = s3["bytes"] / 1e6
+            out += [
+                Row(
+                    "2. storage, S3 on 127.0.0.1",
+                    f"commit {mb:.0f} MB through the store",
+                    "plain s3fs `put` (no manifest)",
+                    _s(t["commit"]),
+                    _s(t["put"]),
+                    t["commit"] / t["put"],
+                ),
+                Row(
+                    "2. storage, S3 on 127.0.0.1",
+                    "verify (time)",
+                    "read every object + `hashlib.sha256`",
+                    _s(t["verify"]),
+                    _s(t["read_sha256"]),
+                    t["verify"] / t["read_sha256"],
+                ),
+            ]
+    for key, launcher in (
+        ("epoch_overhead", "`mpirun`, mpi"),
+        ("epoch_overhead_horovod", "`horovodrun --gloo`"),
+        ("epoch_overhead_mwms", "MWMS (tf_keras)"),
+    ):
+        if key in keras:
+            e = keras[key]
+            out.append(
+                Row(
+                    "3. sync callbacks per epoch, 2 ranks",
+                    f"`SyncMetrics` + `SyncEarlyStopping`, {launcher}",
+                    "plain Keras `EarlyStopping` (one rank's view)",
+                    _ms(e["forge_ms"]),
+                    _ms(e["plain_ms"]),
+                    e["forge_ms"] / e["plain_ms"],
+                    "≤ 5 ms" if key == "epoch_overhead" else "",
+                )
+            )
+    if "bytes_per_save" in keras:
+        b = keras["bytes_per_save"]
+        ours, theirs = sum(b["forge"]), sum(b["plain"])
+        out.append(
+            Row(
+                "4. bytes written per save, 2 ranks",
+                "`ChiefModelCheckpoint`",
+                "plain Keras 3 `ModelCheckpoint` (every rank writes)",
+                f"{ours / 1e6:.2f} MB",
+                f"{theirs / 1e6:.2f} MB",
+                ours / theirs,
+                "rank 1 writes nothing",
+            )
+        )
+    if "optimizer_vs_horovod" in keras:
+        o = keras["optimizer_vs_horovod"]
+        ours = sorted(o["forge_ms"])[len(o["forge_ms"]) // 2]
+        theirs = sorted(o["horovod_ms"])[len(o["horovod_ms"]) // 2]
+        out.append(
+            Row(
+                "5. step time, tf_keras, `horovodrun` 2 ranks",
+                "`forge_dist.keras.DistributedOptimizer`",
+                "Horovod's `DistributedOptimizer`",
+                _ms(ours),
+                _ms(theirs),
+                o["ratio"],
+                "≤ 1.1",
+            )
+        )
+    return out
+
+
+def markdown(table: list[Row], machine: str, date: str) -> str:
+    lines = [
+        "# forge_dist benchmark report",
+        "",
+        f"Taken {date} on {machine}, by `make bench`. Each line's baseline was measured in "
+        "the same run; the ratio is ours / baseline (time, or bytes): below 1 is better. "
+        "Absolute figures are medians, for context.",
+        "",
+        "| | measurement | baseline | ours | baseline | ratio | target / note |",
+        "| --- | --- | --- | ---: | ---: | ---: | --- |",
+    ]
+    for r in table:
+        lines.append(
+            f"| {r.group} | {r.measure} | {r.baseline} | {r.ours} | {r.theirs} | "
+            f"**{r.ratio:.2f}×** | {r.target} |"
+        )
+    lines += ["", "![ratios](results.png)", ""]
+    return "\n".join(lines)
+
+
+def chart(table: list[Row], path: str, machine: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r.measure}\nvs {r.baseline}".replace("`", "") for r in table]
+    ratios = [r.ratio for r in table]
+    fig, ax = plt.subplots(figsize=(11, 0.75 * len(table) + 1.5))
+    colors = ["#2a7" if x <= 1 else "#c64" for x in ratios]
+    y = range(len(table))[::-1]
+    ax.barh(list(y), ratios, color=colors)
+    ax.set_xscale("log")
+    ax.axvline(1.0, color="black", linewidth=1)
+    ax.set_yticks(list(y), labels, fontsize=7)
+    for yi, x in zip(y, ratios, strict=True):
+        ax.text(x, yi, f" {x:.2f}×", va="center", fontsize=8)
+    ax.set_xlabel("ours / baseline, same run (time or bytes; log scale; < 1 is better)")
+    ax.set_title(f"forge_dist against its baselines ({machine})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--in-dir", default=OUT, help="the benchmarks' JSON outputs")
+    ap.add_argument("--out-dir", default=HERE, help="where results.{json,md,png} go")
+    args = ap.parse_args(argv)
+    store, keras = _load(args.in_dir, "store"), _load(args.in_dir, "keras")
+    if not store and not keras:
+        print(f"no benchmark output in {args.in_dir}: run `make bench`", file=sys.stderr)
+        return 2
+    machine = keras.get("machine") or store.get("machine") or platform.machine()
+    date = datetime.date.today().isoformat()
+    table = rows(store, keras)
+    with open(os.path.join(args.out_dir, "results.json"), "w") as f:
+        json.dump(
+            {
+                "date": date,
+                "machine": machine,
+                "table": [asdict(r) for r in table],
+                "store": store,
+                "keras": keras,
+            },
+            f,
+            indent=2,
+        )
+    with open(os.path.join(args.out_dir, "results.md"), "w") as f:
+        f.write(markdown(table, machine, date))
+    chart(table, os.path.join(args.out_dir, "results.png"), machine)
+    for r in table:
+        print(f"{r.ratio:7.2f}x  {r.measure}  vs {r.baseline}")
+    print(f"wrote results.json, results.md, results.png in {args.out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""benchmarks/report.py turns the benchmarks' outputs into one table and one chart."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+pytest.importorskip("matplotlib", reason="matplotlib is in the [bench] extra")
+import report  # noqa: E402
+
+
+def med(x):
+    return {"median": x, "min": x, "max": x}
+
+
+KERAS = {
+    "machine": "test box",
+    "checkpoint_50m": {
+        "params": 50_000_000,
+        "file_mb": 605.0,
+        "seconds": {
+            "keras_checkpoint": med(1.0),
+            "keras_save_fsync": med(1.2),
+            "chief_sync": med(1.1),
+            "chief_async": med(0.08),
+            "async_write": med(1.3),
+        },
+        "ratio_sync_vs_keras": 1.1,
+        "ratio_sync_vs_save_fsync": 1.1 / 1.2,
+        "ratio_async_vs_keras": 0.08,
+    },
+    "epoch_overhead": {"forge_ms": 0.75, "plain_ms": 0.25},
+    "bytes_per_save": {"plain": [100.0, 100.0], "forge": [101.0, 0.0], "ratio": 0.505},
+    "optimizer_vs_horovod": {"forge_ms": [5.4, 5.5, 5.6], "horovod_ms": [5, 5, 5], "ratio": 1.1},
+}
+STORE = {
+    "bytes": 500e6,
+    "seconds": {
+        "store_commit": med(2.0),
+        "cp_sync": med(2.5),
+        "verify": med(0.5),
+        "sha256sum": med(1.5),
+    },
+    "s3": {
+        "bytes": 100e6,
+        "seconds": {
+            "commit": med(3.0),
+            "put": med(2.0),
+            "verify": med(1.0),
+            "read_sha256": med(2.0),
+        },
+    },
+}
+
+
+def test_report_names_every_baseline_and_ratio(tmp_path):
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    out.mkdir()
+    (src / "keras.json").write_text(json.dumps(KERAS))
+    (src / "store.json").write_text(json.dumps(STORE))
+    assert report.main(["--in-dir", str(src), "--out-dir", str(out)]) == 0
+    table = json.loads((out / "results.json").read_text())["table"]
+    ratios = {(r["group"][:2], r["measure"][-40:]): r["ratio"] for r in table}
+    assert len(table) == 9
+    assert pytest.approx(0.08) in ratios.values()  # async stall / plain Keras
+    assert pytest.approx(0.8) in ratios.values()  # commit / cp + sync
+    assert pytest.approx(1 / 3) in ratios.values()  # verify time / sha256sum
+    assert pytest.approx(1.5) in ratios.values()  # S3 commit / put
+    assert pytest.approx(3.0) in ratios.values()  # sync callbacks / plain EarlyStopping
+    assert pytest.approx(0.505) in ratios.values()  # bytes written
+    assert all(r["baseline"] for r in table)
+    md = (out / "results.md").read_text()
+    assert "test box" in md and "**0.08×**" in md and "results.png" in md
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_without_outputs_says_how_to_make_them(tmp_path, capsys):
+    assert report.main(["--in-dir", str(tmp_path), "--out-dir", str(tmp_path)]) == 2
+    assert "make bench" in capsys.readouterr().err
