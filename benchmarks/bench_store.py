@@ -30,10 +30,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import platform
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -84,16 +84,30 @@ def s3_bench(src_mb: int, reps: int, base: str) -> dict:
 
     import boto3
     import s3fs
-    from moto.server import ThreadedMotoServer
 
     from forge_dist.storage import CheckpointStore
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
+    # The endpoint in its own process, as a real one would be (in this process it would
+    # share the interpreter lock with the client's hashing threads).
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
-        host, port = server.get_host_and_port()
-        url = f"http://{host}:{port}"
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:  # until the endpoint answers (bounded)
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise SystemExit("the local S3 endpoint (moto.server) did not start") from None
+                time.sleep(0.1)
         creds = {"aws_access_key_id": "bench", "aws_secret_access_key": "bench"}
         boto3.client("s3", endpoint_url=url, region_name="us-east-1", **creds).create_bucket(
             Bucket="bench"
@@ -139,7 +153,8 @@ def s3_bench(src_mb: int, reps: int, base: str) -> dict:
             },
         }
     finally:
-        server.stop()
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def main() -> int:

@@ -609,27 +609,18 @@ class ChiefModelCheckpoint(_ForgeCallback):
             raise ForgeDistError(f"{name} failed on worker {bad[0][0]}: {bad[0][1]}")
 
     def _submit(self, step: int, logs: dict[str, Any], state: dict[str, Any]) -> None:
-        """Chief: wait for the save in flight, copy the variables to host memory, and hand
-        the copy to the background writer."""
+        """Chief: wait for the save in flight, copy the variables into the twin (the
+        snapshot: no allocation after the first save), hand the twin to the writer."""
         self._drain()
         if self._twin is None:
-            self._twin = _make_twin(self.model)
-        weights = [np.array(w, copy=True) for w in self.model.get_weights()]
-        opt_values = None
-        if self.model.optimizer is not None:
-            opt_values = [
-                np.array(_compat.to_numpy(v), copy=True)
-                for v in _compat.optimizer_variables(self.model.optimizer)
-            ]
-        twin = self._twin
+            self._twin = _Twin(self.model)
+        self._twin.copy_from_live()
         lr = state.get("learning_rate")
+        twin = self._twin.model
 
         def write() -> None:
-            twin.set_weights(weights)
-            if opt_values is not None:
-                assign_optimizer_variables(twin, opt_values)
-                if lr is not None:
-                    _compat.set_lr(twin.optimizer, float(lr))
+            if lr is not None and twin.optimizer is not None:
+                _compat.set_lr(twin.optimizer, float(lr))
             self._write(step, logs, state, model=twin)
 
         if self._background is None:
@@ -739,33 +730,58 @@ class _BackgroundWriter:
             raise ForgeDistError(f"background save of {self._what} failed: {e}") from e
 
 
-def _make_twin(model: Any) -> Any:
-    """A copy of ``model``'s architecture with a plain optimizer of the same class and
-    config, built: what a background save loads a host snapshot into."""
-    keras = _compat.keras
-    try:
-        twin = keras.models.clone_model(model)
-    except Exception as e:
-        raise ConfigurationError(
-            f"async_save needs a model keras.models.clone_model can copy: {e}"
-        ) from e
-    opt = model.optimizer
-    if opt is not None:
-        config = model.get_compile_config() if hasattr(model, "get_compile_config") else None
-        if config:
-            twin.compile_from_config(config)  # the same loss, metrics and optimizer config
-        else:
-            wrapped = getattr(type(opt), "_forge_dist_wrapped", False)
-            cls = type(opt).__mro__[1] if wrapped else type(opt)
-            twin.compile(optimizer=cls.from_config(opt.get_config()), loss=model.loss)
-        _compat.ensure_optimizer_built(twin)
-        mine = len(_compat.optimizer_variables(opt))
-        theirs = len(_compat.optimizer_variables(twin.optimizer))
-        if mine != theirs:
-            raise ConfigurationError(
-                f"async_save could not rebuild the optimizer ({theirs} variables, not {mine})"
-            )
-    return twin
+class _Twin:
+    """A copy of ``model``'s architecture in host memory, with a plain optimizer of the
+    same class and config, built once; ``copy_from_live()`` assigns every model and
+    optimizer variable from the live model: what a background save writes."""
+
+    def __init__(self, model: Any) -> None:
+        import tensorflow as tf
+
+        keras = _compat.keras
+        self.live = model
+        with tf.device("/cpu:0"):
+            try:
+                twin = keras.models.clone_model(model)
+            except Exception as e:
+                raise ConfigurationError(
+                    f"async_save needs a model keras.models.clone_model can copy: {e}"
+                ) from e
+            opt = model.optimizer
+            if opt is not None:
+                config = (
+                    model.get_compile_config() if hasattr(model, "get_compile_config") else None
+                )
+                if config:
+                    twin.compile_from_config(config)  # the same loss, metrics, optimizer
+                else:
+                    wrapped = getattr(type(opt), "_forge_dist_wrapped", False)
+                    cls = type(opt).__mro__[1] if wrapped else type(opt)
+                    twin.compile(optimizer=cls.from_config(opt.get_config()), loss=model.loss)
+                _compat.ensure_optimizer_built(twin)
+        self.model = twin
+        self.pairs = list(zip(twin.weights, model.weights, strict=False))
+        if len(twin.weights) != len(model.weights):
+            raise ConfigurationError("async_save: the model's copy has other variables")
+        if opt is not None:
+            mine = _compat.optimizer_variables(opt)
+            theirs = _compat.optimizer_variables(twin.optimizer)
+            if len(mine) != len(theirs):
+                raise ConfigurationError(
+                    f"async_save could not rebuild the optimizer ({len(theirs)} variables, "
+                    f"not {len(mine)})"
+                )
+            self.pairs += list(zip(theirs, mine, strict=True))
+        for dst, src in self.pairs:
+            if tuple(dst.shape) != tuple(src.shape):
+                raise ConfigurationError(
+                    f"async_save: {dst.path if hasattr(dst, 'path') else dst.name} has shape "
+                    f"{tuple(dst.shape)} in the copy, {tuple(src.shape)} in the model"
+                )
+
+    def copy_from_live(self) -> None:
+        for dst, src in self.pairs:
+            dst.assign(src)
 
 
 # --------------------------------------------------------------------------- preemption
