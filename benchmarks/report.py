@@ -55,7 +55,7 @@ def rows(store: dict, keras: dict) -> list[Row]:
         st, hd = c["stall_per_save"], c["held_per_save"]
         size = f"{c['params'] / 1e6:.0f} M params ({c['file_mb']:.0f} MB)"
         stall = f"loop held at the save point, {size}"
-        lost = f"training time lost per save (fit with saves − fit without), {size}"
+        lost = f"training time lost per save (stall + steps slowed by the write), {size}"
         base = "plain Keras `ModelCheckpoint`"
         out += [
             Row(
