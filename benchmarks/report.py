@@ -14,7 +14,9 @@ import datetime
 import json
 import os
 import platform
+import re
 import sys
+import textwrap
 from dataclasses import asdict, dataclass
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -193,7 +195,7 @@ def markdown(table: list[Row], machine: str, date: str) -> str:
     for r in table:
         lines.append(
             f"| {r.group} | {r.measure} | {r.baseline} | {r.ours} | {r.theirs} | "
-            f"**{r.ratio:.2f}×** | {r.target} |"
+            f"**{r.ratio:.3g}×** | {r.target} |"
         )
     lines += ["", "![ratios](results.png)", ""]
     return "\n".join(lines)
@@ -205,9 +207,14 @@ def chart(table: list[Row], path: str, machine: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r.measure}\nvs {r.baseline}".replace("`", "") for r in table]
+    def label(r: Row) -> str:
+        text = f"{r.group}: {r.measure} vs {r.baseline}"
+        text = re.sub(r" \([^)]*\)", "", text).replace("`", "")
+        return "\n".join(textwrap.wrap(text, 58))
+
+    labels = [label(r) for r in table]
     ratios = [r.ratio for r in table]
-    fig, ax = plt.subplots(figsize=(11, 0.75 * len(table) + 1.5))
+    fig, ax = plt.subplots(figsize=(12, 0.8 * len(table) + 1.5))
     colors = ["#2a7" if x <= 1 else "#c64" for x in ratios]
     y = range(len(table))[::-1]
     ax.barh(list(y), ratios, color=colors)
@@ -215,7 +222,7 @@ def chart(table: list[Row], path: str, machine: str) -> None:
     ax.axvline(1.0, color="black", linewidth=1)
     ax.set_yticks(list(y), labels, fontsize=7)
     for yi, x in zip(y, ratios, strict=True):
-        ax.text(x, yi, f" {x:.2f}×", va="center", fontsize=8)
+        ax.text(x, yi, f" {x:.3g}×", va="center", fontsize=8)
     ax.set_xlabel("ours / baseline, same run (time or bytes; log scale; < 1 is better)")
     ax.set_title(f"forge_dist against its baselines ({machine})", fontsize=10)
     fig.tight_layout()
