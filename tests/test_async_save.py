@@ -208,3 +208,48 @@ def test_async_save_on_tf_keras(tmp_path):
         env={**os.environ, "TF_USE_LEGACY_KERAS": "1"},
     )
     assert "RESULT tf_keras 16 True" in out.stdout, out.stderr[-3000:]
+
+
+EXIT_MID_WRITE = """
+import sys, threading
+import numpy as np
+import keras
+from forge_dist import keras as fk
+from forge_dist.comm import LocalCommunicator
+from forge_dist.storage import _faults
+
+gate = threading.Event()
+def hold(point):  # the background writer waits here until the loop has failed
+    if threading.current_thread() is not threading.main_thread():
+        gate.wait(60)
+_faults.hook = hold
+
+class Fail(keras.callbacks.Callback):
+    def on_train_batch_end(self, batch, logs=None):
+        if self.model.optimizer.iterations.numpy() == 10:
+            gate.set()
+            raise RuntimeError("the training loop failed")
+
+x = np.random.default_rng(0).normal(size=(128, 4)).astype("float32")
+model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+model.compile(optimizer="adam", loss="mse")
+ckpt = fk.ChiefModelCheckpoint(sys.argv[1], communicator=LocalCommunicator(), async_save=True)
+model.fit(x, x[:, :1], epochs=3, batch_size=16, verbose=0, callbacks=[ckpt, Fail()])
+"""
+
+
+def test_interpreter_exit_waits_for_the_save_in_flight(tmp_path):
+    import subprocess
+    import sys
+
+    root = tmp_path / "root"
+    out = subprocess.run(
+        [sys.executable, "-c", EXIT_MID_WRITE, str(root)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert out.returncode == 1 and "the training loop failed" in out.stderr
+    store = CheckpointStore(str(root))
+    assert store.steps() == [8]  # written after the loop had died, before the process ended
+    assert store.verify(8).ok
