@@ -253,3 +253,28 @@ def test_interpreter_exit_waits_for_the_save_in_flight(tmp_path):
     store = CheckpointStore(str(root))
     assert store.steps() == [8]  # written after the loop had died, before the process ended
     assert store.verify(8).ok
+
+
+def test_a_background_failure_reaches_every_rank_in_the_same_epoch(tmp_path):
+    from threadcomm import run_ranks
+
+    def fail(point):
+        if threading.current_thread().name.startswith("forge-dist-save"):
+            raise OSError(5, "Input/output error (injected)")
+
+    def rank_fn(comm):
+        model = make_model()
+        cb = fk.ChiefModelCheckpoint(str(tmp_path / "root"), communicator=comm, async_save=True)
+        cb.set_model(model)
+        cb.on_train_begin()
+        cb.on_epoch_end(0, {"val_loss": 1.0})  # the chief's write fails in the background
+        model.optimizer.iterations.assign_add(1)
+        cb.on_epoch_end(1, {"val_loss": 0.9})  # ...and every rank hears of it here
+
+    _faults.hook = fail
+    try:
+        results = run_ranks(2, rank_fn, timeout=60)
+    finally:
+        _faults.hook = None
+    assert all(isinstance(e, ForgeDistError) for e in results), results
+    assert all("Input/output error (injected)" in str(e) for e in results), results

@@ -740,6 +740,8 @@ class _Twin:
 
         keras = _compat.keras
         self.live = model
+        if model.optimizer is not None:
+            _compat.ensure_optimizer_built(model)  # a save before the first step
         with tf.device("/cpu:0"):
             try:
                 twin = keras.models.clone_model(model)
