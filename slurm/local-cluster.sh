@@ -33,13 +33,16 @@ install() {
 
 write_conf() {
     mkdir -p "$DIR/state" "$DIR/spool" "$DIR/log"
-    cat > "$CONF" <<CONF
+    cat > "$CONF.new" <<CONF
 # Written by slurm/local-cluster.sh for a one-node test cluster.
 ClusterName=forge
 SlurmctldHost=$HOST
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+# A requeued job waits out its old credential before it may start again (default 120 s);
+# short here so the preemption test's requeued job starts within seconds.
+AuthInfo=cred_expire=10
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 MpiDefault=none
@@ -59,6 +62,16 @@ JobCompType=jobcomp/none
 NodeName=$HOST CPUs=$CPUS State=UNKNOWN
 PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
 CONF
+    if [ -f "$CONF" ] && cmp -s "$CONF.new" "$CONF"; then
+        rm -f "$CONF.new"
+        return 0
+    fi
+    # A changed configuration: daemons still running with the old one are restarted.
+    if pgrep -x slurmctld >/dev/null || pgrep -x slurmd >/dev/null; then
+        echo "local-cluster: configuration changed; restarting the daemons" >&2
+        down
+    fi
+    mv "$CONF.new" "$CONF"
 }
 
 up() {
