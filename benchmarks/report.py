@@ -88,49 +88,30 @@ def rows(store: dict, keras: dict) -> list[Row]:
                 "the background write shares the CPU with training",
             ),
         ]
-    if store:
-        s = {k: v["median"] for k, v in store["seconds"].items()}
-        mb = store["bytes"] / 1e6
-        out += [
-            Row(
-                "2. storage, local disk",
-                f"commit {mb:.0f} MB through the store",
-                "`cp -r` + `sync -f` (same durability)",
-                _s(s["store_commit"]),
-                _s(s["cp_sync"]),
-                s["store_commit"] / s["cp_sync"],
-            ),
-            Row(
-                "2. storage, local disk",
-                "`forge-dist verify` (time)",
-                "`sha256sum` of the same files",
-                _s(s["verify"]),
-                _s(s["sha256sum"]),
-                s["verify"] / s["sha256sum"],
-            ),
-        ]
-        if "s3" in store:
-            s3 = store["s3"]
-            t = {k: v["median"] for k, v in s3["seconds"].items()}
-            mb = s3["bytes"] / 1e6
-            out += [
-                Row(
-                    "2. storage, S3 on 127.0.0.1",
-                    f"commit {mb:.0f} MB through the store",
-                    "plain s3fs `put` (no manifest)",
-                    _s(t["commit"]),
-                    _s(t["put"]),
-                    t["commit"] / t["put"],
-                ),
-                Row(
-                    "2. storage, S3 on 127.0.0.1",
-                    "verify (time)",
-                    "read every object + `hashlib.sha256`",
-                    _s(t["verify"]),
-                    _s(t["read_sha256"]),
-                    t["verify"] / t["read_sha256"],
-                ),
-            ]
+    storage = [
+        # group, results, (ours, baseline, baseline's name) for the commit, then for verify
+        (
+            "2. storage, local disk",
+            store,
+            ("store_commit", "cp_sync", "`cp -r` + `sync -f` (same durability)"),
+            ("verify", "sha256sum", "`sha256sum` of the same files"),
+        ),
+        (
+            "2. storage, S3 on 127.0.0.1",
+            store.get("s3"),
+            ("commit", "put", "plain s3fs `put` (no manifest)"),
+            ("verify", "read_sha256", "read every object + `hashlib.sha256`"),
+        ),
+    ]
+    for group, res, commit, verify in storage:
+        if not res:
+            continue
+        t = {k: v["median"] for k, v in res["seconds"].items()}
+        for label, (ours, base, name) in (
+            (f"commit {res['bytes'] / 1e6:.0f} MB through the store", commit),
+            ("verify (time)", verify),
+        ):
+            out.append(Row(group, label, name, _s(t[ours]), _s(t[base]), t[ours] / t[base]))
     for key, launcher in (
         ("epoch_overhead", "`mpirun`, mpi"),
         ("epoch_overhead_horovod", "`horovodrun --gloo`"),
