@@ -200,13 +200,13 @@ def test_preemption_checkpoint_arguments_fail_at_construction(tmp_path):
 TRAIN = os.path.join(os.path.dirname(HERE), "scripts", "train.py")
 
 
-def train_args(root, report, *extra):
+def train_args(root, report, *extra, backend="mpi"):
     # 32 batches an epoch, no early stop: long enough to be signalled mid-run, and the
     # same number of epochs with or without a preemption.
     return [
         TRAIN,
         "--backend",
-        "mpi",
+        backend,
         "--checkpoint-dir",
         str(root),
         "--epochs",
@@ -239,16 +239,21 @@ def committed(root) -> bool:
 
 @pytest.mark.mpi
 @pytest.mark.slow
-def test_mpirun_kill_usr1_to_rank_1_only_saves_once_and_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("backend", ["mpi", "horovod"])
+def test_mpirun_kill_usr1_to_rank_1_only_saves_once_and_resumes_exactly(tmp_path, backend):
+    """Under mpirun with the mpi4py backend, and with Horovod's (built with MPI), as
+    slurm/train_mpi.sbatch and slurm/train_horovod.sbatch run them."""
     from multiproc import Background, mpirun, mpirun_cmd, pids_with, wait_until
 
+    if backend == "horovod":
+        pytest.importorskip("horovod.tensorflow", reason="Horovod is built by make setup")
     ref = tmp_path / "ref"
-    run = mpirun(2, train_args(ref / "root", ref / "r{rank}.json"), bound_s=240)
+    run = mpirun(2, train_args(ref / "root", ref / "r{rank}.json", backend=backend), bound_s=240)
     assert run.returncode == 0, run.output[-3000:]
     expected = reports(ref / "r{rank}.json")[0]["fingerprint"]
 
     root, report = tmp_path / "root", tmp_path / "r{rank}.json"
-    job = Background(*mpirun_cmd(2, train_args(root, report)))
+    job = Background(*mpirun_cmd(2, train_args(root, report, backend=backend)))
     wait_until(lambda: committed(root), 180, "first checkpoint", job)
     rank1 = pids_with(str(root), "OMPI_COMM_WORLD_RANK=1")
     assert len(rank1) == 1, rank1
@@ -265,7 +270,7 @@ def test_mpirun_kill_usr1_to_rank_1_only_saves_once_and_resumes_exactly(tmp_path
     assert {c.manifest.writer["rank"] for c in store.list()} == {0}
     assert r1["touched_root"] == 0
 
-    run = mpirun(2, train_args(root, report, "--resume"), bound_s=240)
+    run = mpirun(2, train_args(root, report, "--resume", backend=backend), bound_s=240)
     assert run.returncode == 0, run.output[-3000:]
     r0, r1 = reports(report)
     assert r0["resumed_step"] == step
