@@ -150,7 +150,11 @@ def main() -> int:
                 flush=True,
             )
 
-    model.fit(
+    # The stack saves and exits on a preemption signal; a resumed run continues exactly
+    # where that save was taken, mid-epoch included.
+    fk.fit_resumed(
+        model,
+        restored,
         x_train,
         y_train,
         validation_data=(x_val, y_val),
@@ -159,7 +163,6 @@ def main() -> int:
         shuffle=False,
         verbose=0,
         callbacks=[*stack, Progress()],
-        initial_epoch=restored.initial_epoch,
     )
     if rank == 0:
         summary = {

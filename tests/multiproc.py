@@ -100,6 +100,15 @@ def wait_until(condition, bound_s: float, what: str, job: Background | None = No
         time.sleep(0.1)
 
 
+def has_committed_step(root: str | os.PathLike[str]) -> bool:
+    """A committed ``step-NNNNNNNN`` folder exists under the local root (staging folders
+    carry a ``.tmp-`` suffix)."""
+    root = os.fspath(root)
+    return os.path.isdir(root) and any(
+        n.startswith("step-") and "." not in n for n in os.listdir(root)
+    )
+
+
 def pids_with(marker: str, env_item: str) -> list[int]:
     """Processes whose command line contains ``marker`` and whose environment holds
     ``env_item`` (e.g. ``OMPI_COMM_WORLD_RANK=1``)."""

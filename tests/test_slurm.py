@@ -114,7 +114,7 @@ def test_scancel_usr1_saves_once_requeues_and_resumes_exactly(slurm_env, tmp_pat
     """A USR1 warning to the batch shell (as `#SBATCH --signal=B:USR1@120` sends it) of a
     running job: every rank saves and exits 75, the job requeues itself, the second run
     resumes mid-epoch and ends with the weights of an uninterrupted run."""
-    from multiproc import mpirun, wait_until
+    from multiproc import has_committed_step, mpirun, wait_until
 
     args = "--patience 100 --samples 1024"  # 32 batches an epoch, no early stop: 6 epochs
     ref = tmp_path / "ref"
@@ -154,11 +154,7 @@ def test_scancel_usr1_saves_once_requeues_and_resumes_exactly(slurm_env, tmp_pat
     assert out.returncode == 0, out.stderr
     job = out.stdout.strip().split(";")[0]
     try:
-        wait_until(
-            lambda: any(p.name.startswith("step-") for p in root.glob("step-*[0-9]")),
-            120,
-            "first checkpoint",
-        )
+        wait_until(lambda: has_committed_step(root), 120, "first checkpoint")
         sig = subprocess.run(
             ["scancel", "--batch", "--signal=USR1", job], env=slurm_env, timeout=30
         )

@@ -739,7 +739,6 @@ class _Twin:
         import tensorflow as tf
 
         keras = _compat.keras
-        self.live = model
         if model.optimizer is not None:
             _compat.ensure_optimizer_built(model)  # a save before the first step
         with tf.device("/cpu:0"):
