@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from forge_dist import policy
+from forge_dist.errors import ConfigurationError
 
 pytestmark = pytest.mark.keras
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -210,7 +211,7 @@ def test_mode_auto_rules(monitor, mode, direction, expected):
 
 
 def test_mode_auto_refuses_to_guess():
-    with pytest.raises(policy.ConfigurationError, match="mode='min' or mode='max'"):
+    with pytest.raises(ConfigurationError, match="mode='min' or mode='max'"):
         policy.resolve_mode("val_custom", "auto")
 
 
@@ -227,7 +228,7 @@ def test_mode_auto_refuses_to_guess():
     ],
 )
 def test_early_stop_config_is_validated(kwargs):
-    with pytest.raises(policy.ConfigurationError):
+    with pytest.raises(ConfigurationError):
         policy.EarlyStopConfig(**kwargs)
 
 
@@ -236,7 +237,7 @@ def test_early_stop_config_is_validated(kwargs):
     [{"factor": 1.0}, {"factor": -0.1}, {"cooldown": -1}, {"min_lr": -1.0}, {"patience": None}],
 )
 def test_plateau_config_is_validated(kwargs):
-    with pytest.raises(policy.ConfigurationError):
+    with pytest.raises(ConfigurationError):
         policy.PlateauConfig(**kwargs)
 
 
