@@ -7,10 +7,11 @@ Heavy imports (mpi4py, TensorFlow) happen only inside the backend that needs the
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import threading
 
+from forge_dist._launch import launch_environment
+from forge_dist.comm.agree import agree
 from forge_dist.comm.base import DEFAULT_TIMEOUT_S, Communicator, LocalCommunicator
 from forge_dist.errors import ConfigurationError
 
@@ -19,15 +20,6 @@ log = logging.getLogger("forge_dist.comm")
 BACKENDS = ("auto", "local", "mpi", "tf", "horovod")
 _lock = threading.Lock()
 _current: Communicator | None = None
-
-
-def _env_world_size() -> tuple[int, str] | None:
-    """World size a launcher advertises, and which variable said so."""
-    for var in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS"):
-        v = os.environ.get(var)
-        if v and v.isdigit():
-            return int(v), var
-    return None
 
 
 def _horovod_initialised() -> bool:
@@ -40,16 +32,15 @@ def _horovod_initialised() -> bool:
 
 def detect_backend() -> tuple[str, str]:
     """``(backend, reason)`` for ``"auto"``."""
-    if os.environ.get("HOROVOD_RANK") is not None and os.environ.get("HOROVOD_SIZE"):
-        return "horovod", f"HOROVOD_RANK={os.environ['HOROVOD_RANK']} (started by horovodrun)"
+    launch = launch_environment()
+    if launch.launcher == "horovodrun":
+        return "horovod", f"HOROVOD_RANK={launch.rank} (started by horovodrun)"
     if _horovod_initialised():
         return "horovod", "horovod.tensorflow is imported and initialised"
-    env = _env_world_size()
-    if env is not None and env[0] > 1:
-        return "mpi", f"{env[1]}={env[0]} (started by an MPI launcher)"
-    slurm = os.environ.get("SLURM_NTASKS")
-    if slurm and slurm.isdigit() and int(slurm) > 1 and "SLURM_PROCID" in os.environ:
-        return "mpi", f"SLURM_NTASKS={slurm} (a SLURM step with several tasks)"
+    if launch.launcher == "mpi" and launch.size > 1:
+        return "mpi", f"{launch.variable}={launch.size} (started by an MPI launcher)"
+    if launch.launcher == "slurm" and launch.size > 1:
+        return "mpi", f"SLURM_NTASKS={launch.size} (a SLURM step with several tasks)"
     tf = sys.modules.get("tensorflow")
     if tf is not None:
         try:
@@ -68,10 +59,10 @@ def _create(backend: str, timeout: float | None) -> Communicator:
         from forge_dist.comm.mpi import MPICommunicator
 
         comm = MPICommunicator(timeout)
-        slurm = os.environ.get("SLURM_NTASKS")
-        if comm.size == 1 and slurm and slurm.isdigit() and int(slurm) > 1:
+        launch = launch_environment()
+        if comm.size == 1 and launch.launcher == "slurm" and launch.size > 1:
             raise ConfigurationError(
-                f"SLURM started {slurm} tasks but MPI sees a world of 1: each task is an "
+                f"SLURM started {launch.size} tasks but MPI sees a world of 1: each task is an "
                 "MPI singleton. Launch with `srun --mpi=pmix` or `mpirun` inside the "
                 "allocation."
             )
@@ -118,6 +109,7 @@ def set_communicator(comm: Communicator | None) -> None:
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
+    "agree",
     "Communicator",
     "LocalCommunicator",
     "detect_backend",

@@ -61,9 +61,33 @@ def reduce_rows(rows: Sequence[Any], op: str) -> Any:
 
 
 class Communicator(ABC):
-    """Rank, size and deadline-bounded collectives. Same calls, same order, on every rank."""
+    """Rank, size and deadline-bounded collectives. Same calls, same order, on every rank.
+
+    What a backend can do is declared here, as class attributes that code above the
+    communicator asks instead of comparing backend names:
+
+    ``multi_worker``
+        The ranks are the workers of one ``tf.distribute`` strategy: training itself is
+        a collective of the strategy (MultiWorkerMirroredStrategy).
+    ``collective_saves``
+        Reading the model's variables may need every rank (MWMS): every rank takes part
+        in a save, the non-chief ones into a scratch folder.
+    ``averages_gradients``
+        The strategy averages gradients itself; ``DistributedOptimizer`` adds nothing.
+    ``shares_initial_state``
+        Every replica's variables are created from the chief's, so there is nothing to
+        broadcast at train begin.
+    ``in_graph_allreduce``
+        :meth:`graph_allreduce_mean` averages a tensor with an op inside the compiled
+        training step (no host round trip).
+    """
 
     backend: str = "?"
+    multi_worker: bool = False
+    collective_saves: bool = False
+    averages_gradients: bool = False
+    shares_initial_state: bool = False
+    in_graph_allreduce: bool = False
 
     def __init__(self, timeout: float | None = None) -> None:
         self.timeout = resolve_timeout(timeout)
@@ -100,6 +124,11 @@ class Communicator(ABC):
 
     def all(self, flag: bool, name: str = "all") -> bool:
         return bool(self.allreduce([1.0 if flag else 0.0], op="min", name=name)[0] > 0.5)
+
+    def graph_allreduce_mean(self, tensor: Any, compression: str = "none") -> Any:
+        """The mean of ``tensor`` across ranks as a TensorFlow op (only where
+        ``in_graph_allreduce`` is declared)."""
+        raise NotImplementedError(f"the {self.backend!r} communicator has no in-graph all-reduce")
 
     def describe(self) -> str:
         return f"{self.backend} rank {self.rank} of {self.size}"

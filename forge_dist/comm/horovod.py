@@ -31,6 +31,7 @@ def _tf_name(name: str, seq: int) -> str:
 
 class HorovodCommunicator(Communicator):
     backend = "horovod"
+    in_graph_allreduce = True
 
     def __init__(self, timeout: float | None = None) -> None:
         super().__init__(timeout)
@@ -81,6 +82,12 @@ class HorovodCommunicator(Communicator):
                 )
                 log.error(msg)
                 raise CollectiveTimeoutError(msg, name) from e
+
+    def graph_allreduce_mean(self, tensor: Any, compression: str = "none") -> Any:
+        """Horovod's all-reduce as a TF op inside the compiled step (fp16 optional)."""
+        hvd = self._hvd
+        comp = hvd.Compression.fp16 if compression == "fp16" else hvd.Compression.none
+        return hvd.allreduce(tensor, op=hvd.Average, compression=comp, name="forge_dist_gradients")
 
     def allreduce(self, values: Any, op: str = "mean", name: str = "allreduce") -> Any:
         import numpy as np

@@ -28,8 +28,8 @@ class TFStrategyCommunicator(LocalCommunicator):
     """MirroredStrategy in one process."""
 
     backend = "tf"
-    multi_worker = False
-    collective_saves = False
+    averages_gradients = True
+    shares_initial_state = True
 
     def __init__(self, timeout: float | None = None, strategy: Any = None) -> None:
         super().__init__(timeout)
@@ -54,6 +54,8 @@ class MultiWorkerCommunicator(Communicator):
     backend = "tf"
     multi_worker = True
     collective_saves = True
+    averages_gradients = True
+    shares_initial_state = True
 
     def __init__(self, timeout: float | None = None, strategy: Any = None) -> None:
         super().__init__(timeout)

@@ -1,0 +1,56 @@
+"""What the launcher says about this process: its rank and the job's size, read from the
+environment that ``mpirun``, ``horovodrun``, ``srun`` or Hydra set (no heavy imports).
+
+The one place that knows these variables: the communicators' auto-detection and the
+store's default writer record both ask here.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+#: (launcher, rank variable, size variable), in the order they are believed.
+_LAUNCHERS = (
+    ("horovodrun", "HOROVOD_RANK", "HOROVOD_SIZE"),
+    ("mpi", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),  # Open MPI
+    ("mpi", "PMI_RANK", "PMI_SIZE"),  # MPICH / Intel MPI (Hydra)
+    ("mpi", "PMIX_RANK", "PMIX_SIZE"),  # PMIx launchers
+    ("mpi", "", "MPI_LOCALNRANKS"),  # MPICH's local count: a size, no rank
+    ("slurm", "SLURM_PROCID", "SLURM_NTASKS"),  # one srun/sbatch step
+)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """``launcher`` is ``"horovodrun"``, ``"mpi"``, ``"slurm"`` or None (started alone);
+    ``variable`` names what said so."""
+
+    launcher: str | None
+    rank: int
+    size: int
+    variable: str = ""
+
+
+def _int(env: Mapping[str, str], name: str) -> int | None:
+    text = env.get(name, "") if name else ""
+    return int(text) if text.strip().isdigit() else None
+
+
+def launch_environment(env: Mapping[str, str] | None = None) -> Launch:
+    """The first launcher whose size variable is set (a world of one counts only when
+    nothing else is set)."""
+    env = os.environ if env is None else env
+    found: Launch | None = None
+    for launcher, rank_var, size_var in _LAUNCHERS:
+        size = _int(env, size_var)
+        if size is None:
+            continue
+        if launcher in ("horovodrun", "slurm") and rank_var not in env:
+            continue  # e.g. SLURM_NTASKS alone: an allocation, not a task of a step
+        here = Launch(launcher, _int(env, rank_var) or 0, size, size_var)
+        if size > 1 or launcher == "horovodrun":
+            return here
+        found = found or here
+    return found or Launch(None, 0, 1)
