@@ -281,7 +281,7 @@ def test_an_unreadable_root_is_exit_2(tmp_path, monkeypatch, capsys):
         else:
             # root reads everything and nobody cannot reach this venv: inject the EACCES
             # that a real permission check would raise.
-            import forge_dist.storage.backends as b
+            import forge_dist.storage.backends.posix as b
 
             def denied(path):
                 raise PermissionError(13, "Permission denied", str(path))

@@ -14,7 +14,7 @@ from forge_dist.errors import (
     StorageError,
 )
 from forge_dist.storage import MANIFEST_NAME, CheckpointStore
-from forge_dist.storage import backends as backends_mod
+from forge_dist.storage.backends import posix as backends_mod
 
 
 def commit(store, step, files):

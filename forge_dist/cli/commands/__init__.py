@@ -1,0 +1,9 @@
+"""One module per ``forge-dist`` command; each ``cmd_*`` takes the parsed arguments and
+returns the exit code."""
+
+from forge_dist.cli.commands.gc import cmd_gc
+from forge_dist.cli.commands.ls import cmd_ls
+from forge_dist.cli.commands.put import cmd_put
+from forge_dist.cli.commands.verify import cmd_verify
+
+__all__ = ["cmd_gc", "cmd_ls", "cmd_put", "cmd_verify"]

@@ -1,0 +1,120 @@
+"""The interface every commit protocol implements, and who owns a staging folder.
+
+Both protocols speak in names relative to the root (``"step-00000012"``) and in
+``/``-separated relative file paths already checked by ``validate_relpath``.
+See docs/DESIGN.md, "Commit protocols".
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import BinaryIO
+
+
+@dataclass(frozen=True)
+class FileStat:
+    size: int
+    symlink: bool = False  # the file, or a folder on its way, is a symbolic link
+    regular: bool = True
+
+
+class Sink(ABC):
+    """A file being written: ``write`` bytes, then ``close`` makes it durable."""
+
+    @abstractmethod
+    def write(self, data: bytes | memoryview) -> None: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    @abstractmethod
+    def discard(self) -> None: ...
+
+
+def writer_id() -> str:
+    """``<host>.<pid>.<random>``: names a staging folder and tells gc who owns it."""
+    host = "".join(c if c.isalnum() or c == "-" else "-" for c in socket.gethostname())[:60]
+    return f"{host or 'host'}.{os.getpid()}.{secrets.token_hex(4)}"
+
+
+def owner_is_dead(ident: str) -> bool:
+    """True only when the staging's writer ran on this host and its pid is gone."""
+    parts = ident.rsplit(".", 2)
+    if len(parts) != 3:
+        return False
+    host, pid_text, _ = parts
+    here = writer_id().rsplit(".", 2)[0]
+    if host != here or not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+class Backend(ABC):
+    """What the store needs from a filesystem; one subclass per commit protocol."""
+
+    display: str  # redacted URL of the root, for messages
+    rename_commit: bool
+
+    @abstractmethod
+    def check_root(self) -> None:
+        """Raise StorageError if the root cannot be read (missing, a file, no permission)."""
+
+    @abstractmethod
+    def list_root(self) -> list[tuple[str, bool]]:
+        """``(name, is_dir)`` for every entry directly under the root."""
+
+    @abstractmethod
+    def read_manifest(self, name: str) -> bytes | None:
+        """Manifest bytes of ``name``, or None if it has none. Bounded in size."""
+
+    @abstractmethod
+    def stat(self, name: str, rel: str) -> FileStat | None:
+        """Stat a file inside checkpoint ``name`` without following links; None if absent."""
+
+    @abstractmethod
+    def walk(self, name: str) -> dict[str, FileStat]:
+        """Every file under ``name`` (links not followed), the top manifest excluded."""
+
+    @abstractmethod
+    def open_read(self, name: str, rel: str) -> BinaryIO: ...
+
+    @abstractmethod
+    def newest_mtime(self, name: str) -> float | None:
+        """Newest modification time of anything under ``name`` (epoch seconds)."""
+
+    # -- writing -------------------------------------------------------------
+    @abstractmethod
+    def begin(self, step: int, replace: bool) -> str:
+        """Prepare a place to write ``step``; return its name (the staging)."""
+
+    @abstractmethod
+    def open_write(self, staging: str, rel: str) -> Sink: ...
+
+    @abstractmethod
+    def commit(self, staging: str, step: int, manifest: bytes, replace: bool) -> None:
+        """Write the manifest and make ``step`` committed, atomically."""
+
+    @abstractmethod
+    def abort(self, staging: str) -> None:
+        """Remove a staging that will never commit. Never raises."""
+
+    @abstractmethod
+    def delete_committed(self, name: str) -> None:
+        """Uncommit ``name`` in one atomic operation, then remove its files."""
+
+    @abstractmethod
+    def remove_uncommitted(self, name: str) -> None:
+        """Remove a staging (or an uncommitted prefix)."""

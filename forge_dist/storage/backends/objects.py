@@ -1,0 +1,205 @@
+"""The manifest-last commit, for object stores (s3, gs, az, memory, ...).
+
+Rename is copy+delete there, so the payload goes straight under ``step-N/`` and
+``manifest.json`` is written last as one single-object PUT; a prefix without a
+manifest is uncommitted. A delete removes the manifest first (one atomic uncommit).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import IO, Any, BinaryIO
+
+from forge_dist.errors import CheckpointExistsError, ManifestError, StorageError
+from forge_dist.storage import _faults
+from forge_dist.storage._errors import storage_errors
+from forge_dist.storage.backends.base import Backend, FileStat, Sink
+from forge_dist.storage.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, step_dirname
+
+
+class _FsspecSink(Sink):
+    def __init__(self, fs: Any, path: str) -> None:
+        self.fs = fs
+        self.path = path
+        self.f: IO[bytes] | None = fs.open(path, "wb")
+
+    def write(self, data: bytes | memoryview) -> None:
+        assert self.f is not None
+        self.f.write(bytes(data) if isinstance(data, memoryview) else data)
+
+    def close(self) -> None:
+        if self.f is not None:
+            f, self.f = self.f, None
+            f.close()
+
+    def discard(self) -> None:
+        if self.f is not None:
+            f, self.f = self.f, None
+            try:
+                if hasattr(f, "discard"):
+                    f.discard()
+                else:
+                    f.close()
+            except Exception:
+                pass
+
+
+def _mtime(info: dict[str, Any]) -> float | None:
+    for key in ("LastModified", "mtime", "updated", "created", "last_modified"):
+        v = info.get(key)
+        if v is None:
+            continue
+        if hasattr(v, "timestamp"):
+            return float(v.timestamp())
+        if isinstance(v, (int, float)):
+            return float(v)
+        if isinstance(v, str):
+            from datetime import datetime
+
+            try:
+                return datetime.fromisoformat(v.replace("Z", "+00:00")).timestamp()
+            except ValueError:
+                continue
+    return None
+
+
+class ObjectBackend(Backend):
+    rename_commit = False
+
+    def __init__(self, fs: Any, root: str, display: str) -> None:
+        self.fs = fs
+        self.root = root.rstrip("/")
+        self.display = display
+        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+        self.bucketed = protocol in ("s3", "s3a", "gs", "gcs", "az", "abfs", "adl", "oss")
+
+    def _p(self, name: str, rel: str = "") -> str:
+        return f"{self.root}/{name}/{rel}" if rel else f"{self.root}/{name}"
+
+    def _fresh(self, path: str | None = None) -> None:
+        with contextlib.suppress(Exception):
+            self.fs.invalidate_cache(path)
+
+    def check_root(self) -> None:
+        self.list_root()
+
+    def list_root(self) -> list[tuple[str, bool]]:
+        self._fresh()
+        with storage_errors(f"cannot list checkpoint root {self.display}"):
+            try:
+                entries = self.fs.ls(self.root, detail=True)
+            except FileNotFoundError:
+                if self.bucketed:
+                    bucket = self.root.split("/", 1)[0]
+                    if not self.fs.exists(bucket):
+                        raise StorageError(
+                            f"bucket {bucket!r} of {self.display} does not exist"
+                        ) from None
+                return []
+        out = []
+        for e in entries:
+            name = e["name"].rstrip("/").rsplit("/", 1)[-1]
+            if e["name"].rstrip("/") == self.root:
+                if e.get("type") == "file":
+                    raise StorageError(f"checkpoint root {self.display} is a file")
+                continue
+            out.append((name, e.get("type") == "directory"))
+        return out
+
+    def read_manifest(self, name: str) -> bytes | None:
+        path = self._p(name, MANIFEST_NAME)
+        with storage_errors(f"cannot read {name}/{MANIFEST_NAME}"):
+            try:
+                info = self.fs.info(path)
+            except FileNotFoundError:
+                return None
+            if info.get("type") != "file":
+                return None
+            if (info.get("size") or 0) > MAX_MANIFEST_BYTES:
+                raise ManifestError(f"{MANIFEST_NAME} is larger than {MAX_MANIFEST_BYTES} bytes")
+            return bytes(self.fs.cat_file(path))
+
+    def stat(self, name: str, rel: str) -> FileStat | None:
+        with storage_errors(f"cannot stat {name}/{rel}"):
+            try:
+                info = self.fs.info(self._p(name, rel))
+            except FileNotFoundError:
+                return None
+        if info.get("type") != "file":
+            return FileStat(0, regular=False)
+        return FileStat(int(info.get("size") or 0))
+
+    def _find(self, name: str) -> dict[str, dict[str, Any]]:
+        base = self._p(name)
+        self._fresh(base)
+        with storage_errors(f"cannot list {name}"):
+            try:
+                return dict(self.fs.find(base, detail=True))
+            except FileNotFoundError:
+                return {}
+
+    def walk(self, name: str) -> dict[str, FileStat]:
+        base = self._p(name)
+        out = {}
+        for path, info in self._find(name).items():
+            rel = path[len(base) + 1 :] if path.startswith(base + "/") else path
+            if rel == MANIFEST_NAME or info.get("type") != "file":
+                continue
+            out[rel] = FileStat(int(info.get("size") or 0))
+        return out
+
+    def open_read(self, name: str, rel: str) -> BinaryIO:
+        with storage_errors(f"cannot open {name}/{rel}"):
+            return self.fs.open(self._p(name, rel), "rb")
+
+    def newest_mtime(self, name: str) -> float | None:
+        times = [t for info in self._find(name).values() if (t := _mtime(info)) is not None]
+        return max(times) if times else None
+
+    def begin(self, step: int, replace: bool) -> str:
+        name = step_dirname(step)
+        self.list_root()  # fails clearly on a missing bucket or unreachable endpoint
+        existing = self.read_manifest(name)
+        if existing is not None:
+            if not replace:
+                raise CheckpointExistsError(
+                    f"{name} is already committed in {self.display}; "
+                    "pass replace=True to overwrite it"
+                )
+            self.delete_committed(name)
+        elif self.walk(name):
+            # An uncommitted prefix left by a writer that died: this step is ours now.
+            self.remove_uncommitted(name)
+        return name
+
+    def open_write(self, staging: str, rel: str) -> Sink:
+        with storage_errors(f"cannot create {rel} in {staging}"):
+            return _FsspecSink(self.fs, self._p(staging, rel))
+
+    def commit(self, staging: str, step: int, manifest: bytes, replace: bool) -> None:
+        _faults.point("before-manifest")
+        with storage_errors(f"cannot write the manifest of {staging}"):
+            self.fs.pipe_file(self._p(staging, MANIFEST_NAME), manifest)
+        self._fresh()
+        _faults.point("manifest-written")
+        _faults.point("committed")
+
+    def abort(self, staging: str) -> None:
+        with contextlib.suppress(Exception):
+            self.remove_uncommitted(staging)
+
+    def delete_committed(self, name: str) -> None:
+        with storage_errors(f"cannot delete {name}"):
+            self.fs.rm_file(self._p(name, MANIFEST_NAME))
+        self._fresh()
+        _faults.point(f"deleted:{name}")
+        self.remove_uncommitted(name)
+
+    def remove_uncommitted(self, name: str) -> None:
+        files = list(self.walk(name))
+        with storage_errors(f"cannot remove {name}"):
+            if files:
+                self.fs.rm([self._p(name, rel) for rel in files])
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm(self._p(name), recursive=True)
+        self._fresh()

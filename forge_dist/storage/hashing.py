@@ -1,0 +1,78 @@
+"""Reading, copying and hashing in chunks: every byte the store moves is hashed once,
+on the way (sha256)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import IO, Any
+
+CHUNK = 4 * 1024 * 1024
+#: Writes larger than this are hashed on a helper thread while they are written.
+PIPELINE_MIN = 4 * CHUNK
+
+Progress = Callable[[int], None]
+
+
+def default_workers(n_items: int) -> int:
+    """Threads for ``n_items`` files: one a file, at most the cores, at most 8."""
+    return max(1, min(n_items, os.cpu_count() or 1, 8))
+
+
+def read_chunks(f: IO[bytes], chunk: int = CHUNK) -> Iterator[bytes | memoryview]:
+    """Everything left in ``f``, in chunks (one reused buffer where ``readinto`` exists:
+    each chunk is only valid until the next one is read)."""
+    readinto = getattr(f, "readinto", None)
+    if readinto is None:
+        while data := f.read(chunk):
+            yield data
+        return
+    view = memoryview(bytearray(chunk))
+    while n := readinto(view):
+        yield view[:n]
+
+
+def copy_hashed(
+    src: IO[bytes],
+    write: Callable[[Any], Any] | None = None,
+    progress: Progress | None = None,
+) -> tuple[int, str]:
+    """``(size, sha256 hex)`` of everything left in ``src``, each chunk also handed to
+    ``write`` (a sink's or a file's) when given."""
+    h = hashlib.sha256()
+    size = 0
+    for block in read_chunks(src):
+        h.update(block)
+        if write is not None:
+            write(block)
+        size += len(block)
+        if progress:
+            progress(len(block))
+    return size, h.hexdigest()
+
+
+def hash_stream(f: IO[bytes], progress: Progress | None = None) -> tuple[int, str]:
+    """``(size, sha256 hex)`` of everything left in ``f``."""
+    return copy_hashed(f, None, progress)
+
+
+def write_hashed(view: memoryview, write: Callable[[Any], Any], h: Any) -> None:
+    """Write ``view`` and add it to the hash ``h``. A large one is cut into chunks and
+    chunk k is hashed on a helper thread while chunk k is written: for serializers that
+    hand over hundreds of MB in one call, the hash then costs almost no extra time."""
+    if len(view) <= PIPELINE_MIN:
+        write(view)
+        h.update(view)
+        return
+    pending = []
+    with ThreadPoolExecutor(1, thread_name_prefix="forge-dist-hash") as pool:
+        try:
+            for start in range(0, len(view), CHUNK):
+                chunk = view[start : start + CHUNK]
+                pending.append(pool.submit(h.update, chunk))
+                write(chunk)
+        finally:
+            for f in pending:
+                f.result()

@@ -1,0 +1,94 @@
+"""Deleting what is no longer needed: retention of committed steps (the rule is
+:func:`forge_dist.policy.decide_retention`), and removal of staging left by writers
+that died. Only committed steps count; corrupt ones are neither counted nor deleted
+(``verify`` reports them for a person to look at)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from forge_dist.errors import ConfigurationError, StorageError
+from forge_dist.policy import decide_retention
+from forge_dist.storage import _faults
+from forge_dist.storage.types import GcReport, StagingInfo
+
+if TYPE_CHECKING:
+    from forge_dist.storage.store import CheckpointStore
+
+log = logging.getLogger("forge_dist.storage")
+
+#: Staging unchanged this long (seconds) may belong to a dead writer on another host.
+DEFAULT_GRACE_S = 3600.0
+
+
+def apply_retention(
+    store: CheckpointStore,
+    *,
+    keep_last: int | None = None,
+    keep_best: int | None = None,
+    monitor: str | None = None,
+    mode: str = "min",
+    dry_run: bool = False,
+) -> tuple[list[int], list[int]]:
+    """Delete committed steps beyond keep-last N / keep-best K; return (kept, deleted).
+    The newest committed step is always kept."""
+    if keep_best is not None and not monitor:
+        raise ConfigurationError("keep_best needs monitor= (the metric to rank steps by)")
+    infos = [c for c in store.list() if c.readable]
+    metrics = {c.step: c.metrics.get(monitor) for c in infos} if monitor else None
+    decision = decide_retention(
+        [c.step for c in infos], metrics, keep_last=keep_last, keep_best=keep_best, mode=mode
+    )
+    for step in decision.delete:
+        if not dry_run:
+            _faults.point(f"retention-delete:{step}")
+            store.delete(step)
+    return list(decision.keep), list(decision.delete)
+
+
+def remove_staging(
+    store: CheckpointStore, stale: Callable[[StagingInfo], bool], dry_run: bool
+) -> tuple[list[str], list[str]]:
+    """Remove interrupted deletes, staging of dead local writers, and what ``stale``
+    says; return (removed, kept). A live writer's staging is never removed."""
+    removed: list[str] = []
+    kept: list[str] = []
+    for st in store.list_staging():
+        if not (st.kind == "del" or st.owner_dead or stale(st)):
+            kept.append(st.name)
+            continue
+        if not dry_run:
+            try:
+                store.remove_staging(st.name)
+            except StorageError as e:
+                log.warning("could not remove %s: %s", st.name, e)
+                kept.append(st.name)
+                continue
+        removed.append(st.name)
+    return removed, kept
+
+
+def gc(
+    store: CheckpointStore,
+    *,
+    keep_last: int | None = None,
+    keep_best: int | None = None,
+    monitor: str | None = None,
+    mode: str = "min",
+    grace_s: float = DEFAULT_GRACE_S,
+    dry_run: bool = False,
+) -> GcReport:
+    """Apply retention, then remove staging that is an interrupted delete, whose writer
+    ran on this host and is gone, or in which nothing changed for ``grace_s`` seconds."""
+    if grace_s < 0:
+        raise ConfigurationError(f"grace_s must be >= 0, got {grace_s}")
+    report = GcReport(dry_run=dry_run)
+    report.kept_steps, report.deleted_steps = apply_retention(
+        store, keep_last=keep_last, keep_best=keep_best, monitor=monitor, mode=mode, dry_run=dry_run
+    )
+    report.removed_staging, report.kept_staging = remove_staging(
+        store, lambda st: st.age_s is None or st.age_s > grace_s, dry_run
+    )
+    return report
