@@ -106,7 +106,7 @@ def test_the_saved_weights_are_the_save_points_even_though_training_went_on(tmp_
     fit(model, [rec, ckpt])
     store = CheckpointStore(str(tmp_path))
     assert store.steps() == [8, 16, 24]  # on_train_end waited for the last commit
-    assert ckpt._background is not None and not ckpt._background.busy
+    assert ckpt.async_checkpointer is not None and not ckpt.async_checkpointer.busy
     loaded = keras.models.load_model(str(tmp_path / "step-00000008" / "model.keras"))
     saved = loaded.get_weights()
     assert _compat.weights_fingerprint(saved) == _compat.weights_fingerprint(rec.weights[0])

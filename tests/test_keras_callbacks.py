@@ -276,7 +276,7 @@ def test_consistency_guard_catches_a_silent_desync(on_mismatch):
         guard = fk.ConsistencyGuard(on_mismatch=on_mismatch, communicator=comm)
         guard.set_model(model)
         guard.on_epoch_end(0, {})
-        return guard.mismatches, fk.callbacks._compat.weights_fingerprint(model.get_weights())
+        return guard.mismatches, fk._compat.weights_fingerprint(model.get_weights())
 
     results = run_ranks(2, rank_fn, timeout=30)
     if on_mismatch == "raise":

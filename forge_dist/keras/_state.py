@@ -1,9 +1,17 @@
-"""Per-model bookkeeping shared by forge_dist's callbacks.
+"""The callback-state protocol, and the per-model bookkeeping behind it.
 
-Keras never shows a callback the other callbacks of a fit, so each stateful forge_dist
-callback registers itself on its model; :class:`ChiefModelCheckpoint` collects their
-state into the manifest, and :func:`restore_latest` leaves restored state here for them
-to pick up in ``on_train_begin``.
+Every forge_dist callback has a registered name (its ``state_key``, made unique per
+model: ``"early_stopping"``, ``"early_stopping#2"``, ...), ``get_state()`` returning a
+JSON-able dict (or None when it keeps no state) and ``set_state(state, weights)``.
+
+Keras never shows a callback the other callbacks of a fit, so each callback registers
+itself on its model. :class:`~forge_dist.keras.ChiefModelCheckpoint` stores
+``{name: get_state()}`` in the manifest; :func:`~forge_dist.keras.restore_latest`
+leaves each name's state here, and the callback takes it back in ``on_train_begin``.
+
+A state may ask for the weights of an earlier epoch (``EarlyStopping``'s best weights)
+by holding :data:`WEIGHTS_OF_EPOCH`; the restore loads them from the checkpoint of that
+epoch and hands them to ``set_state``. Nothing outside a callback knows its keys.
 """
 
 from __future__ import annotations
@@ -14,11 +22,22 @@ from typing import Any
 
 _ATTR = "_forge_dist_registry"
 
+#: In a callback's state: the epoch (0-based) whose end-of-epoch weights it needs back.
+WEIGHTS_OF_EPOCH = "weights_of_epoch"
+
+
+@dataclass
+class Restored:
+    """What a callback gets back: its state, and the weights it asked for (or None)."""
+
+    state: dict[str, Any]
+    weights: list[Any] | None = None
+
 
 @dataclass
 class Registry:
     callbacks: list[weakref.ref] = field(default_factory=list)
-    pending: dict[str, Any] = field(default_factory=dict)  # state restored from a checkpoint
+    pending: dict[str, Restored] = field(default_factory=dict)  # restored, not yet taken
     restored_epoch: int | None = None
     # Set by fit_resumed around the fit that finishes an interrupted epoch:
     batch_offset: int = 0  # batches of this epoch done before this fit began
@@ -35,28 +54,34 @@ def registry(model: Any) -> Registry:
 
 
 def register(model: Any, callback: Any) -> str:
-    """Register ``callback`` on ``model``; return its unique state key."""
+    """Register ``callback`` on ``model``; return its unique name."""
     reg = registry(model)
     alive = [r for r in reg.callbacks if r() is not None and r() is not callback]
-    base = callback.state_key
-    taken = {r().state_key_unique for r in alive if hasattr(r(), "state_key_unique")}
-    key, n = base, 1
+    taken = {getattr(r(), "state_name", None) for r in alive}
+    key, n = callback.state_key, 1
     while key in taken:
         n += 1
-        key = f"{base}#{n}"
+        key = f"{callback.state_key}#{n}"
     alive.append(weakref.ref(callback))
     reg.callbacks = alive
     return key
 
 
 def collect_state(model: Any) -> dict[str, Any]:
+    """``{name: state}`` of every registered callback that keeps state."""
     out: dict[str, Any] = {}
     for ref in registry(model).callbacks:
         cb = ref()
-        if cb is not None and hasattr(cb, "get_state"):
-            out[cb.state_key_unique] = cb.get_state()
+        if cb is not None and (state := cb.get_state()) is not None:
+            out[cb.state_name] = state
     return out
 
 
-def take_pending(model: Any, key: str) -> Any:
-    return registry(model).pending.pop(key, None)
+def set_pending(model: Any, states: dict[str, Restored], epoch: int | None) -> None:
+    reg = registry(model)
+    reg.pending = dict(states)
+    reg.restored_epoch = epoch
+
+
+def take_pending(model: Any, name: str) -> Restored | None:
+    return registry(model).pending.pop(name, None)

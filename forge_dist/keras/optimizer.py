@@ -9,6 +9,7 @@ splits it back: one collective per step, not one per variable.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -16,24 +17,13 @@ import numpy as np
 from forge_dist.comm import Communicator, get_communicator
 from forge_dist.errors import ConfigurationError
 from forge_dist.keras import _compat
+from forge_dist.keras.callbacks.base import check_keras_supports
 
 
 def _average_fn(comm: Communicator) -> Any:
     def average(flat: np.ndarray) -> np.ndarray:
         out = comm.allreduce(flat, op="mean", name="DistributedOptimizer(gradients)")
         return out.astype(np.float32)
-
-    return average
-
-
-def _in_graph_average(comm: Communicator, compression: str) -> Any:
-    """Horovod's all-reduce as a TF op inside the compiled step (no host round trip)."""
-    import horovod.tensorflow as hvd
-
-    comp = hvd.Compression.fp16 if compression == "fp16" else hvd.Compression.none
-
-    def average(flat: Any) -> Any:
-        return hvd.allreduce(flat, op=hvd.Average, compression=comp, name="forge_dist_gradients")
 
     return average
 
@@ -69,18 +59,21 @@ def DistributedOptimizer(  # noqa: N802
     """A copy of ``optimizer`` (same class and config) that averages gradients across
     ranks before applying them. With a single rank it is the plain optimizer.
 
-    With the ``horovod`` communicator the average is Horovod's all-reduce op inside the
-    compiled step; otherwise one host call per step through the communicator.
+    Where the communicator has an in-graph all-reduce (Horovod's) the average is an op
+    inside the compiled step; otherwise one host call per step through the communicator.
     ``compression="fp16"`` sends gradients as float16 (Horovod's fp16 compression)."""
     comm = communicator if communicator is not None else get_communicator("auto")
-    from forge_dist.keras.callbacks import check_keras_supports
-
     check_keras_supports(comm)
-    if comm.backend == "tf":
+    if comm.averages_gradients:
         return optimizer  # the tf.distribute strategy averages gradients itself
     if compression not in ("none", "fp16"):
         raise ConfigurationError(f"compression must be 'none' or 'fp16', got {compression!r}")
-    in_graph = _in_graph_average(comm, compression) if comm.backend == "horovod" else None
+    in_graph = (
+        functools.partial(comm.graph_allreduce_mean, compression=compression)
+        if comm.in_graph_allreduce
+        else None
+    )
+
     base = type(optimizer)
     if getattr(base, "_forge_dist_wrapped", False):
         raise ConfigurationError("this optimizer is already a DistributedOptimizer")

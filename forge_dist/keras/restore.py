@@ -15,11 +15,12 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
-from forge_dist.comm import Communicator, get_communicator
-from forge_dist.errors import ConfigurationError, ForgeDistError
+from forge_dist.comm import Communicator, agree, get_communicator
+from forge_dist.errors import ConfigurationError
 from forge_dist.keras import _compat
-from forge_dist.keras._state import registry
-from forge_dist.keras.callbacks import assign_optimizer_variables
+from forge_dist.keras._state import WEIGHTS_OF_EPOCH, Restored, registry, set_pending
+from forge_dist.keras.callbacks.broadcast import assign_optimizer_variables, optimizer_values
+from forge_dist.keras.saving import MODEL_FILE, WEIGHTS_FILE
 
 log = logging.getLogger("forge_dist.keras")
 
@@ -36,41 +37,52 @@ class RestoreResult:
 
 
 def _load_payload(path: str, weights_only: bool, model: Any, custom_objects: Any) -> tuple:
+    """``(weights, optimizer values)`` from a saved file; a weights file is loaded into
+    ``model`` itself, a ``.keras`` archive into a new model."""
     if weights_only:
         if model.optimizer is not None:
             _compat.ensure_optimizer_built(model)  # so saved optimizer variables load too
         model.load_weights(path)
-        opt_values = None
-        if model.optimizer is not None:
-            opt_values = [_compat.to_numpy(v) for v in _compat.optimizer_variables(model.optimizer)]
-        return model.get_weights(), opt_values
-    keras = _compat.keras
-    loaded = keras.models.load_model(path, custom_objects=custom_objects, compile=True)
-    opt = getattr(loaded, "optimizer", None)
-    opt_values = None
-    if opt is not None and _compat.optimizer_variables(opt):
-        opt_values = [_compat.to_numpy(v) for v in _compat.optimizer_variables(opt)]
-    return loaded.get_weights(), opt_values
+        return model.get_weights(), optimizer_values(model) if model.optimizer else None
+    loaded = _compat.keras.models.load_model(path, custom_objects=custom_objects, compile=True)
+    opt_values = optimizer_values(loaded) if getattr(loaded, "optimizer", None) else []
+    return loaded.get_weights(), opt_values or None
 
 
 def _fetch(store: Any, step: int, model: Any, custom_objects: Any) -> tuple:
+    """Download ``step`` (verified while copied) to local scratch and load it."""
     scratch = tempfile.mkdtemp(prefix="forge-dist-restore-")
     try:
         dest = store.download(step, os.path.join(scratch, "ckpt"))
-        if os.path.exists(os.path.join(dest, "model.keras")):
-            return _load_payload(os.path.join(dest, "model.keras"), False, model, custom_objects)
-        if os.path.exists(os.path.join(dest, "model.weights.h5")):
-            return _load_payload(
-                os.path.join(dest, "model.weights.h5"), True, model, custom_objects
-            )
-        raise ConfigurationError(f"step {step} holds neither model.keras nor model.weights.h5")
+        for name, weights_only in ((MODEL_FILE, False), (WEIGHTS_FILE, True)):
+            if os.path.exists(os.path.join(dest, name)):
+                return _load_payload(os.path.join(dest, name), weights_only, model, custom_objects)
+        raise ConfigurationError(f"step {step} holds neither {MODEL_FILE} nor {WEIGHTS_FILE}")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _weights_of_epoch(
+    store: Any, infos: list[Any], epoch: int, chosen: Any, weights: Any, fetch: Any, verify: str
+) -> Any:
+    """Weights at the end of ``epoch``: the restored step's own when it is that epoch's
+    end, else those of an intact checkpoint taken at that epoch's end, else None."""
+    if epoch == chosen.state.get("epoch"):
+        return weights
+    match = [
+        c
+        for c in infos
+        if c.readable and c.state.get("epoch") == epoch and c.state.get("epoch_done")
+    ]
+    if match and store.is_intact(match[-1], verify):
+        return fetch(match[-1].step)[0]
+    return None
 
 
 def _chief_restore(
     directory: str, storage_options: Any, verify: str, model: Any, custom_objects: Any
 ) -> Any:
+    """Chief: load the newest intact step; None when there is none."""
     from forge_dist.storage import CheckpointStore
 
     store = CheckpointStore(directory, storage_options)
@@ -80,39 +92,55 @@ def _chief_restore(
     skipped: list[str] = []
     chosen = None
     for info in reversed(infos):
-        if store._usable(info, verify):
+        if store.is_intact(info, verify):
             chosen = info
             break
         skipped.append(info.name)
     if chosen is None:
         return None
     state = dict(chosen.state)
-    weights, opt_values = _fetch(store, chosen.step, model, custom_objects)
-    # EarlyStopping(restore_best_weights) needs the weights of its best epoch, which a
-    # checkpoint kept for that epoch holds (production_callbacks keeps the best one).
-    best: dict[str, Any] = {}
-    for key, cb_state in (state.get("callbacks") or {}).items():
-        if not key.startswith("early_stopping") or not cb_state.get("has_best_weights"):
-            continue
-        best_epoch = cb_state.get("best_epoch")
-        if best_epoch == state.get("epoch"):
-            best[key] = weights
-            continue
-        match = [
-            c
-            for c in infos
-            if c.readable and c.state.get("epoch") == best_epoch and c.state.get("epoch_done")
-        ]
-        if match and store._usable(match[-1], verify):
-            best[key] = _fetch(store, match[-1].step, model, custom_objects)[0]
-        else:
-            log.warning(
-                "no intact checkpoint of best epoch %s for %s: restore_best_weights will use "
-                "the best epoch seen after resuming",
-                best_epoch,
-                key,
-            )
-    return chosen.step, state, weights, opt_values, best, skipped
+
+    def fetch(step: int) -> tuple:
+        return _fetch(store, step, model, custom_objects)
+
+    weights, opt_values = fetch(chosen.step)
+    # A callback's state may ask for the weights of an earlier epoch (EarlyStopping's
+    # best); a checkpoint kept for that epoch holds them (production_callbacks keeps the
+    # best one).
+    restored: dict[str, Restored] = {}
+    for name, cb_state in (state.get("callbacks") or {}).items():
+        epoch = cb_state.get(WEIGHTS_OF_EPOCH) if isinstance(cb_state, dict) else None
+        extra = None
+        if epoch is not None:
+            extra = _weights_of_epoch(store, infos, epoch, chosen, weights, fetch, verify)
+            if extra is None:
+                log.warning(
+                    "no intact checkpoint of epoch %s for %s: it will use what it sees after "
+                    "resuming",
+                    epoch,
+                    name,
+                )
+        restored[name] = Restored(cb_state, extra)
+    return chosen.step, state, weights, opt_values, restored, skipped
+
+
+def _apply(model: Any, weights: Any, opt_values: Any, state: dict[str, Any]) -> None:
+    """Put the restored weights, optimizer variables and learning rate into ``model``."""
+    model.set_weights(weights)
+    if model.optimizer is not None and opt_values is not None:
+        _compat.ensure_optimizer_built(model)
+        assign_optimizer_variables(model, opt_values)
+    if model.optimizer is not None and state.get("learning_rate") is not None:
+        _compat.set_lr(model.optimizer, float(state["learning_rate"]))
+
+
+def _position(state: dict[str, Any]) -> tuple[int, int]:
+    """``(initial_epoch, initial_batch)`` to continue from ``state``."""
+    epoch = state.get("epoch")
+    epoch_done = state.get("epoch_done", True)
+    initial = 0 if epoch is None else int(epoch) + (1 if epoch_done else 0)
+    batch = state.get("batch")
+    return initial, 0 if epoch_done or batch is None else int(batch) + 1
 
 
 def restore_latest(
@@ -127,7 +155,7 @@ def restore_latest(
     checkpoint under ``directory``; return what was restored and the ``initial_epoch``.
     With no checkpoint yet, nothing changes and ``initial_epoch`` is 0."""
     comm = communicator if communicator is not None else get_communicator("auto")
-    if getattr(comm, "multi_worker", False):
+    if comm.multi_worker:
         import tensorflow as tf
 
         if tf.distribute.in_cross_replica_context() and tf.distribute.has_strategy():
@@ -138,50 +166,23 @@ def restore_latest(
             )
     if verify not in ("fast", "full"):
         raise ConfigurationError(f"verify must be 'fast' or 'full', got {verify!r}")
-    payload: Any = None
-    failure: BaseException | None = None
-    if comm.is_chief:
-        try:
-            payload = (
-                "ok",
-                _chief_restore(directory, storage_options, verify, model, custom_objects),
-            )
-        except Exception as e:
-            failure = e
-            payload = ("error", f"{type(e).__name__}: {e}")
-    payload = comm.broadcast(payload, name="restore_latest")
-    if payload[0] == "error":
-        if failure is not None:
-            raise failure
-        raise ForgeDistError(f"restore_latest failed on rank 0: {payload[1]}")
-    if payload[1] is None:
+    loaded = agree(
+        comm,
+        "restore_latest",
+        lambda: _chief_restore(directory, storage_options, verify, model, custom_objects),
+    )
+    if loaded is None:
         return RestoreResult(False)
-    step, state, weights, opt_values, best, skipped = payload[1]
-    model.set_weights(weights)
-    if model.optimizer is not None and opt_values is not None:
-        _compat.ensure_optimizer_built(model)
-        assign_optimizer_variables(model, opt_values)
-    if model.optimizer is not None and state.get("learning_rate") is not None:
-        _compat.set_lr(model.optimizer, float(state["learning_rate"]))
-    reg = registry(model)
-    reg.pending = dict(state.get("callbacks") or {})
-    for key, w in best.items():
-        reg.pending[f"{key}:best_weights"] = w
-    epoch = state.get("epoch")
-    reg.restored_epoch = epoch
-    epoch_done = state.get("epoch_done", True)
-    initial = 0 if epoch is None else int(epoch) + (1 if epoch_done else 0)
-    batch = state.get("batch")
-    initial_batch = 0 if epoch_done or batch is None else int(batch) + 1
+    step, state, weights, opt_values, restored, skipped = loaded
+    _apply(model, weights, opt_values, state)
+    set_pending(model, restored, state.get("epoch"))
+    initial, initial_batch = _position(state)
     if comm.is_chief:
+        where = "end" if state.get("epoch_done", True) else f"after batch {initial_batch}"
         log.info(
-            "restored step %s (epoch %s, %s) from %s",
-            step,
-            epoch,
-            "end" if epoch_done else f"after batch {initial_batch}",
-            directory,
+            "restored step %s (epoch %s, %s) from %s", step, state.get("epoch"), where, directory
         )
-    return RestoreResult(True, step, epoch, initial, initial_batch, state, skipped)
+    return RestoreResult(True, step, state.get("epoch"), initial, initial_batch, state, skipped)
 
 
 def _skip_rows(data: Any, rows: int) -> Any:
@@ -222,8 +223,6 @@ def fit_resumed(
     the one an uninterrupted run would have reached. That needs the same batches in the
     same order: array inputs with ``shuffle=False``. Returns the last fit's History.
     """
-    from forge_dist.keras._state import registry
-
     epoch = restored.initial_epoch if restored is not None else 0
     skip = restored.initial_batch if restored is not None else 0
     args = dict(fit_kwargs, batch_size=batch_size, callbacks=callbacks, shuffle=shuffle)

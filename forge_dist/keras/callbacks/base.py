@@ -1,0 +1,132 @@
+"""What every forge_dist callback shares: its communicator, its registered name and
+state (the protocol in :mod:`forge_dist.keras._state`), agreeing on a decision, and
+printing on the chief only."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from forge_dist import policy
+from forge_dist.comm import Communicator, agree, get_communicator
+from forge_dist.errors import ConfigurationError
+from forge_dist.keras import _compat
+from forge_dist.keras._compat import Callback
+from forge_dist.keras._state import register, registry, take_pending
+
+log = logging.getLogger("forge_dist.keras")
+T = TypeVar("T")
+
+
+def resolve_comm(communicator: Communicator | None) -> Communicator:
+    """``communicator``, or the process-wide one."""
+    return communicator if communicator is not None else get_communicator("auto")
+
+
+def check_keras_supports(comm: Communicator) -> None:
+    """Keras 3 does not train under MultiWorkerMirroredStrategy: say so at construction,
+    on every worker, instead of failing deep inside fit."""
+    if comm.multi_worker and _compat.FLAVOR == "keras3":
+        raise ConfigurationError(
+            "Keras 3 does not run under MultiWorkerMirroredStrategy (keras-team/keras#20585: "
+            "model.fit fails converting PerReplica values). Set TF_USE_LEGACY_KERAS=1 to use "
+            "tf_keras, or launch with Horovod (scripts/launch_horovod.sh)."
+        )
+
+
+def check_positive_int(name: str, value: Any, *, allow_none: bool = False) -> None:
+    if allow_none and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        extra = " or None" if allow_none else ""
+        raise ConfigurationError(f"{name} must be a positive int{extra}, got {value!r}")
+
+
+def missing_monitor(monitor: str, logs: dict[str, Any], who: str) -> ConfigurationError:
+    keys = ", ".join(sorted(logs)) or "none"
+    return ConfigurationError(
+        f"{who}: monitor {monitor!r} is not in the logs (available: {keys}); "
+        "check the metric name, and that validation data is passed to fit"
+    )
+
+
+class ForgeCallback(Callback):
+    """Shared plumbing: communicator, registration, state, printing on the chief only.
+
+    Subclasses that keep state override :meth:`get_state`, :meth:`set_state` and
+    :meth:`reset_state`, and call :meth:`begin_state` in ``on_train_begin``.
+    """
+
+    #: The name this callback's state is stored under (made unique per model).
+    state_key = "callback"
+
+    def __init__(self, communicator: Communicator | None = None, verbose: int = 0) -> None:
+        super().__init__()
+        self.comm = resolve_comm(communicator)
+        check_keras_supports(self.comm)
+        self.verbose = verbose
+        self.state_name = self.state_key
+
+    def set_model(self, model: Any) -> None:
+        super().set_model(model)
+        self.state_name = register(model, self)
+
+    # -- the state protocol
+    def get_state(self) -> dict[str, Any] | None:
+        """This callback's state as JSON-able data, or None when it keeps none."""
+        return None
+
+    def set_state(self, state: dict[str, Any], weights: list[Any] | None = None) -> None:
+        """Take back a state that :meth:`get_state` returned (from a checkpoint)."""
+
+    def reset_state(self) -> None:
+        """Start afresh (a new fit with nothing restored)."""
+
+    def begin_state(self) -> None:
+        """At train begin: keep the state when this fit continues the previous one
+        (:func:`~forge_dist.keras.fit_resumed`), else take the restored one, else reset."""
+        if registry(self.model).keep_state:
+            return
+        restored = take_pending(self.model, self.state_name)
+        if restored is None:
+            self.reset_state()
+        else:
+            self.set_state(restored.state, restored.weights)
+
+    # -- agreeing and telling
+    def _agree(self, name: str, decide: Callable[[], T]) -> T:
+        """``decide`` on the chief; its result, or its error, on every rank."""
+        return agree(self.comm, name, decide)
+
+    def _say(self, message: str) -> None:
+        log.info(message)
+        if self.verbose and self.comm.is_chief:
+            print(f"[forge_dist] {message}", flush=True)
+
+    # -- monitor and mode
+    def _setup_monitor(self, monitor: str, mode: str) -> str | None:
+        """Check ``monitor``/``mode`` now; return the mode if the name decides it (else
+        it is resolved from the model's metrics in ``on_train_begin``)."""
+        policy.check_monitor(monitor)
+        if mode not in ("auto", "min", "max"):
+            raise ConfigurationError(f"mode must be 'auto', 'min' or 'max', got {mode!r}")
+        self.monitor, self.mode = monitor, mode
+        try:
+            resolved: str | None = policy.resolve_mode(monitor, mode)
+        except ConfigurationError:
+            resolved = None
+        self._mode_resolved = resolved is not None
+        return resolved
+
+    def _resolve_mode(self, monitor: str, mode: str) -> str:
+        direction = _compat.metric_direction(self.model, monitor) if mode == "auto" else None
+        return policy.resolve_mode(monitor, mode, direction)
+
+    def _finish_mode(self) -> None:
+        """Resolve ``mode="auto"`` from the model's metrics into ``self.config``."""
+        if not self._mode_resolved:
+            mode = self._resolve_mode(self.monitor, self.mode)
+            self.config = dataclasses.replace(self.config, mode=mode)
+            self._mode_resolved = True

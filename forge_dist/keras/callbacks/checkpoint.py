@@ -1,0 +1,283 @@
+"""``ChiefModelCheckpoint``: Keras' ``ModelCheckpoint`` through the atomic store."""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+from forge_dist import policy
+from forge_dist.comm import Communicator
+from forge_dist.errors import ConfigurationError, ForgeDistError
+from forge_dist.keras import _compat
+from forge_dist.keras._compat import to_float
+from forge_dist.keras._state import collect_state, registry
+from forge_dist.keras.async_checkpoint import AsyncCheckpointer
+from forge_dist.keras.callbacks.base import ForgeCallback, check_positive_int
+from forge_dist.keras.saving import save_to_store, scratch_save
+from forge_dist.keras.snapshot import HostTwin
+
+WHEN_BUSY = ("wait", "skip")
+
+
+class ChiefModelCheckpoint(ForgeCallback):
+    """Keras' ``ModelCheckpoint`` through the atomic store; only the chief writes.
+
+    ``directory`` is any fsspec URL (a checkpoint root). Each save is one committed step
+    named by the optimizer's iteration count, holding ``model.keras`` (or
+    ``model.weights.h5`` with ``save_weights_only``) and a manifest with the epoch's
+    metrics and every forge_dist callback's state. Other ranks never touch storage, but
+    learn whether the save succeeded: a failed save is an error on every rank.
+
+    With ``async_save=True`` the chief copies the model's and optimizer's variables to
+    host memory at the save point (:class:`~forge_dist.keras.snapshot.HostTwin`) and
+    goes back to training; an :class:`~forge_dist.keras.async_checkpoint.AsyncCheckpointer`
+    serializes, hashes and commits the copy. At most one save is in flight: a save due
+    while one is being written waits for it (``when_busy="wait"``) or is skipped
+    (``"skip"``, agreed on every rank). A background failure is raised on every rank at
+    the next epoch end; ``on_train_end``, a preemption save and interpreter exit wait
+    for the last commit.
+    """
+
+    state_key = "checkpoint"
+
+    def __init__(
+        self,
+        directory: str,
+        monitor: str = "val_loss",
+        verbose: int = 0,
+        save_best_only: bool = False,
+        save_weights_only: bool = False,
+        mode: str = "auto",
+        save_freq: str | int = "epoch",
+        keep_last: int | None = None,
+        keep_best: int | None = None,
+        initial_value_threshold: float | None = None,
+        storage_options: dict[str, Any] | None = None,
+        communicator: Communicator | None = None,
+        async_save: bool = False,
+        when_busy: str = "wait",
+    ) -> None:
+        super().__init__(communicator, verbose)
+        from forge_dist.storage import CheckpointStore
+
+        if when_busy not in WHEN_BUSY:
+            raise ConfigurationError(f"when_busy must be 'wait' or 'skip', got {when_busy!r}")
+        if async_save and self.comm.collective_saves:
+            raise ConfigurationError(
+                "async_save is not available under MultiWorkerMirroredStrategy: every worker "
+                "takes part in each save there, so it cannot run behind the training loop"
+            )
+        self.async_save = bool(async_save)
+        self.when_busy = when_busy
+        self.async_checkpointer = AsyncCheckpointer() if async_save else None
+        self._twin: HostTwin | None = None
+        # The mode is resolved from the model's metrics at train begin if the name does not
+        # decide it.
+        self._resolved_mode = self._setup_monitor(monitor, mode)
+        if save_freq != "epoch" and (
+            isinstance(save_freq, bool) or not isinstance(save_freq, int) or save_freq < 1
+        ):
+            raise ConfigurationError(
+                f"save_freq must be 'epoch' or a positive int, got {save_freq!r}"
+            )
+        check_positive_int("keep_last", keep_last, allow_none=True)
+        check_positive_int("keep_best", keep_best, allow_none=True)
+        self.save_best_only = bool(save_best_only)
+        self.save_weights_only = bool(save_weights_only)
+        self.save_freq = save_freq
+        self.keep_last = keep_last
+        self.keep_best = keep_best
+        self.best: float | None = initial_value_threshold
+        # Built on every rank so a missing backend fails everywhere at construction;
+        # only the chief ever calls it.
+        self.store = CheckpointStore(directory, storage_options)
+        self.directory = self.store.display
+        self._epoch = 0
+        self._batches = 0
+        self.last_saved_step: int | None = None
+        self.saved_steps: list[int] = []
+
+    # -- the state protocol
+    def get_state(self) -> dict[str, Any]:
+        return {"best": self.best, "mode": self._resolved_mode}
+
+    def set_state(self, state: dict[str, Any], weights: list[Any] | None = None) -> None:
+        self.best = state.get("best", self.best)
+
+    # -- Keras hooks
+    def on_train_begin(self, logs: Any = None) -> None:
+        if self._resolved_mode is None:
+            self._resolved_mode = (
+                self._resolve_mode(self.monitor, self.mode)
+                if (self.save_best_only or self.keep_best)
+                else "min"
+            )
+        self.begin_state()
+
+    def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+        if self.save_freq == "epoch":
+            return
+        self._batches += 1
+        if self._batches >= self.save_freq:
+            self._batches = 0
+            self._save(self._epoch, batch, logs or {}, epoch_done=False)
+
+    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+        if self.save_freq == "epoch":
+            self._save(epoch, None, logs or {}, epoch_done=True)
+        elif self.async_save:  # a background failure surfaces at every epoch end
+            self._agree(f"ChiefModelCheckpoint(epoch {epoch}) background", self._check_background)
+
+    def on_train_end(self, logs: Any = None) -> None:
+        if self.async_save:
+            self._agree("ChiefModelCheckpoint(last background save)", self._drain)
+
+    def save_now(self, epoch: int, batch: int | None, epoch_done: bool) -> int:
+        """Save whatever ``save_best_only`` says (every rank calls it, e.g. on preemption);
+        return the step. A step this callback already saved is not written again."""
+        step = int(_compat.to_numpy(self.model.optimizer.iterations))
+        if self.last_saved_step != step:
+            self._save(epoch, batch, {}, epoch_done=epoch_done, force=True)  # synchronous
+        elif self.async_save:  # this step's save may still be in flight: let it commit
+            self._agree(f"ChiefModelCheckpoint(step {step}) background", self._drain)
+        return step
+
+    # -- background saves (chief only)
+    def _check_background(self) -> None:
+        """Raise the error of a finished background save, if it failed."""
+        if self.async_checkpointer is not None:
+            self.async_checkpointer.check_for_errors()
+
+    def _drain(self) -> None:
+        """Wait for the save in flight to commit; raise its error."""
+        if self.async_checkpointer is not None:
+            self.async_checkpointer.wait_until_finished()
+            self.async_checkpointer.check_for_errors()
+
+    # -- saving
+    def _decide(self, logs: dict[str, Any], force: bool) -> policy.SaveDecision:
+        """Chief: whether this save point saves."""
+        self._check_background()
+        if force:
+            return policy.SaveDecision(True, self.best, policy.Reason.SAVE)
+        busy = self.async_checkpointer is not None and self.async_checkpointer.busy
+        if self.when_busy == "skip" and busy:
+            return policy.SaveDecision(
+                False, self.best, policy.Reason.SKIP, "the previous save is still in flight"
+            )
+        current = to_float(logs.get(self.monitor))
+        return policy.save_step(
+            self.monitor, self._resolved_mode or "min", self.best, current, self.save_best_only
+        )
+
+    def _save(
+        self,
+        epoch: int,
+        batch: int | None,
+        logs: dict[str, Any],
+        epoch_done: bool,
+        force: bool = False,
+    ) -> None:
+        step = int(_compat.to_numpy(self.model.optimizer.iterations))
+        name = f"ChiefModelCheckpoint(epoch {epoch}, step {step})"
+        if batch is not None:  # position in the epoch, counting batches before a resume
+            batch += registry(self.model).batch_offset
+        decision = self._agree(name, lambda: self._decide(logs, force))
+        self.best = decision.best
+        if not decision.save:
+            if self.verbose > 1:
+                self._say(f"epoch {epoch + 1}: {decision.message}")
+            return
+        state = {
+            "epoch": epoch,
+            "epoch_done": epoch_done,
+            "batch": batch,
+            "step": step,
+            "learning_rate": _compat.get_lr(self.model.optimizer),
+            "callbacks": collect_state(self.model),
+        }
+        if self.comm.collective_saves:
+            self._collective_save(name, step, logs, state)
+        elif self.async_save and not force:
+            self._agree(f"{name} snapshot", lambda: self._submit(step, logs, state))
+        else:
+            self._agree(f"{name} commit", lambda: (self._drain(), self._write(step, logs, state)))
+        self.last_saved_step = step
+        self.saved_steps.append(step)
+        self._say(f"epoch {epoch + 1}: saved step {step} to {self.directory}")
+
+    def _collective_save(
+        self, name: str, step: int, logs: dict[str, Any], state: dict[str, Any]
+    ) -> None:
+        """Every worker saves (TensorFlow may read variables through collectives); the
+        chief into the store, the others into a scratch folder outside the root that is
+        always deleted. Any failure is raised on every worker."""
+        failure: BaseException | None = None
+        try:
+            if self.comm.is_chief:
+                self._write(step, logs, state)
+            else:
+                with scratch_save(self.model, self.save_weights_only, "forge-dist-worker-save-"):
+                    pass  # saved only so the collectives line up; deleted right away
+        except Exception as e:
+            failure = e
+        outcomes = self.comm.allgather(
+            None if failure is None else f"{type(failure).__name__}: {failure}",
+            name=f"{name} commit",
+        )
+        if failure is not None:
+            raise failure
+        bad = [(r, m) for r, m in enumerate(outcomes) if m is not None]
+        if bad:
+            raise ForgeDistError(f"{name} failed on worker {bad[0][0]}: {bad[0][1]}")
+
+    def _submit(self, step: int, logs: dict[str, Any], state: dict[str, Any]) -> None:
+        """Chief: wait for the save in flight, copy the variables into the twin (the
+        snapshot), hand the twin to the background writer."""
+        assert self.async_checkpointer is not None
+        self._drain()
+        if self._twin is None:
+            self._twin = HostTwin(self.model)
+        self._twin.copy_from_live()
+        lr = state.get("learning_rate")
+        twin = self._twin.model
+
+        def write() -> None:
+            if lr is not None and twin.optimizer is not None:
+                _compat.set_lr(twin.optimizer, float(lr))
+            self._write(step, logs, state, model=twin)
+
+        self.async_checkpointer.save(write, f"step {step}")
+
+    def _write(
+        self, step: int, logs: dict[str, Any], state: dict[str, Any], model: Any = None
+    ) -> None:
+        """Chief only: commit ``model`` (the live one by default), apply retention."""
+        writer = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "rank": self.comm.rank,
+            "world_size": self.comm.size,
+            "backend": self.comm.backend,
+            "keras": _compat.FLAVOR,
+        }
+        save_to_store(
+            self.store,
+            step,
+            self.model if model is None else model,
+            weights_only=self.save_weights_only,
+            metrics={k: f for k, v in logs.items() if (f := to_float(v)) is not None},
+            state=state,
+            writer=writer,
+        )
+        if self.keep_last or self.keep_best:
+            self.store.apply_retention(
+                keep_last=self.keep_last,
+                keep_best=self.keep_best,
+                monitor=self.monitor if self.keep_best else None,
+                mode=self._resolved_mode or "min",
+            )

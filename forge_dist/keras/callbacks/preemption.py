@@ -1,0 +1,131 @@
+"""``PreemptionCheckpoint``: one save and a clean exit on every rank when any rank is
+told to stop (SLURM's warning signal, SIGTERM)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from forge_dist import policy
+from forge_dist.comm import Communicator
+from forge_dist.errors import ConfigurationError
+from forge_dist.keras._state import registry
+from forge_dist.keras.callbacks.base import ForgeCallback
+from forge_dist.keras.callbacks.checkpoint import ChiefModelCheckpoint
+from forge_dist.preemption import DEFAULT_SIGNALS, PREEMPTED_EXIT_CODE, Preempted, SignalFlag
+
+
+class PreemptionCheckpoint(ForgeCallback):
+    """Saves once and stops every rank when any rank gets a preemption signal.
+
+    The handler only sets a flag. Every ``check_every_n_batches`` batches, and at each
+    epoch end, the ranks agree whether any of them was signalled (one small all-reduce).
+    ``"auto"`` checks every batch in the first epoch, then spaces the checks so they cost
+    about 1 % of the step time while a signal is still acted on within about 10 s (or at
+    the next batch, when a batch takes longer); the ranks agree on the spacing at each
+    epoch end. If a rank was signalled, ``checkpoint``
+    (a :class:`ChiefModelCheckpoint`) commits one checkpoint with the batch position and
+    every callback's state, and every rank raises
+    :class:`~forge_dist.preemption.Preempted` (a ``SystemExit`` with ``exit_code``,
+    75 by default). The last batch of an epoch is checked at the epoch end, after the
+    other callbacks (put this one last), so a save never falls between a finished
+    epoch and its validation. Resume with :func:`restore_latest` and
+    :func:`fit_resumed`.
+    """
+
+    state_key = "preemption"
+
+    def __init__(
+        self,
+        checkpoint: ChiefModelCheckpoint,
+        signals: Any = None,
+        check_every_n_batches: int | str = "auto",
+        exit_code: int | None = None,
+        communicator: Communicator | None = None,
+        verbose: int = 1,
+    ) -> None:
+        if not isinstance(checkpoint, ChiefModelCheckpoint):
+            raise ConfigurationError(
+                "checkpoint must be the ChiefModelCheckpoint that saves on preemption, "
+                f"got {type(checkpoint).__name__}"
+            )
+        super().__init__(communicator if communicator is not None else checkpoint.comm, verbose)
+        n = check_every_n_batches
+        if n != "auto" and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ConfigurationError(
+                f"check_every_n_batches must be 'auto' or a positive int, got {n!r}"
+            )
+        code = PREEMPTED_EXIT_CODE if exit_code is None else exit_code
+        if isinstance(code, bool) or not isinstance(code, int) or not 1 <= code <= 255:
+            raise ConfigurationError(f"exit_code must be an int in 1..255, got {exit_code!r}")
+        self.checkpoint = checkpoint
+        self.flag = SignalFlag(DEFAULT_SIGNALS if signals is None else signals)
+        self.check_every_n_batches = n
+        self.every = 1 if n == "auto" else n  # batches between checks, now
+        self.exit_code = code
+        self._epoch = 0
+        self._batches = 0
+        self._steps: int | None = None
+        self._timing = [0.0, 0, 0.0, 0]  # step seconds, steps, check seconds, checks
+        self._t_last: float | None = None
+
+    def on_train_begin(self, logs: Any = None) -> None:
+        self.flag.install()
+        self._steps = (self.params or {}).get("steps")
+
+    def on_train_end(self, logs: Any = None) -> None:
+        if not registry(self.model).partial_fit:
+            self.flag.uninstall()
+
+    def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+        self._epoch = epoch
+        self._batches = 0
+        self._t_last = None
+
+    def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+        now = time.perf_counter()
+        if self._t_last is not None:
+            self._timing[0] += now - self._t_last
+            self._timing[1] += 1
+        self._batches += 1
+        if (self._steps is None or batch + 1 < self._steps) and self._batches % self.every == 0:
+            # (The last batch of an epoch is checked at the epoch end, after validation.)
+            self._check(batch, epoch_done=False)
+            self._timing[2] += time.perf_counter() - now
+            self._timing[3] += 1
+        self._t_last = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+        if not self.model.stop_training:  # agreed on every rank; training ends anyway
+            self._check(None, epoch_done=True)
+
+    def _propose_every(self) -> int:
+        """The spacing this rank would choose from what it measured (``"auto"``)."""
+        step_s, steps, check_s, checks = self._timing
+        if self.check_every_n_batches != "auto" or not steps or not checks:
+            return self.every
+        return policy.check_spacing(step_s / steps, check_s / checks)
+
+    def _check(self, batch: int | None, epoch_done: bool) -> None:
+        where = f"epoch {self._epoch}" + ("" if batch is None else f" batch {batch}")
+        name = f"PreemptionCheckpoint({where})"
+        if epoch_done:  # agree on the spacing in the same reduction: the largest proposed
+            flag, every = self.comm.allreduce(
+                [float(self.flag.raised), float(self._propose_every())], op="max", name=name
+            )
+            self.every, raised = int(every), flag > 0.5
+        else:
+            raised = self.comm.any(self.flag.raised, name=name)
+        if not raised:
+            return
+        got = self.comm.allgather(
+            self.flag.received.name if self.flag.received else None,
+            name=f"PreemptionCheckpoint({where}) signals",
+        )
+        signalled = [f"rank {r}: {n}" for r, n in enumerate(got) if n]
+        step = self.checkpoint.save_now(self._epoch, batch, epoch_done)
+        position = None if batch is None else batch + registry(self.model).batch_offset
+        stop = Preempted(self.exit_code, next(n for n in got if n), step, self._epoch, position)
+        self._say(f"{stop} (signalled: {', '.join(signalled)})")
+        self.flag.uninstall()  # fit ends here: on_train_end will not run
+        raise stop

@@ -1,0 +1,90 @@
+"""``SyncReduceLROnPlateau``: Keras' ``ReduceLROnPlateau``, one learning rate for all."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from forge_dist import policy
+from forge_dist.comm import Communicator
+from forge_dist.keras import _compat
+from forge_dist.keras._compat import to_float
+from forge_dist.keras.callbacks.base import ForgeCallback, missing_monitor
+
+
+class SyncReduceLROnPlateau(ForgeCallback):
+    """Keras' ``ReduceLROnPlateau``; every rank holds the same learning rate after every
+    epoch (the chief's), and ``logs["learning_rate"]`` shows it."""
+
+    state_key = "reduce_lr"
+
+    def __init__(
+        self,
+        monitor: str = "val_loss",
+        factor: float = 0.1,
+        patience: int = 10,
+        verbose: int = 0,
+        mode: str = "auto",
+        min_delta: float = 1e-4,
+        cooldown: int = 0,
+        min_lr: float = 0.0,
+        communicator: Communicator | None = None,
+    ) -> None:
+        super().__init__(communicator, verbose)
+        resolved = self._setup_monitor(monitor, mode)
+        self.config = policy.PlateauConfig(
+            monitor=monitor,
+            mode=resolved or "min",
+            factor=factor,
+            patience=patience,
+            min_delta=min_delta,
+            cooldown=cooldown,
+            min_lr=min_lr,
+        )
+        self.state = policy.PlateauState()
+
+    @property
+    def wait(self) -> int:
+        return self.state.wait
+
+    @property
+    def cooldown_counter(self) -> int:
+        return self.state.cooldown_counter
+
+    @property
+    def best(self) -> float | None:
+        return self.state.best
+
+    # -- the state protocol
+    def get_state(self) -> dict[str, Any]:
+        return {"mode": self.config.mode, **self.state.to_json()}
+
+    def set_state(self, state: dict[str, Any], weights: list[Any] | None = None) -> None:
+        self.state = policy.PlateauState.from_json(state)
+
+    def reset_state(self) -> None:
+        self.state = policy.PlateauState()
+
+    # -- Keras hooks
+    def on_train_begin(self, logs: Any = None) -> None:
+        self._finish_mode()
+        _compat.get_lr(self.model.optimizer)  # fails early, on every rank, without one
+        self.begin_state()
+
+    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+        logs = logs if logs is not None else {}
+
+        def decide() -> tuple[policy.PlateauDecision, float]:
+            current = to_float(logs.get(self.monitor))
+            if current is None:
+                raise missing_monitor(self.monitor, logs, "SyncReduceLROnPlateau")
+            lr = _compat.get_lr(self.model.optimizer)
+            return policy.plateau_step(self.config, self.state, epoch, current, lr), lr
+
+        decision, chief_lr = self._agree(f"SyncReduceLROnPlateau(epoch {epoch})", decide)
+        self.state = decision.state
+        lr = decision.new_lr if decision.new_lr is not None else chief_lr
+        if _compat.get_lr(self.model.optimizer) != lr:
+            _compat.set_lr(self.model.optimizer, lr)
+        logs["learning_rate"] = float(_compat.get_lr(self.model.optimizer))
+        if decision.new_lr is not None:
+            self._say(decision.message)
