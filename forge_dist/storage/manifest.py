@@ -214,8 +214,8 @@ def _parse_entry(i: int, raw: Any) -> FileEntry:
     return FileEntry(path, size, digest)
 
 
-def parse_manifest(data: bytes) -> Manifest:
-    """Parse and validate manifest bytes; raise :class:`ManifestError` if invalid."""
+def _load_json(data: bytes) -> dict[str, Any]:
+    """The manifest's JSON object: bounded, UTF-8, no duplicate keys, no NaN constants."""
     if not isinstance(data, (bytes, bytearray)):
         raise ManifestError("manifest must be bytes")
     if len(data) > MAX_MANIFEST_BYTES:
@@ -234,6 +234,19 @@ def parse_manifest(data: bytes) -> Manifest:
         raise ManifestError(f"manifest is not valid JSON (truncated or damaged): {e}") from e
     if not isinstance(raw, dict):
         raise ManifestError("manifest must be a JSON object")
+    return raw
+
+
+def _object(raw: dict[str, Any], key: str) -> dict[str, Any]:
+    value = raw.get(key, {})
+    if not isinstance(value, dict):
+        raise ManifestError(f"manifest {key!r} must be an object")
+    return value
+
+
+def parse_manifest(data: bytes) -> Manifest:
+    """Parse and validate manifest bytes; raise :class:`ManifestError` if invalid."""
+    raw = _load_json(data)
     for key in _REQUIRED:
         if key not in raw:
             raise ManifestError(f"manifest is missing the required field {key!r}")
@@ -256,27 +269,15 @@ def parse_manifest(data: bytes) -> Manifest:
         raise ManifestError("manifest 'files' must be a list")
     entries = tuple(_parse_entry(i, f) for i, f in enumerate(files))
     _check_paths_consistent(e.path for e in entries)
-    writer = raw.get("writer", {})
-    if not isinstance(writer, dict):
-        raise ManifestError("manifest 'writer' must be an object")
-    metrics_raw = raw.get("metrics", {})
-    if not isinstance(metrics_raw, dict):
-        raise ManifestError("manifest 'metrics' must be an object")
-    metrics = {k: _metric_from_json(k, v) for k, v in metrics_raw.items()}
-    state = raw.get("state", {})
-    if not isinstance(state, dict):
-        raise ManifestError("manifest 'state' must be an object")
-    versions = raw.get("versions", {})
-    if not isinstance(versions, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in versions.items()
-    ):
+    versions = _object(raw, "versions")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in versions.items()):
         raise ManifestError("manifest 'versions' must map names to version strings")
     return Manifest(
         step=step,
         files=entries,
         created=created,
-        writer=writer,
-        metrics=metrics,
-        state=state,
+        writer=_object(raw, "writer"),
+        metrics={k: _metric_from_json(k, v) for k, v in _object(raw, "metrics").items()},
+        state=_object(raw, "state"),
         versions=versions,
     )
