@@ -288,6 +288,8 @@ class CheckpointStore:
     def delete(self, step: int) -> None:
         """Uncommit ``step`` in one atomic operation, then remove its files."""
         name = step_dirname(step)
+        if not self.is_committed(name):
+            raise NoCheckpointError(f"no committed {name} in {self.display}")
         self._backend.delete_committed(name)
         log.info("deleted %s from %s", name, self.display)
 
