@@ -100,6 +100,21 @@ def wait_until(condition, bound_s: float, what: str, job: Background | None = No
         time.sleep(0.1)
 
 
+def read_rank_reports(template: str, ranks: int = 2, missing_ok: bool = False) -> list[dict]:
+    """Each rank's JSON report, from a path ``template`` holding ``{rank}``; with
+    ``missing_ok`` the reports that were not written are left out."""
+    import json
+
+    out = []
+    for r in range(ranks):
+        path = str(template).replace("{rank}", str(r))
+        if missing_ok and not os.path.exists(path):
+            continue
+        with open(path) as f:
+            out.append(json.load(f))
+    return out
+
+
 def has_committed_step(root: str | os.PathLike[str]) -> bool:
     """A committed ``step-NNNNNNNN`` folder exists under the local root (staging folders
     carry a ``.tmp-`` suffix)."""
@@ -191,7 +206,7 @@ def horovodrun(
 
 
 def assert_ranks_consistent(r0: dict, r1: dict, root: str, epochs: int) -> None:
-    """The invariants every launcher must keep (DESIGN.md), checked on two ranks' records."""
+    """The invariants every launcher must keep (docs/DESIGN.md), checked on two ranks' records."""
     import subprocess
 
     from forge_dist.storage import CheckpointStore
