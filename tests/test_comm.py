@@ -107,3 +107,57 @@ def test_slurm_tasks_that_mpi_sees_as_singletons_are_refused():
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
     )
     assert "ConfigurationError" in out.stdout and "singleton" in out.stdout, out.stderr[-2000:]
+
+
+def test_backends_declare_what_they_can_do():
+    """Code above comm/ asks these instead of comparing backend names."""
+    from forge_dist.comm.horovod import HorovodCommunicator
+    from forge_dist.comm.mpi import MPICommunicator
+    from forge_dist.comm.tf import MultiWorkerCommunicator, TFStrategyCommunicator
+
+    caps = (
+        "multi_worker",
+        "collective_saves",
+        "averages_gradients",
+        "shares_initial_state",
+        "in_graph_allreduce",
+    )
+
+    def declared(cls):
+        return {c for c in caps if getattr(cls, c)}
+
+    assert declared(LocalCommunicator) == declared(MPICommunicator) == set()
+    assert declared(HorovodCommunicator) == {"in_graph_allreduce"}
+    assert declared(TFStrategyCommunicator) == {"averages_gradients", "shares_initial_state"}
+    assert declared(MultiWorkerCommunicator) == set(caps) - {"in_graph_allreduce"}
+    with pytest.raises(NotImplementedError, match="no in-graph all-reduce"):
+        LocalCommunicator().graph_allreduce_mean([1.0])
+
+
+def test_agree_returns_the_chiefs_result_or_raises_its_error_everywhere():
+    from threadcomm import run_ranks
+
+    from forge_dist.comm import agree
+    from forge_dist.errors import ForgeDistError
+
+    def decide_on(comm):
+        return agree(comm, "pick", lambda: f"chose on rank {comm.rank}")
+
+    assert run_ranks(2, decide_on) == ["chose on rank 0", "chose on rank 0"]
+
+    def fail_on(comm):
+        def decide():
+            raise ConfigurationError("bad monitor")
+
+        return agree(comm, "decide", decide)
+
+    errors = run_ranks(2, fail_on)
+    assert all(isinstance(e, ConfigurationError) for e in errors), errors
+    assert "bad monitor" in str(errors[0]) and "decide failed on rank 0" in str(errors[1])
+
+    def storage_fails(comm):
+        return agree(comm, "save", lambda: (_ for _ in ()).throw(OSError("disk full")))
+
+    errors = run_ranks(2, storage_fails)
+    assert isinstance(errors[0], OSError)
+    assert isinstance(errors[1], ForgeDistError) and "OSError: disk full" in str(errors[1])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -10,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from multiproc import run_bounded
+from multiproc import read_rank_reports, run_bounded
 
 from forge_dist.storage import CheckpointStore
 
@@ -56,14 +55,6 @@ def job_state(env: dict[str, str], job: str) -> dict[str, str]:
     return dict(kv.split("=", 1) for kv in out.stdout.split() if "=" in kv)
 
 
-def read_reports(template: str) -> list[dict]:
-    out = []
-    for r in (0, 1):  # both tasks ran
-        with open(template.replace("{rank}", str(r))) as f:
-            out.append(json.load(f))
-    return out
-
-
 def job_env(slurm_env, root, epochs, train_args):
     return dict(
         slurm_env,
@@ -101,7 +92,7 @@ def test_sbatch_job_trains_consistently(slurm_env, tmp_path, script, backend, ke
     logs = "".join(p.read_text() for p in tmp_path.glob("job-*.out"))
     assert run.returncode == 0, run.output + logs[-3000:]
     assert "2 tasks on" in logs
-    r0, r1 = read_reports(report)
+    r0, r1 = read_rank_reports(report)
     assert (r0["backend"], r0["size"], r0["keras"]) == (backend, 2, keras_flavor)
     assert r0["stopped_epoch"] == r1["stopped_epoch"] > 0, "same stop epoch, and it stopped"
     assert r0["fingerprint"] == r1["fingerprint"]
@@ -134,7 +125,7 @@ def test_scancel_usr1_saves_once_requeues_and_resumes_exactly(slurm_env, tmp_pat
         ],
     )
     assert run.returncode == 0, run.output[-3000:]
-    expected = read_reports(str(tmp_path / "ref-{rank}.json"))[0]["fingerprint"]
+    expected = read_rank_reports(str(tmp_path / "ref-{rank}.json"))[0]["fingerprint"]
 
     root = tmp_path / "root"
     report = str(tmp_path / "rank-{rank}.json")
@@ -178,7 +169,7 @@ def test_scancel_usr1_saves_once_requeues_and_resumes_exactly(slurm_env, tmp_pat
     assert "requeueing" in logs and "restart 1" in logs
     saved = re.findall(r"preempted by SIGUSR1: saved step (\d+) \(epoch \d+", logs)
     assert len(saved) == 1, logs[-3000:]  # one save, announced by the chief
-    r0, r1 = read_reports(report)
+    r0, r1 = read_rank_reports(report)
     assert r0["resumed_step"] == r1["resumed_step"] == int(saved[0])
     assert r0["fingerprint"] == r1["fingerprint"] == expected
     assert subprocess.run([FORGE, "verify", str(root), "--all"], timeout=60).returncode == 0

@@ -1,14 +1,13 @@
-"""The same scenario as test_mpi.py under Horovod: ``horovodrun --gloo`` (Keras 3 with
+"""The same scenario as test_e2e_mpirun.py under Horovod: ``horovodrun --gloo`` (Keras 3 with
 forge_dist's optimizer, tf_keras with Horovod's own) and ``mpirun`` with Horovod's MPI
 controller."""
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
-from multiproc import HERE, assert_ranks_consistent, horovodrun, mpirun
+from multiproc import HERE, assert_ranks_consistent, horovodrun, mpirun, read_rank_reports
 
 pytestmark = pytest.mark.horovod
 TRAIN = os.path.join(HERE, "_mpi_train.py")
@@ -16,11 +15,7 @@ COMMON = ["--patience", "2", "--epochs", "8", "--backend", "auto"]
 
 
 def results(out_dir) -> list[dict]:
-    out = []
-    for r in (0, 1):
-        with open(os.path.join(out_dir, f"rank-{r}.json")) as f:
-            out.append(json.load(f))
-    return out
+    return read_rank_reports(os.path.join(out_dir, "rank-{rank}.json"))
 
 
 @pytest.mark.parametrize(
@@ -107,11 +102,7 @@ def test_launch_script_trains_and_resumes_like_an_uninterrupted_run(tmp_path):
             [launch, "--checkpoint-dir", str(root), "--report", report, *extra], env, bound_s=240
         )
         assert r.returncode == 0, r.output[-3000:]
-        out = []
-        for k in (0, 1):
-            with open(report.replace("{rank}", str(k))) as f:
-                out.append(json.load(f))
-        return out
+        return read_rank_reports(report)
 
     whole = run(tmp_path / "whole", "--epochs", "20", "--patience", "2")
     run(tmp_path / "split", "--epochs", "3", "--patience", "2")

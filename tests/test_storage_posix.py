@@ -7,6 +7,7 @@ import json
 import os
 
 import pytest
+from storehelp import commit
 
 from forge_dist.errors import (
     BackendNotInstalledError,
@@ -15,12 +16,6 @@ from forge_dist.errors import (
 )
 from forge_dist.storage import MANIFEST_NAME, CheckpointStore
 from forge_dist.storage.backends import posix as backends_mod
-
-
-def commit(store, step, files):
-    with store.writer(step) as w:
-        for rel, data in files.items():
-            w.add_bytes(rel, data)
 
 
 def test_root_problems_are_clear_errors(tmp_path):

@@ -13,7 +13,7 @@ import subprocess
 import sys
 
 import pytest
-from multiproc import HERE, assert_ranks_consistent, mpirun
+from multiproc import HERE, assert_ranks_consistent, mpirun, read_rank_reports
 
 from forge_dist.storage import CheckpointStore
 
@@ -24,7 +24,7 @@ COMMON = ["--patience", "2", "--epochs", "8"]
 
 
 def results(out_dir) -> list[dict]:
-    return [json.load(open(os.path.join(out_dir, f"rank-{r}.json"))) for r in (0, 1)]
+    return read_rank_reports(os.path.join(out_dir, "rank-{rank}.json"))
 
 
 def train(tmp_path, name, *extra, flavor="keras3", env=None, expect_ok=True, **kw):
@@ -138,7 +138,7 @@ def test_collectives_reduce_across_real_ranks(tmp_path):
     script.write_text(COLLECTIVES)
     run = mpirun(2, [str(script), str(tmp_path / "r{rank}.json")], bound_s=120)
     assert run.returncode == 0, run.output[-3000:]
-    r0, r1 = (json.loads((tmp_path / f"r{r}.json").read_text()) for r in (0, 1))
+    r0, r1 = read_rank_reports(str(tmp_path / "r{rank}.json"))
     assert r0 == r1
     assert r0["sum"] == [3.0, -1.0] and r0["mean"] == [1.5, -0.5]
     assert r0["max"] == [2.0, 0.0] and r0["min"] == [1.0, -1.0]

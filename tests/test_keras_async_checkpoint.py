@@ -13,43 +13,23 @@ pytestmark = pytest.mark.keras
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 keras = pytest.importorskip("keras", reason="Keras is in the [tf] extra")
 
+import kerashelp  # noqa: E402
+from kerashelp import LOCAL, X  # noqa: E402
+
 from forge_dist import keras as fk  # noqa: E402
-from forge_dist.comm import LocalCommunicator  # noqa: E402
 from forge_dist.errors import ConfigurationError, ForgeDistError  # noqa: E402
 from forge_dist.keras import _compat  # noqa: E402
 from forge_dist.storage import CheckpointStore, _faults  # noqa: E402
 
-LOCAL = LocalCommunicator()
-RNG = np.random.default_rng(2)
-X = RNG.normal(size=(128, 4)).astype("float32")  # 8 batches of 16
-Y = (X @ np.array([[1.0], [-1.0], [0.5], [0.0]], dtype="float32")).astype("float32")
 GATE_S = 60  # no test waits longer than this on its own gate
 
 
 def make_model():
-    keras.utils.set_random_seed(4)
-    model = keras.Sequential(
-        [keras.Input((4,)), keras.layers.Dense(8, activation="tanh"), keras.layers.Dense(1)]
-    )
-    model.compile(
-        optimizer=fk.DistributedOptimizer(keras.optimizers.Adam(0.05), communicator=LOCAL),
-        loss="mse",
-        metrics=["mae"],
-    )
-    return model
+    return kerashelp.make_model(units=8, seed=4, distributed=True)
 
 
 def fit(model, callbacks, epochs=3):
-    model.fit(
-        X,
-        Y,
-        validation_data=(X[:32], Y[:32]),
-        epochs=epochs,
-        batch_size=16,
-        shuffle=False,
-        verbose=0,
-        callbacks=callbacks,
-    )
+    kerashelp.fit(model, callbacks, epochs=epochs, batch_size=16)  # 8 batches an epoch
 
 
 class Record(keras.callbacks.Callback):

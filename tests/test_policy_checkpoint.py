@@ -53,3 +53,28 @@ def test_bad_configuration_is_an_error(kwargs):
     metrics = None if kwargs.pop("no_metrics", False) else {1: 0.1}
     with pytest.raises(ConfigurationError):
         decide_retention([1], metrics, **kwargs)
+
+
+# ----------------------------------------------------------------- rank_best
+@pytest.mark.parametrize("mode, order", [("min", [2, 4, 1]), ("max", [1, 4, 2])])
+def test_rank_best_orders_finite_values_and_prefers_newer_ties(mode, order):
+    from forge_dist.policy import rank_best
+
+    values = {1: 0.9, 2: 0.1, 3: math.nan, 4: 0.5, 5: None, 6: math.inf}
+    assert rank_best(values, mode) == order  # NaN, None and infinities are never best
+    assert rank_best({1: 0.5, 2: 0.5}, mode) == [2, 1]
+
+
+def test_retention_and_the_stores_best_rank_alike(tmp_path):
+    """store.best() and keep_best pick the same step (one ranking, policy.rank_best)."""
+    from forge_dist.storage import CheckpointStore
+
+    store = CheckpointStore(str(tmp_path / "r"))
+    values = {1: 0.4, 2: 0.2, 3: 0.2, 4: math.nan, 5: 0.9}
+    for step, v in values.items():
+        with store.writer(step, metrics={"val_loss": v}) as w:
+            w.add_bytes("a", b"a")
+    best = store.best("val_loss", "min")
+    decision = decide_retention(list(values), values, keep_best=1, mode="min")
+    assert best.step == 3
+    assert set(decision.keep) == {3, 5}  # the best, and always the newest

@@ -1,41 +1,24 @@
-"""The same store suite against local disk, ``memory://`` and a real S3 endpoint."""
+"""CheckpointStore against local disk, ``memory://`` and a real S3 endpoint: writing,
+listing, reading back."""
 
 from __future__ import annotations
 
-import hashlib
 import io
-import logging
 import os
 from pathlib import Path
 
-import fsspec
 import pytest
+from storehelp import commit, raw, sha
 
 from forge_dist.errors import (
     CheckpointExistsError,
+    ConfigurationError,
     IntegrityError,
     ManifestError,
     NoCheckpointError,
     StorageError,
 )
-from forge_dist.storage import MANIFEST_NAME, CheckpointStore
-
-
-def raw(target):
-    """The filesystem under the store, for tampering the way a crash or a person would."""
-    fs, root = fsspec.core.url_to_fs(target.url, **(target.options or {}))
-    return fs, root.rstrip("/")
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def commit(store: CheckpointStore, step: int, files: dict[str, bytes], **kw):
-    with store.writer(step, **kw) as w:
-        for rel, data in files.items():
-            w.add_bytes(rel, data)
-    return w.committed
+from forge_dist.storage import MANIFEST_NAME
 
 
 def test_commit_hashes_every_file_and_reads_back(target, payload, tmp_path):
@@ -120,128 +103,6 @@ def test_staging_is_invisible_until_commit(target):
     assert other.newest().step == 2
 
 
-@pytest.mark.parametrize("damage", ["truncate", "bitflip", "delete", "extra"])
-def test_verify_reports_damaged_payload(target, damage):
-    store = target.store()
-    data = os.urandom(10_000)
-    commit(store, 4, {"model.bin": data, "other.bin": b"x" * 10})
-    fs, root = raw(target)
-    path = f"{root}/step-00000004/model.bin"
-    if damage == "truncate":
-        fs.pipe_file(path, data[:-1])
-    elif damage == "bitflip":
-        fs.pipe_file(path, data[:100] + bytes([data[100] ^ 0x01]) + data[101:])
-    elif damage == "delete":
-        fs.rm_file(path)
-    else:
-        fs.pipe_file(f"{root}/step-00000004/extra.bin", b"surprise")
-    fs.invalidate_cache()
-
-    report = store.verify(4)
-    kinds = {(p.kind, p.path) for p in report.problems}
-    if damage == "extra":
-        assert kinds == {("unlisted", "extra.bin")}
-        assert report.ok, "an unlisted file is a warning unless strict"
-        assert not store.verify(4, strict=True).ok
-        return
-    assert not report.ok
-    expected = {"truncate": "size_mismatch", "bitflip": "hash_mismatch", "delete": "missing"}
-    assert kinds == {(expected[damage], "model.bin")}
-    fast = store.verify(4, full=False)
-    # Fast mode sees presence and sizes, not a same-size bit flip.
-    assert fast.ok == (damage == "bitflip")
-
-
-def test_readers_skip_a_corrupt_newest_step(target, caplog):
-    store = target.store()
-    commit(store, 1, {"a": b"good"}, metrics={"val_loss": 0.5})
-    commit(store, 2, {"a": b"good too"}, metrics={"val_loss": 0.1})
-    commit(store, 3, {"a": b"will be damaged"}, metrics={"val_loss": 0.3})
-    fs, root = raw(target)
-    fs.pipe_file(f"{root}/step-00000003/a", b"xx")
-    fs.pipe_file(f"{root}/step-00000002/a", b"good to!")  # same size, different bytes
-    fs.invalidate_cache()
-    with caplog.at_level(logging.WARNING, logger="forge_dist.storage"):
-        assert store.newest(verify="fast").step == 2
-        assert store.newest(verify="full").step == 1
-    assert any("step-00000003" in r.message for r in caplog.records)
-    assert store.best("val_loss", "min", verify="full").step == 1
-    assert store.best("val_loss", "min", verify=None).step == 2
-
-
-@pytest.mark.parametrize(
-    "manifest, message",
-    [
-        (b"not json at all", "not valid JSON"),
-        (b'{"format": "forge-dist/1", "step": 5, "created": "2026-', "not valid JSON"),
-        (
-            b'{"format": "other/9", "step": 5, "created": "2026-01-01T00:00:00", "files": []}',
-            "unsupported manifest format",
-        ),
-        (
-            b'{"format": "forge-dist/1", "step": 6, "created": "2026-01-01T00:00:00", "files": []}',
-            "step 6",
-        ),
-    ],
-)
-def test_a_bad_manifest_makes_the_step_corrupt(target, manifest, message):
-    store = target.store()
-    commit(store, 4, {"a": b"fine"})
-    commit(store, 5, {"a": b"fine"})
-    fs, root = raw(target)
-    fs.pipe_file(f"{root}/step-00000005/{MANIFEST_NAME}", manifest)
-    fs.invalidate_cache()
-    listed = {c.step: c for c in store.list()}
-    assert not listed[5].readable and message in listed[5].error
-    report = store.verify(5)
-    assert not report.ok
-    assert report.problems[0].kind == "bad_manifest"
-    assert message in report.problems[0].message
-    assert store.newest().step == 4
-    with pytest.raises(IntegrityError):
-        store.download(5, "/nonexistent-never-created")
-
-
-def test_retention_keeps_last_and_best_and_always_the_newest(target):
-    store = target.store()
-    losses = {1: 0.9, 2: 0.1, 3: 0.5, 4: 0.4, 5: 0.8, 6: 0.7}
-    for step, loss in losses.items():
-        commit(store, step, {"w": str(step).encode()}, metrics={"val_loss": loss})
-    kept, deleted = store.apply_retention(keep_last=2, keep_best=1, monitor="val_loss")
-    assert kept == [2, 5, 6]
-    assert deleted == [1, 3, 4]
-    assert store.steps() == [2, 5, 6]
-    assert all(store.verify(s).ok for s in store.steps())
-    assert store.list_staging() == []
-    # keep_last=1 alone still keeps the newest only.
-    store.apply_retention(keep_last=1)
-    assert store.steps() == [6]
-
-
-def test_gc_removes_abandoned_staging_but_not_a_live_writer(target):
-    store = target.store()
-    commit(store, 1, {"a": b"1"})
-    live = store.writer(2)
-    live.begin()
-    live.add_bytes("a", b"in progress")
-    report = target.store().gc(grace_s=3600)
-    assert report.removed_staging == []
-    assert len(report.kept_staging) == 1
-    live.add_bytes("b", b"more")
-    live.commit()
-    assert store.verify(2, strict=True).ok
-
-    abandoned = store.writer(3)
-    abandoned.begin()
-    abandoned.add_bytes("a", b"never committed")
-    dry = target.store().gc(grace_s=0, dry_run=True)
-    assert len(dry.removed_staging) == 1 and len(store.list_staging()) == 1
-    report = target.store().gc(grace_s=0)
-    assert len(report.removed_staging) == 1
-    assert store.list_staging() == []
-    assert store.steps() == [1, 2]
-
-
 def test_download_refuses_a_non_empty_destination(target, tmp_path):
     store = target.store()
     commit(store, 1, {"a": b"1"})
@@ -309,3 +170,49 @@ def test_an_error_inside_open_commits_nothing(target):
         f.write(b"partial")
         raise RuntimeError("serializer crashed")
     assert store.list() == [] and store.list_staging() == []
+
+
+def test_info_and_is_committed_tell_committed_from_staged_and_corrupt(target):
+    store = target.store()
+    commit(store, 1, {"a": b"a"})
+    assert store.is_committed("step-00000001") and not store.is_committed("step-00000009")
+    info = store.info("step-00000001")
+    assert info.readable and info.step == 1 and info.manifest.files[0].path == "a"
+    assert store.info("step-00000009") is None
+    fs, root = raw(target)
+    fs.pipe_file(f"{root}/step-00000001/{MANIFEST_NAME}", b"{not json")
+    bad = store.info("step-00000001")
+    assert store.is_committed("step-00000001") and not bad.readable and "JSON" in bad.error
+    assert not store.is_intact(bad, verify=None)
+
+
+def test_is_intact_checks_as_much_as_asked(target):
+    store = target.store()
+    commit(store, 1, {"a": b"aaaa"})
+    fs, root = raw(target)
+    fs.pipe_file(f"{root}/step-00000001/a", b"bbbb")  # same size, other bytes
+    info = store.get(1)
+    assert store.is_intact(info, verify=None) and store.is_intact(info, verify="fast")
+    assert not store.is_intact(info, verify="full")
+    with pytest.raises(ConfigurationError, match="verify must be"):
+        store.is_intact(info, verify="deep")
+
+
+def test_delete_uncommits_one_step(target):
+    store = target.store()
+    for step in (1, 2):
+        commit(store, step, {"a": b"a"})
+    store.delete(1)
+    assert store.steps() == [2] and store.list_staging() == []
+    with pytest.raises(NoCheckpointError):
+        store.delete(1)
+
+
+def test_remove_staging_never_removes_a_committed_step(target):
+    store = target.store()
+    commit(store, 1, {"a": b"a"})
+    with pytest.raises(ConfigurationError, match="committed"):
+        store.remove_staging("step-00000001")
+    with pytest.raises(ConfigurationError, match="not a staging"):
+        store.remove_staging("history.csv")
+    assert store.steps() == [1]

@@ -3,13 +3,12 @@ started by scripts/launch_mwms.sh as a user would."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 
 import pytest
-from multiproc import mpi_env, run_bounded
+from multiproc import mpi_env, read_rank_reports, run_bounded
 
 from forge_dist.storage import CheckpointStore
 
@@ -32,13 +31,7 @@ def launch(tmp_path, name, *args, env_extra=None, ok=True):
     )
     if ok:
         assert run.returncode == 0, run.output[-4000:]
-    reports = []
-    for r in (0, 1):
-        path = report.replace("{rank}", str(r))
-        if os.path.exists(path):
-            with open(path) as f:
-                reports.append(json.load(f))
-    return run, reports
+    return run, read_rank_reports(report, missing_ok=True)
 
 
 def test_two_workers_agree_with_one_writer_and_resume_exactly(tmp_path):

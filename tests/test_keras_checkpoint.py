@@ -1,0 +1,79 @@
+"""ChiefModelCheckpoint: saves through the store, loadable by plain Keras."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.keras
+keras = pytest.importorskip("keras", reason="Keras is in the [tf] extra")
+
+from kerashelp import LOCAL, fit, make_model  # noqa: E402
+
+from forge_dist import keras as fk  # noqa: E402
+from forge_dist.errors import (  # noqa: E402
+    StorageError,
+)
+from forge_dist.storage import CheckpointStore  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def test_checkpoints_load_with_plain_keras_and_carry_callback_state(tmp_path):
+    root = str(tmp_path / "ckpt")
+    model = make_model(distributed=True)
+    es = fk.SyncEarlyStopping(patience=5, communicator=LOCAL)
+    cb = fk.ChiefModelCheckpoint(root, keep_last=2, communicator=LOCAL)
+    history = fit(model, [fk.SyncMetrics(communicator=LOCAL), es, cb], epochs=3)
+    store = CheckpointStore(root)
+    assert store.steps() == [8, 12]  # 4 batches per epoch; the first step was retained out
+    info = store.newest(verify="full")
+    assert info.state["epoch"] == 2 and info.state["step"] == 12
+    assert info.state["callbacks"]["early_stopping"]["best"] == pytest.approx(es.best)
+    # The manifest carries the logs of the epoch it saved.
+    assert info.metrics["val_loss"] == pytest.approx(history.history["val_loss"][-1])
+    assert info.metrics["loss"] == pytest.approx(history.history["loss"][-1])
+    dest = store.download(None, tmp_path / "dl")
+    loaded = keras.models.load_model(os.path.join(dest, "model.keras"))
+    assert type(loaded.optimizer).__name__ == "Adam"
+    for a, b in zip(loaded.get_weights(), model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_save_weights_only_and_best_only(tmp_path):
+    root = str(tmp_path / "w")
+    model = make_model()
+    cb = fk.ChiefModelCheckpoint(
+        root, save_weights_only=True, save_best_only=True, communicator=LOCAL
+    )
+    fit(model, [cb], epochs=3)
+    store = CheckpointStore(root)
+    assert [e.path for e in store.newest().manifest.files] == ["model.weights.h5"]
+    fresh = make_model()
+    restored = fk.restore_latest(fresh, root, communicator=LOCAL)
+    assert restored.restored and restored.initial_epoch == store.newest().state["epoch"] + 1
+    for a, b in zip(fresh.get_weights(), model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # Keras 3 weight files carry the optimizer's variables too: they come back.
+    iterations = [v for v in fresh.optimizer.variables if "iteration" in v.name]
+    assert int(iterations[0].numpy()) == store.newest().state["step"]
+
+
+def test_a_failed_save_is_an_error_not_a_silent_skip(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(StorageError, match="not a directory"):
+        fit(make_model(), [fk.ChiefModelCheckpoint(str(blocker), communicator=LOCAL)], epochs=1)
+
+
+def test_save_freq_in_batches(tmp_path):
+    root = str(tmp_path / "b")
+    model = make_model()
+    cb = fk.ChiefModelCheckpoint(root, save_freq=3, communicator=LOCAL)
+    fit(model, [cb], epochs=2)  # 4 batches per epoch: saves after batches 3 and 6
+    store = CheckpointStore(root)
+    assert store.steps() == [3, 6]
+    assert store.get(3).state["epoch_done"] is False and store.get(3).state["epoch"] == 0
+    assert store.get(6).state["epoch"] == 1
