@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 from forge_dist.cli.common import (
@@ -48,7 +49,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     targets, staging = _targets(args, store, name)
     if not targets:
         what = f"step {args.step}" if args.step is not None else "committed checkpoint"
-        return _emit(args, store, [], staging, EXIT_NO_CHECKPOINT, f"no {what} in {store.display}")
+        message = f"no {what} in {store.display}"
+        return _emit(args, Outcome(store, [], staging, EXIT_NO_CHECKPOINT, message))
     show_bar = full and sys.stderr.isatty() and not args.json
     total = 0
     if show_bar:
@@ -64,44 +66,42 @@ def cmd_verify(args: argparse.Namespace) -> int:
             bar.stop()
     if all(any(p.kind == "uncommitted" for p in r.problems) for r in reports):
         message = f"{targets[0]} in {store.display} is not committed (no manifest)"
-        return _emit(args, store, reports, staging, EXIT_NO_CHECKPOINT, message)
+        return _emit(args, Outcome(store, reports, staging, EXIT_NO_CHECKPOINT, message))
     code = EXIT_OK if all(r.ok for r in reports) else EXIT_INTEGRITY
-    return _emit(args, store, reports, staging, code, None)
+    return _emit(args, Outcome(store, reports, staging, code, None))
 
 
-def _emit(
-    args: argparse.Namespace,
-    store: Any,
-    reports: list[Any],
-    staging: list[Any],
-    code: int,
-    message: str | None,
-) -> int:
-    if args.json:
-        print_json(
-            "verify",
-            store.display,
-            code,
-            ok=code == EXIT_OK,
-            mode="fast" if args.fast else "full",
-            strict=bool(args.strict),
-            checkpoints=[r.to_json() for r in reports],
-            staging=[staging_json(s) for s in staging],
-            error=message,
-        )
-    else:
-        _print_human(args, store, reports, staging, code, message)
-    return code
+@dataclass
+class Outcome:
+    """What ``verify`` found, for either output."""
+
+    store: Any
+    reports: list[Any]
+    staging: list[Any]
+    code: int
+    message: str | None
 
 
-def _print_human(
-    args: argparse.Namespace,
-    store: Any,
-    reports: list[Any],
-    staging: list[Any],
-    code: int,
-    message: str | None,
-) -> None:
+def _emit(args: argparse.Namespace, out: Outcome) -> int:
+    if not args.json:
+        _print_human(args, out)
+        return out.code
+    print_json(
+        "verify",
+        out.store.display,
+        out.code,
+        ok=out.code == EXIT_OK,
+        mode="fast" if args.fast else "full",
+        strict=bool(args.strict),
+        checkpoints=[r.to_json() for r in out.reports],
+        staging=[staging_json(s) for s in out.staging],
+        error=out.message,
+    )
+    return out.code
+
+
+def _print_human(args: argparse.Namespace, out: Outcome) -> None:
+    store, reports, code, message = out.store, out.reports, out.code, out.message
     con = stdout_console()
     for r in reports:
         for p in r.problems:
@@ -110,7 +110,7 @@ def _print_human(
             con.print(f"{tag} {where}: {p.message}", markup=True)
             if p.kind == "hash_mismatch":
                 con.print(f"      expected sha256 {p.expected}\n      actual   sha256 {p.actual}")
-    for s in staging:
+    for s in out.staging:
         con.print(f"[dim]note {s.name}: uncommitted staging (ignored by readers)[/]")
     if message:
         con.print(f"[yellow]NO CHECKPOINT[/] {message}")

@@ -130,3 +130,22 @@ class ForgeCallback(Callback):
             mode = self._resolve_mode(self.monitor, self.mode)
             self.config = dataclasses.replace(self.config, mode=mode)
             self._mode_resolved = True
+
+
+class PolicyState:
+    """For callbacks whose state is a :mod:`forge_dist.policy` state (``self.state``)
+    under a config (``self.config``): Keras' read-only views and the stored form."""
+
+    state: Any
+    config: Any
+
+    @property
+    def wait(self) -> int:
+        return int(self.state.wait)
+
+    @property
+    def best(self) -> float | None:
+        return self.state.best  # type: ignore[no-any-return]
+
+    def get_state(self) -> dict[str, Any]:
+        return {"mode": self.config.mode, **self.state.to_json()}

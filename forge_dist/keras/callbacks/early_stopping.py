@@ -9,10 +9,10 @@ from forge_dist import policy
 from forge_dist.comm import Communicator
 from forge_dist.keras._compat import to_float
 from forge_dist.keras._state import WEIGHTS_OF_EPOCH, registry
-from forge_dist.keras.callbacks.base import ForgeCallback, missing_monitor
+from forge_dist.keras.callbacks.base import ForgeCallback, PolicyState, missing_monitor
 
 
-class SyncEarlyStopping(ForgeCallback):
+class SyncEarlyStopping(PolicyState, ForgeCallback):
     """Keras' ``EarlyStopping``, decided once and applied on every rank in the same epoch.
 
     With ``restore_best_weights=True`` every rank ends with the chief's best weights.
@@ -49,15 +49,7 @@ class SyncEarlyStopping(ForgeCallback):
         self.patience = patience
         self.restore_best_weights = restore_best_weights
 
-    # Keras-compatible read-only views
-    @property
-    def wait(self) -> int:
-        return self.state.wait
-
-    @property
-    def best(self) -> float | None:
-        return self.state.best
-
+    # Keras-compatible read-only views (and wait, best)
     @property
     def stopped_epoch(self) -> int:
         return self.state.stopped_epoch
@@ -69,7 +61,7 @@ class SyncEarlyStopping(ForgeCallback):
     # -- the state protocol
     def get_state(self) -> dict[str, Any]:
         best_weights = self.state.best_epoch if self.state.has_best_weights else None
-        return {"mode": self.config.mode, **self.state.to_json(), WEIGHTS_OF_EPOCH: best_weights}
+        return {**super().get_state(), WEIGHTS_OF_EPOCH: best_weights}
 
     def set_state(self, state: dict[str, Any], weights: list[Any] | None = None) -> None:
         self.state = policy.EarlyStopState.from_json(state)

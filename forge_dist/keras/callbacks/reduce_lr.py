@@ -8,10 +8,10 @@ from forge_dist import policy
 from forge_dist.comm import Communicator
 from forge_dist.keras import _compat
 from forge_dist.keras._compat import to_float
-from forge_dist.keras.callbacks.base import ForgeCallback, missing_monitor
+from forge_dist.keras.callbacks.base import ForgeCallback, PolicyState, missing_monitor
 
 
-class SyncReduceLROnPlateau(ForgeCallback):
+class SyncReduceLROnPlateau(PolicyState, ForgeCallback):
     """Keras' ``ReduceLROnPlateau``; every rank holds the same learning rate after every
     epoch (the chief's), and ``logs["learning_rate"]`` shows it."""
 
@@ -43,21 +43,10 @@ class SyncReduceLROnPlateau(ForgeCallback):
         self.state = policy.PlateauState()
 
     @property
-    def wait(self) -> int:
-        return self.state.wait
-
-    @property
     def cooldown_counter(self) -> int:
         return self.state.cooldown_counter
 
-    @property
-    def best(self) -> float | None:
-        return self.state.best
-
-    # -- the state protocol
-    def get_state(self) -> dict[str, Any]:
-        return {"mode": self.config.mode, **self.state.to_json()}
-
+    # -- the state protocol (get_state from PolicyState)
     def set_state(self, state: dict[str, Any], weights: list[Any] | None = None) -> None:
         self.state = policy.PlateauState.from_json(state)
 
