@@ -32,20 +32,35 @@ class Preempted(SystemExit):
     ``except Exception`` in user code does not swallow it. Catch it by name to clean up.
     """
 
-    def __init__(self, code: int, signal_name: str, step: int, epoch: int, batch: int | None):
+    def __init__(
+        self,
+        code: int,
+        signal_name: str,
+        step: int | None,
+        epoch: int,
+        batch: int | None,
+        saved: bool = True,
+    ):
         super().__init__(code)
         self.signal_name = signal_name
-        self.step = step
+        self.step = step  # the checkpoint to resume from (None: there is none)
         self.epoch = epoch
         self.batch = batch
+        self.saved = saved  # whether this preemption committed ``step``
 
     def __str__(self) -> str:
-        where = f"epoch {self.epoch + 1}" + (
-            f", batch {self.batch + 1}" if self.batch is not None else " end"
-        )
+        if self.batch is None and self.step is not None and self.saved:
+            what = f"saved step {self.step} (epoch {self.epoch + 1} end)"
+        elif self.step is not None and self.saved:
+            what = f"saved step {self.step} (epoch {self.epoch + 1}, batch {self.batch + 1})"
+        elif self.step is not None:
+            what = f"nothing new to save; the last checkpoint is step {self.step}"
+        else:
+            what = "nothing trained or saved yet"
         return (
-            f"preempted by {self.signal_name}: saved step {self.step} ({where}); "
-            f"exiting with {self.code}"
+            f"preempted by {self.signal_name}: {what}; exiting with {self.code} "
+            "(resume with restore_latest and fit_resumed, e.g. scripts/train.py --resume; "
+            "the sbatch scripts requeue on this exit code)"
         )
 
 
@@ -118,10 +133,43 @@ class SignalFlag:
         self.received = None
 
 
+_early: SignalFlag | None = None
+
+
+def catch_early(signals: Iterable[str | int] | str | int = DEFAULT_SIGNALS) -> SignalFlag:
+    """Hold preemption signals from now on instead of letting them end the process.
+
+    Call it first thing in a training script (before importing TensorFlow and
+    restoring): a signal that comes before ``fit`` is then held, and
+    :class:`~forge_dist.keras.PreemptionCheckpoint` acts on it at train begin, so the
+    job still exits with 75. Main thread only; idempotent."""
+    global _early
+    wanted = parse_signals(signals)
+    if _early is None or _early.signals != wanted:
+        if _early is not None:
+            _early.uninstall()
+        _early = SignalFlag(wanted)
+    elif not _early.installed:
+        _early.clear()  # what it held was acted on when it was put away
+    _early.install()
+    return _early
+
+
+def shared_flag(signals: Iterable[str | int] | str | int = DEFAULT_SIGNALS) -> SignalFlag:
+    """The flag :func:`catch_early` installed, while it is installed and catches the
+    same signals (so what it held counts); a new, not yet installed one otherwise."""
+    wanted = parse_signals(signals)
+    if _early is not None and _early.installed and _early.signals == wanted:
+        return _early
+    return SignalFlag(wanted)
+
+
 __all__ = [
     "DEFAULT_SIGNALS",
     "PREEMPTED_EXIT_CODE",
     "Preempted",
     "SignalFlag",
+    "catch_early",
     "parse_signals",
+    "shared_flag",
 ]

@@ -61,11 +61,34 @@ def test_save_weights_only_and_best_only(tmp_path):
     assert int(iterations[0].numpy()) == store.newest().state["step"]
 
 
-def test_a_failed_save_is_an_error_not_a_silent_skip(tmp_path):
+def test_an_unusable_root_is_found_before_the_first_step(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
+    seen = []
+
+    class Steps(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            seen.append(batch)
+
+    cb = fk.ChiefModelCheckpoint(str(blocker), communicator=LOCAL)
+    with pytest.raises(StorageError, match="is not a directory"):
+        fit(make_model(), [cb, Steps()], epochs=1)
+    assert seen == []
+
+
+def test_a_failed_save_is_an_error_not_a_silent_skip(tmp_path):
+    root = tmp_path / "root"
+
+    class Sabotage(keras.callbacks.Callback):
+        """After the pre-flight passed: the root becomes a file before the save."""
+
+        def on_epoch_end(self, epoch, logs=None):
+            root.rmdir()
+            root.write_text("not a directory")
+
+    cb = fk.ChiefModelCheckpoint(str(root), communicator=LOCAL)
     with pytest.raises(StorageError, match="not a directory"):
-        fit(make_model(), [fk.ChiefModelCheckpoint(str(blocker), communicator=LOCAL)], epochs=1)
+        fit(make_model(), [Sabotage(), cb], epochs=1)
 
 
 def test_save_freq_in_batches(tmp_path):

@@ -54,15 +54,14 @@ def run(root, epochs=8, restored_from=None, extra=(), **kw):
     restored = None
     if restored_from:
         restored = fk.restore_latest(model, restored_from, communicator=LOCAL)
-    cbs = fk.production_callbacks(
-        str(root),
+    options = dict(
         patience=3,
         reduce_lr_patience=1,
         communicator=LOCAL,
         verbose=0,
         preemption_check_every_n_batches=1,  # saved at the very batch signalled
-        **kw,
     )
+    cbs = fk.production_callbacks(str(root), **{**options, **kw})
     # The signal comes from "outside": before forge_dist's callbacks see the batch end.
     cbs = [*extra, *cbs]
     fk.fit_resumed(
@@ -80,10 +79,16 @@ def run(root, epochs=8, restored_from=None, extra=(), **kw):
     return model, es
 
 
+def csv_rows(root):
+    with open(os.path.join(root, "history.csv")) as f:
+        return f.read().splitlines()
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    model, es = run(tmp_path_factory.mktemp("ref") / "root")
-    return _compat.weights_fingerprint(model.get_weights()), es.stopped_epoch
+    root = tmp_path_factory.mktemp("ref") / "root"
+    model, es = run(root)
+    return _compat.weights_fingerprint(model.get_weights()), es.stopped_epoch, csv_rows(root)
 
 
 @pytest.mark.keras
@@ -109,10 +114,47 @@ def test_preempted_run_resumes_to_the_uninterrupted_result(
     assert newest.state["epoch_done"] is (expect_batch is None)
     assert newest.state["batch"] == expect_batch
     assert store.verify(newest.step).ok
-    fingerprint, stopped = uninterrupted
+    fingerprint, stopped, rows = uninterrupted
     model, es = run(root, restored_from=str(root))
     assert _compat.weights_fingerprint(model.get_weights()) == fingerprint
     assert es.stopped_epoch == stopped
+    # One row per epoch, and the interrupted epoch's training loss is the whole epoch's
+    # (its running totals were saved with the batch position), to the last bit.
+    assert csv_rows(root) == rows
+
+
+@pytest.mark.keras
+def test_decisions_on_the_training_loss_survive_a_mid_epoch_resume(tmp_path):
+    kw = dict(monitor="loss", patience=1, min_delta=0.004, reduce_lr_patience=None)
+    ref, _ = run(tmp_path / "ref", **kw)
+    root = tmp_path / "root"
+    with pytest.raises(Preempted):
+        run(root, extra=[SignalAt(2, 4)], **kw)
+    model, es = run(root, restored_from=str(root), **kw)
+    assert csv_rows(root) == csv_rows(tmp_path / "ref")
+    assert _compat.weights_fingerprint(model.get_weights()) == _compat.weights_fingerprint(
+        ref.get_weights()
+    )
+
+
+@pytest.mark.keras
+def test_a_signal_before_fit_is_held_and_ends_the_job_with_75_at_train_begin(tmp_path):
+    from forge_dist.preemption import catch_early
+
+    root = tmp_path / "root"
+    run(root, epochs=2)  # a checkpoint to resume from
+    flag = catch_early()
+    try:
+        os.kill(os.getpid(), signal.SIGUSR1)  # during "imports" or the restore
+        assert flag.raised
+        with pytest.raises(Preempted) as info:
+            run(root, epochs=4, restored_from=str(root))
+    finally:
+        flag.uninstall()
+    stop = info.value
+    assert stop.code == 75 and not stop.saved
+    assert stop.step == CheckpointStore(str(root)).newest().step  # nothing new saved
+    assert "nothing new to save" in str(stop) and "resume with" in str(stop)
 
 
 @pytest.mark.keras
@@ -127,6 +169,7 @@ def test_a_second_preemption_during_the_resumed_partial_epoch(tmp_path, uninterr
     assert (info.value.epoch, info.value.batch, info.value.signal_name) == (1, 5, "SIGTERM")
     model, _ = run(root, restored_from=str(root))
     assert _compat.weights_fingerprint(model.get_weights()) == uninterrupted[0]
+    assert csv_rows(root) == uninterrupted[2]
 
 
 @pytest.mark.keras

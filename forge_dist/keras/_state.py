@@ -39,6 +39,7 @@ class Registry:
     callbacks: list[weakref.ref] = field(default_factory=list)
     pending: dict[str, Restored] = field(default_factory=dict)  # restored, not yet taken
     restored_epoch: int | None = None
+    restored_step: int | None = None
     # Set by fit_resumed around the fit that finishes an interrupted epoch:
     batch_offset: int = 0  # batches of this epoch done before this fit began
     partial_fit: bool = False  # another fit follows: training does not end here
@@ -69,18 +70,20 @@ def register(model: Any, callback: Any) -> str:
 
 def collect_state(model: Any) -> dict[str, Any]:
     """``{name: state}`` of every registered callback that keeps state."""
-    out: dict[str, Any] = {}
-    for ref in registry(model).callbacks:
-        cb = ref()
-        if cb is not None and (state := cb.get_state()) is not None:
-            out[cb.state_name] = state
-    return out
+    return {cb.state_name: s for cb in registered(model) if (s := cb.get_state()) is not None}
 
 
-def set_pending(model: Any, states: dict[str, Restored], epoch: int | None) -> None:
+def registered(model: Any) -> list[Any]:
+    """The forge_dist callbacks registered on ``model``, in registration order."""
+    return [cb for ref in registry(model).callbacks if (cb := ref()) is not None]
+
+
+def set_pending(
+    model: Any, states: dict[str, Restored], epoch: int | None, step: int | None = None
+) -> None:
     reg = registry(model)
     reg.pending = dict(states)
-    reg.restored_epoch = epoch
+    reg.restored_epoch, reg.restored_step = epoch, step
 
 
 def take_pending(model: Any, name: str) -> Restored | None:

@@ -15,12 +15,16 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
+from forge_dist._urls import redact_url
 from forge_dist.comm import Communicator, agree, get_communicator
 from forge_dist.errors import ConfigurationError
 from forge_dist.keras import _compat
 from forge_dist.keras._state import WEIGHTS_OF_EPOCH, Restored, registry, set_pending
+from forge_dist.keras.callbacks.base import ForgeCallback
 from forge_dist.keras.callbacks.broadcast import assign_optimizer_variables, optimizer_values
+from forge_dist.keras.metric_state import RestoreMetricState, values_for
 from forge_dist.keras.saving import MODEL_FILE, WEIGHTS_FILE
+from forge_dist.keras.stack import check_distributed_callbacks
 
 log = logging.getLogger("forge_dist.keras")
 
@@ -150,10 +154,12 @@ def restore_latest(
     communicator: Communicator | None = None,
     verify: str = "full",
     custom_objects: dict[str, Any] | None = None,
+    verbose: int = 1,
 ) -> RestoreResult:
     """Restore ``model`` (built and compiled) on every rank from the newest intact
     checkpoint under ``directory``; return what was restored and the ``initial_epoch``.
-    With no checkpoint yet, nothing changes and ``initial_epoch`` is 0."""
+    With no checkpoint yet, nothing changes and ``initial_epoch`` is 0. With
+    ``verbose`` the chief says what it restored."""
     comm = communicator if communicator is not None else get_communicator("auto")
     if comm.multi_worker:
         import tensorflow as tf
@@ -175,12 +181,16 @@ def restore_latest(
         return RestoreResult(False)
     step, state, weights, opt_values, restored, skipped = loaded
     _apply(model, weights, opt_values, state)
-    set_pending(model, restored, state.get("epoch"))
+    set_pending(model, restored, state.get("epoch"), step)
     initial, initial_batch = _position(state)
-    if comm.is_chief:
-        where = "end" if state.get("epoch_done", True) else f"after batch {initial_batch}"
-        log.info(
-            "restored step %s (epoch %s, %s) from %s", step, state.get("epoch"), where, directory
+    if verbose:
+        epoch = state.get("epoch")
+        where = "its end" if state.get("epoch_done", True) else f"batch {initial_batch}"
+        note = f"; skipped corrupt: {', '.join(skipped)}" if skipped else ""
+        _tell(
+            comm,
+            f"resumed from step {step} in {redact_url(directory)}: epoch {epoch + 1} at {where}"
+            f" (weights, optimizer state, learning rate and callback state restored){note}",
         )
     return RestoreResult(True, step, state.get("epoch"), initial, initial_batch, state, skipped)
 
@@ -199,6 +209,17 @@ def _skip_rows(data: Any, rows: int) -> Any:
             f"dicts of them), got {type(data).__name__}; save at epoch ends instead"
         )
     return data[rows:]
+
+
+def _communicator_of(callbacks: list[Any] | None) -> Any:
+    """The communicator of the first forge_dist callback in the list (None: none)."""
+    return next((cb.comm for cb in callbacks or [] if isinstance(cb, ForgeCallback)), None)
+
+
+def _tell(comm: Any, message: str) -> None:
+    log.info(message)
+    if comm is None or comm.is_chief:
+        print(f"[forge_dist] {message}", flush=True)
 
 
 def fit_resumed(
@@ -225,6 +246,14 @@ def fit_resumed(
     """
     epoch = restored.initial_epoch if restored is not None else 0
     skip = restored.initial_batch if restored is not None else 0
+    comm = _communicator_of(callbacks)
+    check_distributed_callbacks(callbacks or [], comm.size if comm is not None else 1)
+    if epoch >= epochs and restored is not None and restored.restored:
+        _tell(
+            comm,
+            f"nothing to train: the checkpoint (step {restored.step}) ends at epoch "
+            f"{epoch}, and epochs={epochs}; pass a larger epochs to train on",
+        )
     args = dict(fit_kwargs, batch_size=batch_size, callbacks=callbacks, shuffle=shuffle)
     if skip == 0 or epoch >= epochs:
         return model.fit(x, y, epochs=epochs, initial_epoch=epoch, **args)
@@ -236,9 +265,14 @@ def fit_resumed(
     rows = skip * (batch_size or 32)  # Keras' default batch size
     reg = registry(model)
     reg.batch_offset, reg.partial_fit = skip, epoch + 1 < epochs
+    rank, size = (comm.rank, comm.size) if comm is not None else (0, 1)
+    saved = values_for(restored.state.get("metric_state") if restored else None, rank, size)
+    first = dict(args)
+    if saved is not None:  # the interrupted epoch's running metric totals
+        first["callbacks"] = [RestoreMetricState(saved), *(callbacks or [])]
     try:
         history = model.fit(
-            _skip_rows(x, rows), _skip_rows(y, rows), epochs=epoch + 1, initial_epoch=epoch, **args
+            _skip_rows(x, rows), _skip_rows(y, rows), epochs=epoch + 1, initial_epoch=epoch, **first
         )
     finally:
         reg.batch_offset, reg.partial_fit = 0, False

@@ -1,23 +1,81 @@
-"""``production_callbacks``: the recommended stack, in the order that makes it correct."""
+"""``production_callbacks``: the recommended stack, in the order that makes it correct;
+and the check that keeps single-process Keras callbacks out of a distributed fit."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
+from forge_dist.errors import ConfigurationError
+from forge_dist.keras._compat import keras
 from forge_dist.keras.callbacks import (
     BroadcastInitialState,
     ChiefCSVLogger,
     ChiefModelCheckpoint,
+    ChiefTensorBoard,
     ConsistencyGuard,
+    ForgeCallback,
+    OnChief,
     PreemptionCheckpoint,
     SyncEarlyStopping,
     SyncMetrics,
     SyncReduceLROnPlateau,
+    SyncTerminateOnNaN,
 )
 from forge_dist.preemption import DEFAULT_SIGNALS
 
 #: Where the CSV goes by default, beside the steps (readers ignore it).
 HISTORY_CSV = "history.csv"
+
+#: Keras callbacks that go wrong when every rank runs them, and what to use instead.
+REPLACEMENTS = {
+    "EarlyStopping": "forge_dist.keras.SyncEarlyStopping",
+    "ReduceLROnPlateau": "forge_dist.keras.SyncReduceLROnPlateau",
+    "ModelCheckpoint": "forge_dist.keras.ChiefModelCheckpoint",
+    "BackupAndRestore": "forge_dist.keras.restore_latest with ChiefModelCheckpoint",
+    "CSVLogger": "forge_dist.keras.ChiefCSVLogger",
+    "TensorBoard": "forge_dist.keras.ChiefTensorBoard",
+    "TerminateOnNaN": "forge_dist.keras.SyncTerminateOnNaN",
+}
+
+
+def check_distributed_callbacks(callbacks: Iterable[Any], size: int) -> None:
+    """Refuse, on every rank, the plain Keras callbacks that break a job of ``size`` > 1
+    ranks (each rank would decide or write on its own), naming the replacement."""
+    if size <= 1:
+        return
+    for cb in callbacks:
+        name = type(cb).__name__
+        module = type(cb).__module__
+        keras_own = module.startswith(("keras.", "tf_keras.", "keras.src."))
+        if keras_own and name in REPLACEMENTS:
+            raise ConfigurationError(
+                f"keras.callbacks.{name} runs on every rank on its own in a job of {size} "
+                f"ranks (different decisions, the same file written twice, or one rank "
+                f"stopping while the others wait); use {REPLACEMENTS[name]}"
+            )
+
+
+def wrap_extra(extra: Iterable[Any], communicator: Any) -> list[Any]:
+    """The user's own callbacks: forge_dist ones as they are, Keras' TerminateOnNaN as
+    SyncTerminateOnNaN, every other Keras callback once, on the chief (:class:`OnChief`)."""
+    out: list[Any] = []
+    for cb in extra:
+        if isinstance(cb, ForgeCallback):
+            out.append(cb)
+        elif type(cb).__name__ == "TerminateOnNaN" and isinstance(cb, keras.callbacks.Callback):
+            out.append(SyncTerminateOnNaN(communicator=communicator))
+        elif type(cb).__name__ in REPLACEMENTS and type(cb).__module__.startswith(
+            ("keras.", "tf_keras.")
+        ):
+            raise ConfigurationError(
+                f"production_callbacks already holds the distributed {type(cb).__name__}: "
+                f"set it through production_callbacks' arguments "
+                f"(or use {REPLACEMENTS[type(cb).__name__]})"
+            )
+        else:
+            out.append(OnChief(cb, communicator=communicator))
+    return out
 
 
 def production_callbacks(
@@ -37,6 +95,9 @@ def production_callbacks(
     keep_last: int | None = 2,
     keep_best: int | None = 1,
     csv_url: str | None = None,
+    tensorboard_dir: str | None = None,
+    terminate_on_nan: bool = True,
+    extra: Iterable[Any] = (),
     guard_every_n_epochs: int | None = 1,
     preemption_signals: Any = DEFAULT_SIGNALS,
     preemption_check_every_n_batches: int | str = "auto",
@@ -47,17 +108,23 @@ def production_callbacks(
 ) -> list[Any]:
     """The recommended stack, in the order that makes it correct:
 
-    initial-state broadcast, metric sync, plateau, early stop, checkpoint, CSV, guard,
-    preemption. The CSV defaults to ``<directory>/history.csv`` (beside the steps;
-    readers ignore it). On any of ``preemption_signals`` (to any rank) the job saves once
-    and every rank exits with 75 (:class:`PreemptionCheckpoint`). Pass
-    ``reduce_lr_patience=None``, ``guard_every_n_epochs=None`` or
-    ``preemption_signals=None`` to leave those out.
+    initial-state broadcast, metric sync, NaN guard, plateau, early stop, CSV,
+    TensorBoard (with ``tensorboard_dir``), checkpoint, your ``extra`` callbacks, weight
+    guard, preemption. The loggers come before the checkpoint, so a checkpoint never
+    covers an epoch its logs lack. ``extra`` callbacks run once, on the chief, with the
+    synced logs and the epoch's decisions taken (:class:`OnChief`), before a preemption
+    at that epoch's end stops the job. The CSV defaults to ``<directory>/history.csv``
+    (beside the steps; readers ignore it). On any of ``preemption_signals`` (to any
+    rank) the job saves once and every rank exits with 75. Pass
+    ``reduce_lr_patience=None``, ``guard_every_n_epochs=None``,
+    ``terminate_on_nan=False`` or ``preemption_signals=None`` to leave those out.
     """
     cbs: list[Any] = [
         BroadcastInitialState(communicator=communicator),
         SyncMetrics(communicator=communicator, validation_samples=validation_samples),
     ]
+    if terminate_on_nan:
+        cbs.append(SyncTerminateOnNaN(communicator=communicator, verbose=verbose))
     if reduce_lr_patience is not None:
         cbs.append(
             SyncReduceLROnPlateau(
@@ -81,6 +148,19 @@ def production_callbacks(
             communicator=communicator,
         )
     )
+    cbs.append(
+        ChiefCSVLogger(
+            csv_url or directory.rstrip("/") + "/" + HISTORY_CSV,
+            storage_options=storage_options,
+            communicator=communicator,
+        )
+    )
+    if tensorboard_dir is not None:
+        cbs.append(
+            ChiefTensorBoard(
+                tensorboard_dir, storage_options=storage_options, communicator=communicator
+            )
+        )
     checkpoint = ChiefModelCheckpoint(
         directory,
         monitor=monitor,
@@ -95,13 +175,11 @@ def production_callbacks(
         communicator=communicator,
     )
     cbs.append(checkpoint)
-    cbs.append(
-        ChiefCSVLogger(
-            csv_url or directory.rstrip("/") + "/" + HISTORY_CSV,
-            storage_options=storage_options,
-            communicator=communicator,
-        )
-    )
+    extra = list(extra)
+    if not terminate_on_nan:
+        cbs += wrap_extra(extra, communicator)
+    else:  # a TerminateOnNaN among them is the one already in the stack
+        cbs += wrap_extra([c for c in extra if type(c).__name__ != "TerminateOnNaN"], communicator)
     if guard_every_n_epochs is not None:
         cbs.append(ConsistencyGuard(every_n_epochs=guard_every_n_epochs, communicator=communicator))
     if preemption_signals is not None:

@@ -81,7 +81,7 @@ def early_stop_step(
         return EarlyStopDecision(
             state,
             Reason.NOT_MONITORED,
-            message=f"epoch {epoch}: {config.monitor} not monitored yet",
+            message=f"epoch {epoch + 1}: {config.monitor} not monitored yet",
         )
     snapshot = False
     new = state
@@ -106,7 +106,7 @@ def early_stop_step(
             new,
             reason,
             snapshot_weights=config.restore_best_weights,
-            message=f"epoch {epoch}: {config.monitor} {reason.value} to {fmt(current)} "
+            message=f"epoch {epoch + 1}: {config.monitor} {reason.value} to {fmt(current)} "
             f"(wait {new.wait}/{config.patience})",
         )
     if new.wait >= config.patience and epoch > 0:
@@ -116,13 +116,13 @@ def early_stop_step(
             Reason.STOP,
             stop=True,
             snapshot_weights=snapshot,
-            message=f"epoch {epoch}: stop, {config.monitor}={fmt(current)} has not improved "
+            message=f"epoch {epoch + 1}: stop, {config.monitor}={fmt(current)} has not improved "
             f"on {fmt(state.best)} for {new.wait} epochs (patience {config.patience})",
         )
     return EarlyStopDecision(
         new,
         Reason.WAITING,
         snapshot_weights=snapshot,
-        message=f"epoch {epoch}: {config.monitor}={fmt(current)} no better than "
+        message=f"epoch {epoch + 1}: {config.monitor}={fmt(current)} no better than "
         f"{fmt(state.best)} (wait {new.wait}/{config.patience})",
     )

@@ -80,7 +80,7 @@ def plateau_step(
         return PlateauDecision(
             PlateauState(0, current, cooldown),
             Reason.IMPROVED,
-            message=f"epoch {epoch}: {config.monitor} improved to {fmt(current)}",
+            message=f"epoch {epoch + 1}: {config.monitor} improved to {fmt(current)}",
         )
     if cooldown > 0:
         return PlateauDecision(PlateauState(wait, state.best, cooldown), Reason.COOLDOWN)
@@ -89,7 +89,7 @@ def plateau_step(
         return PlateauDecision(
             PlateauState(wait, state.best, cooldown),
             Reason.WAITING,
-            message=f"epoch {epoch}: plateau wait {wait}/{config.patience}",
+            message=f"epoch {epoch + 1}: plateau wait {wait}/{config.patience}",
         )
     # Keras compares against float32(min_lr): a float32 learning rate that equals min_lr
     # after rounding counts as already at the floor.
@@ -99,13 +99,13 @@ def plateau_step(
             PlateauState(0, state.best, config.cooldown),
             Reason.REDUCE_LR,
             new_lr,
-            message=f"epoch {epoch}: {config.monitor} plateaued at {fmt(state.best)}; "
+            message=f"epoch {epoch + 1}: {config.monitor} plateaued at {fmt(state.best)}; "
             f"learning rate {lr:.6g} -> {new_lr:.6g}",
         )
     return PlateauDecision(
         PlateauState(wait, state.best, cooldown),
         Reason.AT_MIN_LR,
-        message=f"epoch {epoch}: plateau, learning rate already at min_lr",
+        message=f"epoch {epoch + 1}: plateau, learning rate already at min_lr",
     )
 
 

@@ -62,6 +62,15 @@ class CheckpointStore:
         object-store prefixes always "exist"."""
         return not self._backend.rename_commit or os.path.lexists(self._backend.root)
 
+    def probe_writable(self) -> None:
+        """Create the root if needed, write and remove a small file in it; a clear
+        :class:`StorageError` if it cannot (read-only, permission, missing bucket)."""
+        self._backend.probe()
+
+    def free_bytes(self) -> int | None:
+        """Free space where a local root lives; None on object stores."""
+        return self._backend.free_bytes()
+
     @property
     def uses_rename(self) -> bool:
         """True on POSIX roots (rename commit), False on object stores (manifest last)."""

@@ -16,21 +16,28 @@ from forge_dist.keras.callbacks.checkpoint import ChiefModelCheckpoint
 from forge_dist.keras.callbacks.csv_logger import ChiefCSVLogger
 from forge_dist.keras.callbacks.early_stopping import SyncEarlyStopping
 from forge_dist.keras.callbacks.guard import ConsistencyGuard
+from forge_dist.keras.callbacks.on_chief import OnChief
 from forge_dist.keras.callbacks.preemption import PreemptionCheckpoint
 from forge_dist.keras.callbacks.reduce_lr import SyncReduceLROnPlateau
-from forge_dist.keras.callbacks.sync_metrics import SyncMetrics
+from forge_dist.keras.callbacks.sync_metrics import SyncMetrics, sync_logs
+from forge_dist.keras.callbacks.tensorboard import ChiefTensorBoard
+from forge_dist.keras.callbacks.terminate_on_nan import SyncTerminateOnNaN
 
 __all__ = [
     "BroadcastInitialState",
     "ChiefCSVLogger",
     "ChiefModelCheckpoint",
+    "ChiefTensorBoard",
     "ConsistencyGuard",
     "ForgeCallback",
+    "OnChief",
     "PreemptionCheckpoint",
     "SyncEarlyStopping",
     "SyncMetrics",
     "SyncReduceLROnPlateau",
+    "SyncTerminateOnNaN",
     "assign_optimizer_variables",
     "broadcast_model_state",
     "check_keras_supports",
+    "sync_logs",
 ]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -42,6 +43,17 @@ def check_positive_int(name: str, value: Any, *, allow_none: bool = False) -> No
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         extra = " or None" if allow_none else ""
         raise ConfigurationError(f"{name} must be a positive int{extra}, got {value!r}")
+
+
+def keras_alias(name: str, value: Any, keras_name: str, keras_value: Any) -> Any:
+    """``value``, or Keras' name for the same argument (``filepath``, ``filename``)."""
+    if keras_value is None:
+        if value is None:
+            raise ConfigurationError(f"{name} (Keras' {keras_name}) is required")
+        return value
+    if value is not None and value != keras_value:
+        raise ConfigurationError(f"pass {name} or {keras_name} (the same thing), not both")
+    return keras_value
 
 
 def missing_monitor(monitor: str, logs: dict[str, Any], who: str) -> ConfigurationError:
@@ -84,6 +96,9 @@ class ForgeCallback(Callback):
     def reset_state(self) -> None:
         """Start afresh (a new fit with nothing restored)."""
 
+    def on_preemption(self) -> None:
+        """Called on every rank just before a preemption save (then the job stops)."""
+
     def begin_state(self) -> None:
         """At train begin: keep the state when this fit continues the previous one
         (:func:`~forge_dist.keras.fit_resumed`), else take the restored one, else reset."""
@@ -103,7 +118,9 @@ class ForgeCallback(Callback):
     def _say(self, message: str) -> None:
         log.info(message)
         if self.verbose and self.comm.is_chief:
-            print(f"[forge_dist] {message}", flush=True)
+            # Keras' progress bar (verbose=1) leaves its line open on a terminal.
+            bar = (self.params or {}).get("verbose") == 1 and sys.stdout.isatty()
+            print(f"{chr(10) if bar else ''}[forge_dist] {message}", flush=True)
 
     # -- monitor and mode
     def _setup_monitor(self, monitor: str, mode: str) -> str | None:
@@ -130,6 +147,26 @@ class ForgeCallback(Callback):
             mode = self._resolve_mode(self.monitor, self.mode)
             self.config = dataclasses.replace(self.config, mode=mode)
             self._mode_resolved = True
+        self._check_mode_direction()
+
+    def _check_mode_direction(self) -> None:
+        """A ``mode`` that contradicts the metric's known direction (``mode="min"`` for
+        ``val_accuracy``) is a warning on the chief: the decisions would keep the worst."""
+        if self.mode == "auto":
+            return
+        try:
+            natural = self._resolve_mode(self.monitor, "auto")
+        except ConfigurationError:
+            return
+        if natural != self.mode and self.comm.is_chief:
+            message = (
+                f"warning: {type(self).__name__}(monitor={self.monitor!r}, mode={self.mode!r}): "
+                f"{self.monitor!r} is normally {'maximised' if natural == 'max' else 'minimised'}"
+                f"; with mode={self.mode!r} the worst values count as best (mode='auto' "
+                "follows the metric)"
+            )
+            log.warning(message)
+            print(f"[forge_dist] {message}", flush=True)
 
 
 class PolicyState:

@@ -13,11 +13,28 @@ from forge_dist.keras import _compat
 from forge_dist.keras._compat import to_float
 from forge_dist.keras._state import collect_state, registry
 from forge_dist.keras.async_checkpoint import AsyncCheckpointer
-from forge_dist.keras.callbacks.base import ForgeCallback, check_positive_int
+from forge_dist.keras.callbacks.base import ForgeCallback, check_positive_int, keras_alias
+from forge_dist.keras.metric_state import metric_values, saved_state
+from forge_dist.keras.preflight import check_room
 from forge_dist.keras.saving import save_to_store, scratch_save
 from forge_dist.keras.snapshot import HostTwin
 
 WHEN_BUSY = ("wait", "skip")
+_FILE_SUFFIXES = (".keras", ".h5", ".hdf5", ".weights.h5", ".ckpt", ".tf")
+
+
+def check_root_url(url: Any) -> str:
+    """A checkpoint root, not a Keras file name or name template."""
+    if not isinstance(url, str) or not url:
+        raise ConfigurationError(f"directory must be a non-empty string, got {url!r}")
+    if "{" in url or url.lower().endswith(_FILE_SUFFIXES):
+        raise ConfigurationError(
+            f"ChiefModelCheckpoint takes the folder its checkpoints go in, not a file name or "
+            f"template ({url!r}): each save is a step folder under that root "
+            "(step-00000123/model.keras) whose manifest records the epoch and every metric. "
+            "Pass e.g. 'runs/exp1' or 's3://bucket/exp1'"
+        )
+    return url
 
 
 class ChiefModelCheckpoint(ForgeCallback):
@@ -43,7 +60,7 @@ class ChiefModelCheckpoint(ForgeCallback):
 
     def __init__(
         self,
-        directory: str,
+        directory: str | None = None,
         monitor: str = "val_loss",
         verbose: int = 0,
         save_best_only: bool = False,
@@ -57,10 +74,12 @@ class ChiefModelCheckpoint(ForgeCallback):
         communicator: Communicator | None = None,
         async_save: bool = False,
         when_busy: str = "wait",
+        filepath: str | None = None,
     ) -> None:
         super().__init__(communicator, verbose)
         from forge_dist.storage import CheckpointStore
 
+        directory = check_root_url(keras_alias("directory", directory, "filepath", filepath))
         if when_busy not in WHEN_BUSY:
             raise ConfigurationError(f"when_busy must be 'wait' or 'skip', got {when_busy!r}")
         if async_save and self.comm.collective_saves:
@@ -113,7 +132,16 @@ class ChiefModelCheckpoint(ForgeCallback):
                 if (self.save_best_only or self.keep_best)
                 else "min"
             )
+        if self.save_best_only or self.keep_best:
+            self._check_mode_direction()
         self.begin_state()
+        # Before the first step: the root is writable and has room for what is kept.
+        self._agree(
+            "ChiefModelCheckpoint(pre-flight)",
+            lambda: check_room(
+                self.store, self.model, self.keep_last, self.keep_best, self.async_save
+            ),
+        )
 
     def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
         self._epoch = epoch
@@ -200,6 +228,11 @@ class ChiefModelCheckpoint(ForgeCallback):
             "learning_rate": _compat.get_lr(self.model.optimizer),
             "callbacks": collect_state(self.model),
         }
+        if not epoch_done and not self.comm.collective_saves:
+            # Mid-epoch: every rank's running metric totals, so the resumed epoch's
+            # training metrics come out as an uninterrupted run's.
+            ranks = self.comm.allgather(metric_values(self.model), name=f"{name} metrics")
+            state["metric_state"] = saved_state(ranks)
         if self.comm.collective_saves:
             self._collective_save(name, step, logs, state)
         elif self.async_save and not force:

@@ -8,51 +8,73 @@ import os
 from typing import Any
 
 from forge_dist.comm import Communicator
-from forge_dist.errors import BackendNotInstalledError, ConfigurationError
+from forge_dist.errors import ConfigurationError
 from forge_dist.keras._compat import to_float
-from forge_dist.keras.callbacks.base import ForgeCallback
+from forge_dist.keras.callbacks.base import ForgeCallback, keras_alias
+from forge_dist.storage._errors import storage_errors
+from forge_dist.storage.logdir import is_local, open_url, probe_writable
 
 
 class ChiefCSVLogger(ForgeCallback):
     """One CSV of the epoch logs, written by the chief through fsspec.
 
-    The whole file is rewritten atomically each epoch (temp + rename on local disks,
-    one PUT on object stores). With ``append=True`` a resumed run keeps the rows of the
-    epochs before it and replaces any from the epoch it restarts at, so no epoch is
-    listed twice."""
+    ``url`` (Keras' ``filename``) is any fsspec URL. The whole file is rewritten
+    atomically each epoch (temp + rename on local disks, one PUT on object stores),
+    with the values every rank agreed on; a failure to write is an error on every rank
+    in that epoch. Each checkpoint records the last epoch the CSV holds; a resumed run
+    first drops the rows past the restored epoch, so every epoch has exactly one row.
+    With ``append=False`` an existing file is replaced at train begin."""
 
     state_key = "csv_logger"
 
     def __init__(
         self,
-        url: str,
+        url: str | None = None,
         separator: str = ",",
         append: bool = True,
         storage_options: dict[str, Any] | None = None,
         communicator: Communicator | None = None,
+        filename: str | None = None,
     ) -> None:
         super().__init__(communicator)
-        import fsspec
-
-        if not isinstance(url, str) or not url:
-            raise ConfigurationError("url must be a non-empty string")
+        url = keras_alias("url", url, "filename", filename)
         if not isinstance(separator, str) or len(separator) != 1:
             raise ConfigurationError(f"separator must be one character, got {separator!r}")
-        try:
-            self.fs, self.path = fsspec.core.url_to_fs(url, **(storage_options or {}))
-        except ImportError as e:
-            raise BackendNotInstalledError(f"cannot write the CSV to {url}: {e}") from e
+        self.fs, self.path = open_url(url, storage_options, "the CSV url")
         self.url = url
         self.separator = separator
         self.append = append
         self.rows: list[dict[str, str]] = []
         self.header: list[str] | None = None
-        self._first_epoch: int | None = None
+        self.last_epoch = -1
+        self._restored_epoch: int | None = None
 
+    # -- the state protocol: how far the CSV goes
+    def get_state(self) -> dict[str, Any]:
+        return {"last_epoch": self.last_epoch}
+
+    def set_state(self, state: dict[str, Any], weights: list[Any] | None = None) -> None:
+        self._restored_epoch = int(state.get("last_epoch", -1))
+
+    def reset_state(self) -> None:
+        self._restored_epoch = None
+
+    # -- Keras hooks
     def on_train_begin(self, logs: Any = None) -> None:
-        self.rows, self.header, self._first_epoch = [], None, None
-        if self.comm.is_chief and self.append:
+        self.begin_state()
+        self._agree("ChiefCSVLogger(train begin)", self._start)
+
+    def _start(self) -> None:
+        """Chief: probe the URL, read the rows a resumed run keeps."""
+        self.rows, self.header = [], None
+        parent = self.path.rsplit("/", 1)[0] if "/" in self.path else "."
+        probe_writable(self.fs, parent, self.url, "the CSV's folder")
+        if self.append:
             self._read_existing()
+        if self._restored_epoch is not None:  # once: a fit that continues keeps its rows
+            self.rows = [r for r in self.rows if _epoch(r) <= self._restored_epoch]
+            self._restored_epoch = None
+        self.last_epoch = max([_epoch(r) for r in self.rows], default=-1)
 
     def _read_existing(self) -> None:
         """Chief: the rows already in the file (a resumed run appends to them)."""
@@ -66,12 +88,11 @@ class ChiefCSVLogger(ForgeCallback):
             self.rows = list(reader)
 
     def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
-        if not self.comm.is_chief:
-            return
-        logs = logs or {}
-        if self._first_epoch is None:
-            self._first_epoch = epoch
-            self.rows = [r for r in self.rows if int(float(r.get("epoch", -1))) < epoch]
+        self._agree(f"ChiefCSVLogger(epoch {epoch + 1})", lambda: self._add(epoch, logs or {}))
+
+    def _add(self, epoch: int, logs: dict[str, Any]) -> None:
+        """Chief: this epoch's row, replacing any row of this epoch or later."""
+        self.rows = [r for r in self.rows if _epoch(r) < epoch]
         row = {"epoch": str(epoch)}
         for k in sorted(logs):
             f = to_float(logs[k])
@@ -82,6 +103,7 @@ class ChiefCSVLogger(ForgeCallback):
             self.header += [k for k in row if k not in self.header]
         self.rows.append(row)
         self._write()
+        self.last_epoch = epoch
 
     def _write(self) -> None:
         out = io.StringIO()
@@ -91,15 +113,22 @@ class ChiefCSVLogger(ForgeCallback):
         w.writeheader()
         w.writerows(self.rows)
         data = out.getvalue().encode("utf-8")
-        parent = self.path.rsplit("/", 1)[0] if "/" in self.path else ""
-        protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
-        if protocol in ("file", "local"):
-            os.makedirs(parent or ".", exist_ok=True)
+        with storage_errors(f"cannot write the CSV {self.url}"):
+            if not is_local(self.fs):
+                self.fs.pipe_file(self.path, data)  # one PUT
+                return
+            parent = os.path.dirname(self.path) or "."
+            os.makedirs(parent, exist_ok=True)
             tmp = f"{self.path}.tmp-{os.getpid()}"
             with open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.path)
-        else:
-            self.fs.pipe_file(self.path, data)
+
+
+def _epoch(row: dict[str, str]) -> int:
+    try:
+        return int(float(row.get("epoch", -1)))
+    except ValueError:
+        return -1

@@ -9,10 +9,10 @@ from typing import Any
 from forge_dist import policy
 from forge_dist.comm import Communicator
 from forge_dist.errors import ConfigurationError
-from forge_dist.keras._state import registry
+from forge_dist.keras._state import registered, registry
 from forge_dist.keras.callbacks.base import ForgeCallback
 from forge_dist.keras.callbacks.checkpoint import ChiefModelCheckpoint
-from forge_dist.preemption import DEFAULT_SIGNALS, PREEMPTED_EXIT_CODE, Preempted, SignalFlag
+from forge_dist.preemption import DEFAULT_SIGNALS, PREEMPTED_EXIT_CODE, Preempted, shared_flag
 
 
 class PreemptionCheckpoint(ForgeCallback):
@@ -29,8 +29,14 @@ class PreemptionCheckpoint(ForgeCallback):
     :class:`~forge_dist.preemption.Preempted` (a ``SystemExit`` with ``exit_code``,
     75 by default). The last batch of an epoch is checked at the epoch end, after the
     other callbacks (put this one last), so a save never falls between a finished
-    epoch and its validation. Resume with :func:`restore_latest` and
-    :func:`fit_resumed`.
+    epoch and its validation. Before saving, every forge_dist callback's
+    ``on_preemption()`` runs (the TensorBoard logger copies its events to the URL).
+
+    A signal that came before ``fit`` (call :func:`forge_dist.preemption.catch_early`
+    first thing in the script, so it is held instead of ending the process) is acted on
+    at train begin, before the first step: nothing new is saved, and every rank exits
+    with 75 (the checkpoint it was restored from, if any, is the one to resume from).
+    Resume with :func:`restore_latest` and :func:`fit_resumed`.
     """
 
     state_key = "preemption"
@@ -59,7 +65,7 @@ class PreemptionCheckpoint(ForgeCallback):
         if isinstance(code, bool) or not isinstance(code, int) or not 1 <= code <= 255:
             raise ConfigurationError(f"exit_code must be an int in 1..255, got {exit_code!r}")
         self.checkpoint = checkpoint
-        self.flag = SignalFlag(DEFAULT_SIGNALS if signals is None else signals)
+        self.flag = shared_flag(DEFAULT_SIGNALS if signals is None else signals)
         self.check_every_n_batches = n
         self.every = 1 if n == "auto" else n  # batches between checks, now
         self.exit_code = code
@@ -72,6 +78,23 @@ class PreemptionCheckpoint(ForgeCallback):
     def on_train_begin(self, logs: Any = None) -> None:
         self.flag.install()
         self._steps = (self.params or {}).get("steps")
+        if not registry(self.model).keep_state:  # (a fit that continues one: no new start)
+            self._check_at_start()
+
+    def _check_at_start(self) -> None:
+        """A signal held since before fit: stop before the first step, saving nothing
+        new (the model is where a checkpoint, or nothing, left it)."""
+        name = "PreemptionCheckpoint(train begin)"
+        if not self.comm.any(self.flag.raised, name=name):
+            return
+        got = self.comm.allgather(self.flag.received.name if self.flag.received else None, name)
+        step = registry(self.model).restored_step
+        stop = Preempted(
+            self.exit_code, next(n for n in got if n), step, self._epoch, None, saved=False
+        )
+        self._say(f"{stop} (signalled before training began: {_who(got)})")
+        self.flag.uninstall()
+        raise stop
 
     def on_train_end(self, logs: Any = None) -> None:
         if not registry(self.model).partial_fit:
@@ -122,10 +145,15 @@ class PreemptionCheckpoint(ForgeCallback):
             self.flag.received.name if self.flag.received else None,
             name=f"PreemptionCheckpoint({where}) signals",
         )
-        signalled = [f"rank {r}: {n}" for r, n in enumerate(got) if n]
+        for cb in registered(self.model):
+            cb.on_preemption()
         step = self.checkpoint.save_now(self._epoch, batch, epoch_done)
         position = None if batch is None else batch + registry(self.model).batch_offset
         stop = Preempted(self.exit_code, next(n for n in got if n), step, self._epoch, position)
-        self._say(f"{stop} (signalled: {', '.join(signalled)})")
+        self._say(f"{stop} (signalled: {_who(got)})")
         self.flag.uninstall()  # fit ends here: on_train_end will not run
         raise stop
+
+
+def _who(got: list[Any]) -> str:
+    return ", ".join(f"rank {r}: {n}" for r, n in enumerate(got) if n)

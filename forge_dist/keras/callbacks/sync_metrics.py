@@ -60,21 +60,32 @@ class SyncMetrics(ForgeCallback):
 
     def sync(self, logs: dict[str, Any], name: str, weight_all: bool) -> None:
         """Replace ``logs``' numbers by their means across ranks, in place."""
-        numeric = {k: f for k in sorted(logs) if (f := to_float(logs[k])) is not None}
-        keys = tuple(numeric)
-        rows = self.comm.allgather((keys, [numeric[k] for k in keys], self._weight()), name=name)
-        key_sets = {r: row[0] for r, row in enumerate(rows)}
-        if len(set(key_sets.values())) > 1:
-            ref = key_sets[0]
-            diffs = [
-                f"rank {r}: {sorted(set(k) ^ set(ref))}" for r, k in key_sets.items() if k != ref
-            ]
-            raise CollectiveMismatchError(
-                f"{name}: ranks logged different metrics (differences from rank 0: "
-                + "; ".join(diffs)
-                + ")"
-            )
-        plain, weighted = policy.mean_over_ranks([row[1] for row in rows], [r[2] for r in rows])
-        for i, k in enumerate(keys):
-            use_weight = weight_all or k.startswith("val_")
-            logs[k] = weighted[i] if use_weight else plain[i]
+        sync_logs(self.comm, logs, name, self._weight(), weight_all)
+
+
+def sync_logs(
+    comm: Communicator,
+    logs: dict[str, Any],
+    name: str,
+    weight: float | None = None,
+    weight_all: bool = False,
+) -> None:
+    """Replace every number in ``logs`` by its mean across ranks, in place (every rank
+    calls it; keys in sorted order). ``val_*`` values, or all with ``weight_all``, are
+    weighted by each rank's ``weight`` when every rank gave one."""
+    numeric = {k: f for k in sorted(logs) if (f := to_float(logs[k])) is not None}
+    keys = tuple(numeric)
+    rows = comm.allgather((keys, [numeric[k] for k in keys], weight), name=name)
+    key_sets = {r: row[0] for r, row in enumerate(rows)}
+    if len(set(key_sets.values())) > 1:
+        ref = key_sets[0]
+        diffs = [f"rank {r}: {sorted(set(k) ^ set(ref))}" for r, k in key_sets.items() if k != ref]
+        raise CollectiveMismatchError(
+            f"{name}: ranks logged different metrics (differences from rank 0: "
+            + "; ".join(diffs)
+            + ")"
+        )
+    plain, weighted = policy.mean_over_ranks([row[1] for row in rows], [r[2] for r in rows])
+    for i, k in enumerate(keys):
+        use_weight = weight_all or k.startswith("val_")
+        logs[k] = weighted[i] if use_weight else plain[i]

@@ -35,6 +35,9 @@ class Sink(ABC):
     def discard(self) -> None: ...
 
 
+PROBE_PREFIX = ".forge-dist-probe-"
+
+
 def writer_id() -> str:
     """``<host>.<pid>.<random>``: names a staging folder and tells gc who owns it."""
     host = "".join(c if c.isalnum() or c == "-" else "-" for c in socket.gethostname())[:60]
@@ -118,3 +121,12 @@ class Backend(ABC):
     @abstractmethod
     def remove_uncommitted(self, name: str) -> None:
         """Remove a staging (or an uncommitted prefix)."""
+
+    @abstractmethod
+    def probe(self) -> None:
+        """Create the root if needed; write and remove a small file in it. Raise
+        :class:`StorageError` if that fails (read-only, permission, missing bucket)."""
+
+    def free_bytes(self) -> int | None:
+        """Free space where the root lives, or None where storage has no such limit."""
+        return None

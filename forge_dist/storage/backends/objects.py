@@ -13,7 +13,7 @@ from typing import IO, Any, BinaryIO
 from forge_dist.errors import CheckpointExistsError, ManifestError, StorageError
 from forge_dist.storage import _faults
 from forge_dist.storage._errors import storage_errors
-from forge_dist.storage.backends.base import Backend, FileStat, Sink
+from forge_dist.storage.backends.base import PROBE_PREFIX, Backend, FileStat, Sink, writer_id
 from forge_dist.storage.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, step_dirname
 
 
@@ -183,6 +183,14 @@ class ObjectBackend(Backend):
         self._fresh()
         _faults.point("manifest-written")
         _faults.point("committed")
+
+    def probe(self) -> None:
+        self.list_root()  # a missing bucket or an unreachable endpoint, said clearly
+        probe = f"{self.root}/{PROBE_PREFIX}{writer_id()}"
+        with storage_errors(f"checkpoint root {self.display} is not writable"):
+            self.fs.pipe_file(probe, b"probe")
+            self.fs.rm_file(probe)
+        self._fresh()
 
     def abort(self, staging: str) -> None:
         with contextlib.suppress(Exception):

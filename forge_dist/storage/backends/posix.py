@@ -7,6 +7,7 @@ fsync, rename to ``step-N/``, fsync the root. A delete renames the step to
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -18,7 +19,7 @@ from typing import BinaryIO
 from forge_dist.errors import CheckpointExistsError, ManifestError, StorageError
 from forge_dist.storage import _faults
 from forge_dist.storage._errors import storage_errors
-from forge_dist.storage.backends.base import Backend, FileStat, Sink, writer_id
+from forge_dist.storage.backends.base import PROBE_PREFIX, Backend, FileStat, Sink, writer_id
 from forge_dist.storage.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, step_dirname
 
 
@@ -242,6 +243,26 @@ class PosixBackend(Backend):
 
     def abort(self, staging: str) -> None:
         shutil.rmtree(self._p(staging), ignore_errors=True)
+
+    def probe(self) -> None:
+        probe = self._p(PROBE_PREFIX + writer_id())
+        if os.path.lexists(self.root) and not os.path.isdir(self.root):
+            raise StorageError(f"checkpoint root {self.display} is not a directory")
+        with storage_errors(f"checkpoint root {self.display} is not writable"):
+            os.makedirs(self.root, exist_ok=True)
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                os.write(fd, b"probe")
+            finally:
+                os.close(fd)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(probe)
+
+    def free_bytes(self) -> int | None:
+        path = self.root
+        while not os.path.exists(path) and os.path.dirname(path) != path:
+            path = os.path.dirname(path)  # the root may not exist yet
+        return shutil.disk_usage(path).free
 
     def delete_committed(self, name: str) -> None:
         trash = f"{name}.del-{writer_id()}"

@@ -1,0 +1,105 @@
+"""Checks made at train begin, before the first step: is there room for what the
+checkpoint policy will keep? (The chief checks; :func:`forge_dist.comm.agree` tells
+every rank.)"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from forge_dist.errors import StorageError
+from forge_dist.keras import _compat
+
+#: A .keras archive holds the variables plus config and zip overhead.
+ARCHIVE_OVERHEAD = 1.02
+ARCHIVE_EXTRA_BYTES = 64 * 1024
+
+
+#: Slots per trainable variable assumed for an optimizer not built yet (Adam's two).
+UNBUILT_SLOTS = 2
+
+
+def _bytes(variables: list[Any]) -> int:
+    return sum(int(math.prod(tuple(v.shape))) * _itemsize(v.dtype) for v in variables)
+
+
+def state_bytes(model: Any) -> int:
+    """Bytes of the model's and optimizer's variables (an optimizer that is not built
+    yet is counted as Adam's two slots per trainable variable)."""
+    total = _bytes(list(model.weights))
+    opt = model.optimizer
+    if opt is not None:
+        total += _bytes(_compat.optimizer_variables(opt))
+        if not getattr(opt, "built", getattr(opt, "_built", True)):
+            total += UNBUILT_SLOTS * _bytes(list(model.trainable_weights))
+    return total
+
+
+def _itemsize(dtype: Any) -> int:
+    import numpy as np
+
+    try:
+        return int(np.dtype(getattr(dtype, "name", dtype)).itemsize)
+    except TypeError:
+        return 4  # an unusual dtype: counted as float32
+
+
+def checkpoint_bytes(model: Any) -> int:
+    """An estimate of one checkpoint's size on storage."""
+    return int(state_bytes(model) * ARCHIVE_OVERHEAD) + ARCHIVE_EXTRA_BYTES
+
+
+def kept_checkpoints(keep_last: int | None, keep_best: int | None) -> int:
+    """How many checkpoints retention holds at most, plus the one being written."""
+    kept = (keep_last or 0) + (keep_best or 0)
+    return max(kept, 1) + 1
+
+
+def memory_available() -> int | None:
+    """Linux's MemAvailable, in bytes; None elsewhere."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def human(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+def check_room(
+    store: Any, model: Any, keep_last: int | None, keep_best: int | None, async_save: bool
+) -> None:
+    """Chief: the root is writable, holds what retention keeps plus one, and (async
+    saves) the host has memory for the twin. One :class:`StorageError` naming the URL,
+    the need and what is free."""
+    store.probe_writable()
+    one = checkpoint_bytes(model)
+    n = kept_checkpoints(keep_last, keep_best)
+    free = store.free_bytes()
+    if free is not None:
+        present = sum(c.manifest.total_bytes for c in store.list() if c.manifest is not None)
+        need = max(0, n * one - present)
+        if free < need:
+            raise StorageError(
+                f"checkpoint root {store.display} has {human(free)} free, but keeping {n - 1} "
+                f"checkpoint(s) of about {human(one)} (keep_last={keep_last}, "
+                f"keep_best={keep_best}) while writing the next needs about {human(need)} more; "
+                "free space, keep fewer, or choose another root"
+            )
+    if async_save:
+        available = memory_available()
+        if available is not None and available < state_bytes(model):
+            raise StorageError(
+                f"async_save keeps a copy of the model and optimizer state in host memory "
+                f"(about {human(state_bytes(model))}) but only {human(available)} is "
+                "available; use async_save=False"
+            )

@@ -1,0 +1,106 @@
+"""Keras' names and habits: filepath/filename, templates refused with what to pass, a
+mode that contradicts the metric, plain Keras callbacks in a distributed fit, epochs
+counted from 1, a resume that says what it restored."""
+
+from __future__ import annotations
+
+import pytest
+
+pytestmark = pytest.mark.keras
+keras = pytest.importorskip("keras", reason="Keras is in the [tf] extra")
+
+from kerashelp import LOCAL, X, Y, fit, make_model  # noqa: E402
+from threadcomm import run_ranks  # noqa: E402
+
+from forge_dist import keras as fk  # noqa: E402
+from forge_dist.errors import ConfigurationError  # noqa: E402
+
+
+def test_filepath_is_kerass_name_for_the_root(tmp_path):
+    cb = fk.ChiefModelCheckpoint(filepath=str(tmp_path / "run"), communicator=LOCAL)
+    assert cb.directory == str(tmp_path / "run")
+
+
+@pytest.mark.parametrize(
+    "path", ["model-{epoch:02d}-{val_loss:.2f}.keras", "best.keras", "w.weights.h5", "m.h5"]
+)
+def test_a_keras_file_name_or_template_is_refused_with_what_to_pass(path):
+    with pytest.raises(ConfigurationError, match="Pass e.g. 'runs/exp1'"):
+        fk.ChiefModelCheckpoint(path, communicator=LOCAL)
+
+
+def test_a_mode_that_contradicts_the_metric_is_a_warning(tmp_path, capsys):
+    model = make_model()
+    model.compile(optimizer="adam", loss="mse", metrics=["accuracy"])
+    es = fk.SyncEarlyStopping(monitor="val_accuracy", mode="min", communicator=LOCAL)
+    fit(model, [es], epochs=1)
+    out = capsys.readouterr().out
+    assert "'val_accuracy' is normally maximised" in out and "mode='auto'" in out
+
+
+def test_plain_keras_callbacks_are_refused_in_a_distributed_fit_on_every_rank():
+    def rank_fn(comm):
+        callbacks = [fk.SyncMetrics(communicator=comm), keras.callbacks.TerminateOnNaN()]
+        fk.fit_resumed(make_model(), None, callbacks=callbacks)
+
+    results = run_ranks(2, rank_fn, timeout=30)
+    assert all(isinstance(e, ConfigurationError) for e in results), results
+    assert all("use forge_dist.keras.SyncTerminateOnNaN" in str(e) for e in results)
+
+
+def test_in_one_process_plain_keras_callbacks_are_fine():
+    fit(make_model(), [keras.callbacks.TerminateOnNaN()], epochs=1)
+
+
+def test_production_callbacks_wraps_extra_and_puts_them_before_the_preemption(tmp_path):
+    class Alert(keras.callbacks.Callback):
+        pass
+
+    stack = fk.production_callbacks(
+        str(tmp_path / "r"),
+        tensorboard_dir=str(tmp_path / "tb"),
+        extra=[Alert(), keras.callbacks.TerminateOnNaN()],
+        communicator=LOCAL,
+    )
+    kinds = [type(c).__name__ for c in stack]
+    assert kinds == [
+        "BroadcastInitialState",
+        "SyncMetrics",
+        "SyncTerminateOnNaN",
+        "SyncReduceLROnPlateau",
+        "SyncEarlyStopping",
+        "ChiefCSVLogger",
+        "ChiefTensorBoard",
+        "ChiefModelCheckpoint",
+        "OnChief",
+        "ConsistencyGuard",
+        "PreemptionCheckpoint",
+    ]
+    assert isinstance(stack[8].callback, Alert)
+    with pytest.raises(ConfigurationError, match="already holds the distributed EarlyStopping"):
+        fk.production_callbacks(
+            str(tmp_path / "r"), extra=[keras.callbacks.EarlyStopping()], communicator=LOCAL
+        )
+
+
+def test_a_resume_says_what_it_restored_and_a_finished_run_says_so(tmp_path, capsys):
+    root = str(tmp_path / "r")
+    fit(make_model(), [fk.ChiefModelCheckpoint(root, communicator=LOCAL)], epochs=2)
+    model = make_model()
+    restored = fk.restore_latest(model, root, communicator=LOCAL)
+    out = capsys.readouterr().out
+    assert "resumed from step 8 in" in out and "epoch 2 at its end" in out
+    sync = [fk.SyncMetrics(communicator=LOCAL)]
+    fk.fit_resumed(model, restored, X, Y, epochs=2, verbose=0, callbacks=sync)
+    assert "nothing to train: the checkpoint (step 8) ends at epoch 2, and epochs=2" in (
+        capsys.readouterr().out
+    )
+
+
+def test_decisions_count_epochs_as_keras_does(tmp_path, capsys):
+    es = fk.SyncEarlyStopping(
+        monitor="loss", patience=0, min_delta=100, verbose=1, communicator=LOCAL
+    )
+    fit(make_model(), [es], epochs=3)
+    out = capsys.readouterr().out
+    assert "epoch 2: stop" in out and "Epoch 2: early stopping" in out

@@ -1,0 +1,76 @@
+"""Pre-flight at train begin, before the first step: the checkpoint root is writable and
+has room for what retention keeps plus one checkpoint (real tmpfs mounts, as root)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+
+import pytest
+
+pytestmark = pytest.mark.keras
+keras = pytest.importorskip("keras", reason="Keras is in the [tf] extra")
+
+from kerashelp import LOCAL, fit, make_model  # noqa: E402
+
+from forge_dist import keras as fk  # noqa: E402
+from forge_dist.errors import StorageError  # noqa: E402
+from forge_dist.keras.preflight import checkpoint_bytes, kept_checkpoints  # noqa: E402
+from forge_dist.storage import CheckpointStore  # noqa: E402
+
+
+@contextlib.contextmanager
+def tmpfs(path, size, read_only=False):
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    path.mkdir()
+    opts = f"size={size}" + (",ro" if read_only else "")
+    out = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], timeout=30)
+    if out.returncode != 0:
+        pytest.skip("this machine does not let us mount a tmpfs")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], timeout=30, check=True)
+
+
+class Steps(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.batches = 0
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.batches += 1
+
+
+def test_a_read_only_root_fails_before_the_first_step(tmp_path):
+    with tmpfs(tmp_path / "ro", "1m", read_only=True) as mnt:
+        steps = Steps()
+        cb = fk.ChiefModelCheckpoint(str(mnt / "run"), communicator=LOCAL)
+        with pytest.raises(StorageError, match="not writable: read-only filesystem"):
+            fit(make_model(), [cb, steps], epochs=1)
+        assert steps.batches == 0
+
+
+def test_too_little_space_names_the_need_and_what_is_free(tmp_path):
+    model = make_model(units=4096)  # ~ 300 kB of variables and Adam slots
+    one = checkpoint_bytes(model)
+    with tmpfs(tmp_path / "small", "1m") as mnt:
+        steps = Steps()
+        cb = fk.ChiefModelCheckpoint(str(mnt / "run"), keep_last=5, communicator=LOCAL)
+        with pytest.raises(StorageError, match=r"has .* free, but keeping 5 checkpoint") as err:
+            fit(model, [cb, steps], epochs=1)
+        assert steps.batches == 0 and str(mnt) in str(err.value)
+        assert kept_checkpoints(5, None) * one > 1024 * 1024  # the test's own premise
+        # With room for what is kept, it trains and saves; the estimate was not low.
+        fit(model, [fk.ChiefModelCheckpoint(str(mnt / "run2"), keep_last=1, communicator=LOCAL)])
+        saved = CheckpointStore(str(mnt / "run2")).newest().manifest.total_bytes
+        assert saved <= one < 2 * saved
+
+
+def test_the_estimate_counts_model_and_optimizer_variables():
+    model = make_model(units=4)
+    model.optimizer.build(model.trainable_variables)
+    n = sum(int(w.size) for w in model.get_weights())
+    assert checkpoint_bytes(model) >= 4 * 3 * n  # weights + Adam's two slots, float32
