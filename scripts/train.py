@@ -13,6 +13,9 @@ Keras 3 by default; ``TF_USE_LEGACY_KERAS=1`` for tf_keras. With ``--backend tf`
 MultiWorkerMirroredStrategy cluster comes from ``TF_CONFIG``, or from SLURM's variables
 under ``srun``. ``--report FILE`` writes what this rank decided (stop epoch, learning
 rate, weight fingerprint) as JSON; ``{rank}`` in FILE is replaced by the rank.
+``--tensorboard-dir URL`` adds the chief's TensorBoard logger; ``--alert-url URL``
+posts a JSON alert there, once, from the chief, when val_loss first drops below
+``--alert-below`` (the tutorial's own alert callback, run through ``extra=[...]``).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import json
 import os
 import sys
 
-from forge_dist.preemption import Preempted
+from forge_dist.preemption import Preempted, catch_early
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -48,7 +51,47 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--storage-options", default=None, help="fsspec options as JSON")
     ap.add_argument("--report", default=None, help="write this rank's summary JSON here")
     ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--tensorboard-dir", default=None, help="TensorBoard log dir: any URL")
+    ap.add_argument("--alert-url", default=None, help="POST an alert here (see --alert-below)")
+    ap.add_argument("--alert-below", type=float, default=0.5)
+    ap.add_argument(
+        "--poison-rank",
+        type=int,
+        default=None,
+        metavar="RANK",
+        help="(tests) this rank's targets hold an infinite value: its loss turns infinite",
+    )
+    ap.add_argument(
+        "--signal-before-fit",
+        type=int,
+        default=None,
+        metavar="RANK",
+        help="(tests) this rank sends itself SIGUSR1 after the restore, before fit",
+    )
     return ap.parse_args(argv)
+
+
+def threshold_alert(url: str, below: float, keras: object) -> object:
+    """The tutorial's alert: POST to a webhook when val_loss first drops below a
+    threshold. Plain Keras; production_callbacks(extra=[...]) runs it once, on the
+    chief, with the values every rank agreed on."""
+    import urllib.request
+
+    class ThresholdAlert(keras.callbacks.Callback):  # type: ignore[attr-defined,name-defined]
+        fired = False
+
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            value = (logs or {}).get("val_loss")
+            if self.fired or value is None or value >= below:
+                return
+            body = json.dumps({"epoch": epoch + 1, "val_loss": value}).encode()
+            req = urllib.request.Request(url, data=body, method="POST")
+            req.add_header("Content-Type", "application/json")
+            with urllib.request.urlopen(req, timeout=10) as answer:
+                answer.read()
+            self.fired = True
+
+    return ThresholdAlert()
 
 
 def watch_root(root: str, touched: list[str]) -> None:
@@ -80,6 +123,7 @@ def watch_root(root: str, touched: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    catch_early()  # a preemption signal from now on is held, not fatal
     args = parse_args(argv)
     touched: list[str] = []
     if args.report and "://" not in args.checkpoint_dir:
@@ -140,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         return x, (y + drift * x[:, :1] ** 2).astype("float32")
 
     x_train, y_train = shard(args.samples, 0.0)
+    if args.poison_rank == rank:
+        y_train[3 * args.batch_size + 1, 0] = np.inf  # in the 4th batch of the 1st epoch
     # Each rank validates on its own shard; the last rank's drifts from the task.
     x_val, y_val = shard(max(64, args.samples // 2), 0.3 if rank == size - 1 else 0.0)
 
@@ -166,16 +212,17 @@ def main(argv: list[str] | None = None) -> int:
         model.compile(optimizer=opt, loss="mse")
 
     restored = None
-    if args.resume:
+    if args.resume:  # the chief says what it restored
         restored = fk.restore_latest(
             model, args.checkpoint_dir, storage_options=options, communicator=comm
         )
-        if rank == 0 and restored.restored:
-            print(
-                f"resumed from step {restored.step}: epoch {restored.initial_epoch + 1}"
-                f" after batch {restored.initial_batch}",
-                flush=True,
-            )
+    if args.signal_before_fit == rank:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGUSR1)
+    extra = []
+    if args.alert_url:
+        extra.append(threshold_alert(args.alert_url, args.alert_below, keras))
     with scope():
         callbacks = fk.production_callbacks(
             args.checkpoint_dir,
@@ -183,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
             patience=args.patience,
             reduce_lr_patience=1,
             reduce_lr_factor=0.5,
+            tensorboard_dir=args.tensorboard_dir,
+            extra=extra,
             storage_options=options,
             communicator=comm,
             verbose=1 if rank == 0 else 0,
@@ -207,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.report:
         report = {
             "rank": rank,
+            "pid": os.getpid(),
             "size": size,
             "backend": comm.backend,
             "keras": _compat.FLAVOR,

@@ -107,6 +107,7 @@ model.compile(optimizer=opt, loss="mse")
 
 record = {
     "rank": rank,
+    "pid": os.getpid(),
     "size": size,
     "flavor": _compat.FLAVOR,
     "backend": comm.backend,
@@ -122,6 +123,7 @@ class Recorder(keras.callbacks.Callback):
         record["lrs"].append(float(_compat.get_lr(self.model.optimizer)))
         record["epochs_run"] = epoch + 1
         record["val_loss"] = float(logs["val_loss"])
+        record.setdefault("val_losses", []).append(float(logs["val_loss"]))
         if args.kill_rank0_after_epoch == epoch and rank == 0:
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -156,6 +158,7 @@ else:
         fk.SyncMetrics(),
         fk.SyncReduceLROnPlateau(patience=1, factor=0.5),
         es,
+        fk.ChiefTensorBoard(os.path.join(root, "tb")),  # under the root: rank 1 must not touch it
         ckpt,
         fk.ChiefCSVLogger(os.path.join(root, "history.csv")),
         fk.ConsistencyGuard(),

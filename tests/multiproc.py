@@ -220,5 +220,19 @@ def assert_ranks_consistent(r0: dict, r1: dict, root: str, epochs: int) -> None:
     assert r1["touched"] == [] and r0["touched"], "exactly one writer"
     store = CheckpointStore(str(root))
     assert {c.manifest.writer["rank"] for c in store.list()} == {0}
+    assert_chief_tensorboard(os.path.join(str(root), "tb"), r0, r1)
     forge = os.path.join(BIN, "forge-dist")
     assert subprocess.run([forge, "verify", str(root), "--all"], timeout=60).returncode == 0
+
+
+def assert_chief_tensorboard(log_dir: str, r0: dict, r1: dict) -> None:
+    """Only the chief's process wrote event files, and their validation scalars are the
+    synced values every rank recorded."""
+    from forge_dist.keras.tb_events import scalar_values
+
+    pids = {f.split(".")[5] for _, _, fs in os.walk(log_dir) for f in fs if "tfevents" in f}
+    assert pids == {str(r0["pid"])}, (pids, r0["pid"], r1["pid"])
+    val = scalar_values(os.path.join(log_dir, "validation"))["epoch_loss"]
+    assert [s for s, _ in val] == list(range(len(r0["val_losses"])))
+    assert [v for _, v in val] == [pytest.approx(x, rel=1e-6) for x in r0["val_losses"]]
+    assert r0["val_losses"] == r1["val_losses"]

@@ -3,6 +3,7 @@ started by scripts/launch_mwms.sh as a user would."""
 
 from __future__ import annotations
 
+import csv
 import os
 import subprocess
 import sys
@@ -35,7 +36,10 @@ def launch(tmp_path, name, *args, env_extra=None, ok=True):
 
 
 def test_two_workers_agree_with_one_writer_and_resume_exactly(tmp_path):
-    _, whole = launch(tmp_path, "whole", "--epochs", "12", "--patience", "2")
+    tb = tmp_path / "tb"
+    _, whole = launch(
+        tmp_path, "whole", "--epochs", "12", "--patience", "2", "--tensorboard-dir", str(tb)
+    )
     w0, w1 = whole
     assert w0["backend"] == "tf" and w0["size"] == 2 and w0["keras"] == "tf_keras"
     assert w0["fingerprint"] == w1["fingerprint"] and w0["learning_rate"] == w1["learning_rate"]
@@ -48,6 +52,16 @@ def test_two_workers_agree_with_one_writer_and_resume_exactly(tmp_path):
         "history.csv"
     ]
     assert {c.manifest.writer["rank"] for c in CheckpointStore(str(root)).list()} == {0}
+    # TensorBoard: the chief's event files only, its scalars the CSV's (synced) values.
+    from forge_dist.keras.tb_events import scalar_values
+
+    pids = {f.split(".")[5] for _, _, fs in os.walk(tb) for f in fs if "tfevents" in f}
+    assert pids == {str(w0["pid"])}
+    val = scalar_values(str(tb / "validation"))["epoch_loss"]
+    with open(root / "history.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [s for s, _ in val] == [int(r["epoch"]) for r in rows]
+    assert [v for _, v in val] == [pytest.approx(float(r["val_loss"]), rel=1e-6) for r in rows]
     assert subprocess.run([FORGE, "verify", str(root), "--all"], timeout=60).returncode == 0
 
     launch(tmp_path, "split", "--epochs", "3", "--patience", "2")

@@ -80,3 +80,22 @@ def test_bad_arguments_fail_at_construction(tmp_path):
         fk.ChiefTensorBoard(str(tmp_path), update_freq=0, communicator=LOCAL)
     with pytest.raises(ConfigurationError, match="histogram_freq"):
         fk.ChiefTensorBoard(str(tmp_path), histogram_freq=-1, communicator=LOCAL)
+
+
+def test_an_s3_log_dir_receives_every_file_in_one_piece(s3, tmp_path):
+    url = f"s3://{s3.bucket}/tb/{tmp_path.name}"
+    tb = fk.ChiefTensorBoard(
+        url, update_freq="batch", storage_options=s3.options, communicator=LOCAL
+    )
+    fit(make_model(), [tb], epochs=2)
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url, **s3.options)
+    names = fs.find(path)
+    assert names and not [n for n in names if ".tmp-" in n or "probe" in n]
+    local = tmp_path / "copy"
+    fs.get(path, str(local), recursive=True)
+    train = scalar_values(str(local / "train"))
+    assert steps(train, "epoch_loss") == [0, 1]
+    assert steps(train, "batch_loss") == list(range(1, 9))
+    assert not os.path.exists(str(tmp_path / "tb"))  # nothing written beside the test

@@ -40,6 +40,10 @@ class Registry:
     pending: dict[str, Restored] = field(default_factory=dict)  # restored, not yet taken
     restored_epoch: int | None = None
     restored_step: int | None = None
+    #: The last epoch the restored checkpoint completed (-1: none), and a count of
+    #: restores, so a logger cuts its logs back once per restore.
+    restored_complete_epoch: int = -1
+    restores: int = 0
     # Set by fit_resumed around the fit that finishes an interrupted epoch:
     batch_offset: int = 0  # batches of this epoch done before this fit began
     partial_fit: bool = False  # another fit follows: training does not end here
@@ -79,11 +83,28 @@ def registered(model: Any) -> list[Any]:
 
 
 def set_pending(
-    model: Any, states: dict[str, Restored], epoch: int | None, step: int | None = None
+    model: Any,
+    states: dict[str, Restored],
+    epoch: int | None,
+    step: int | None = None,
+    epoch_done: bool = True,
 ) -> None:
     reg = registry(model)
     reg.pending = dict(states)
     reg.restored_epoch, reg.restored_step = epoch, step
+    if epoch is not None:
+        reg.restored_complete_epoch = epoch if epoch_done else epoch - 1
+    reg.restores += 1
+
+
+def restored_position(model: Any, seen: int) -> tuple[int, int, int] | None:
+    """``(last complete epoch, step, restores)`` of a restore this caller has not acted
+    on yet (``seen`` is the ``restores`` count it last acted on), else None. Logs past
+    that position come from an attempt that no checkpoint covers."""
+    reg = registry(model)
+    if reg.restores == seen or reg.restored_step is None or reg.keep_state:
+        return None
+    return reg.restored_complete_epoch, reg.restored_step, reg.restores
 
 
 def take_pending(model: Any, name: str) -> Restored | None:

@@ -181,7 +181,7 @@ def restore_latest(
         return RestoreResult(False)
     step, state, weights, opt_values, restored, skipped = loaded
     _apply(model, weights, opt_values, state)
-    set_pending(model, restored, state.get("epoch"), step)
+    set_pending(model, restored, state.get("epoch"), step, state.get("epoch_done", True))
     initial, initial_batch = _position(state)
     if verbose:
         epoch = state.get("epoch")

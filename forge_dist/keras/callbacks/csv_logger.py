@@ -10,6 +10,7 @@ from typing import Any
 from forge_dist.comm import Communicator
 from forge_dist.errors import ConfigurationError
 from forge_dist.keras._compat import to_float
+from forge_dist.keras._state import restored_position
 from forge_dist.keras.callbacks.base import ForgeCallback, keras_alias
 from forge_dist.storage._errors import storage_errors
 from forge_dist.storage.logdir import is_local, open_url, probe_writable
@@ -22,7 +23,8 @@ class ChiefCSVLogger(ForgeCallback):
     atomically each epoch (temp + rename on local disks, one PUT on object stores),
     with the values every rank agreed on; a failure to write is an error on every rank
     in that epoch. Each checkpoint records the last epoch the CSV holds; a resumed run
-    first drops the rows past the restored epoch, so every epoch has exactly one row.
+    first drops the rows past the restored checkpoint's epoch, so every epoch has
+    exactly one row.
     With ``append=False`` an existing file is replaced at train begin."""
 
     state_key = "csv_logger"
@@ -47,17 +49,11 @@ class ChiefCSVLogger(ForgeCallback):
         self.rows: list[dict[str, str]] = []
         self.header: list[str] | None = None
         self.last_epoch = -1
-        self._restored_epoch: int | None = None
+        self._restores_seen = 0
 
-    # -- the state protocol: how far the CSV goes
+    # -- the state protocol: how far the CSV goes (recorded in each manifest)
     def get_state(self) -> dict[str, Any]:
         return {"last_epoch": self.last_epoch}
-
-    def set_state(self, state: dict[str, Any], weights: list[Any] | None = None) -> None:
-        self._restored_epoch = int(state.get("last_epoch", -1))
-
-    def reset_state(self) -> None:
-        self._restored_epoch = None
 
     # -- Keras hooks
     def on_train_begin(self, logs: Any = None) -> None:
@@ -71,9 +67,10 @@ class ChiefCSVLogger(ForgeCallback):
         probe_writable(self.fs, parent, self.url, "the CSV's folder")
         if self.append:
             self._read_existing()
-        if self._restored_epoch is not None:  # once: a fit that continues keeps its rows
-            self.rows = [r for r in self.rows if _epoch(r) <= self._restored_epoch]
-            self._restored_epoch = None
+        position = restored_position(self.model, self._restores_seen)
+        if position is not None:  # rows past the checkpoint: an attempt nothing covers
+            last_complete, _step, self._restores_seen = position
+            self.rows = [r for r in self.rows if _epoch(r) <= last_complete]
         self.last_epoch = max([_epoch(r) for r in self.rows], default=-1)
 
     def _read_existing(self) -> None:

@@ -11,6 +11,7 @@ from forge_dist.comm import Communicator
 from forge_dist.errors import ConfigurationError
 from forge_dist.keras import _compat
 from forge_dist.keras._compat import to_float
+from forge_dist.keras._state import restored_position
 from forge_dist.keras.callbacks.base import ForgeCallback
 from forge_dist.keras.callbacks.sync_metrics import sync_logs
 from forge_dist.keras.tb_events import ScalarWriter, truncate_events
@@ -85,27 +86,20 @@ class ChiefTensorBoard(ForgeCallback):
             embeddings_freq=embeddings_freq,
             embeddings_metadata=embeddings_metadata,
         )
-        self._use_keras = keras_features
+        # Under MWMS reading variables on the chief alone is unsafe: scalars only there.
+        self._use_keras = keras_features and not self.comm.collective_saves
         self._inner: Any = None
         self._writers: dict[str, ScalarWriter] = {}
         self.last_epoch = -1  # the last epoch whose scalars were written
         self.last_step = 0  # the last iteration a batch scalar was written for
-        self._restored: dict[str, Any] | None = None
+        self._restores_seen = 0
         self._batches = 0
         self._t_epoch = self._t_batch = 0.0
         self._iterations_at_epoch_start = 0
 
-    # -- the state protocol: how far the logs go
+    # -- the state protocol: how far the logs go (recorded in each manifest)
     def get_state(self) -> dict[str, Any]:
         return {"epoch": self.last_epoch, "step": self.last_step}
-
-    def set_state(self, state: dict[str, Any], weights: list[Any] | None = None) -> None:
-        self._restored = dict(state)
-        self.last_epoch = int(state.get("epoch", -1))
-        self.last_step = int(state.get("step", 0))
-
-    def reset_state(self) -> None:
-        self._restored = None
 
     # -- set-up (chief only)
     def set_model(self, model: Any) -> None:
@@ -138,10 +132,11 @@ class ChiefTensorBoard(ForgeCallback):
     def _start(self) -> None:
         """Chief: probe the URL, cut the logs back to the restored step, start writing."""
         self.log.probe()
-        if self._restored is not None:  # once: a fit that continues keeps its events
-            epoch, step = self.last_epoch, self.last_step
+        position = restored_position(self.model, self._restores_seen)
+        if position is not None:  # events past the checkpoint: an attempt nothing covers
+            epoch, step, self._restores_seen = position
             self.log.rewrite_each(lambda path: truncate_events(path, epoch, step))
-            self._restored = None
+            self.last_epoch, self.last_step = epoch, step
         if self._inner is not None:
             self._inner.on_train_begin(None)
 

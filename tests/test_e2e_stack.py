@@ -1,0 +1,187 @@
+"""The whole production stack under ``mpirun -np 2``, as the tutorial builds it: the
+chief's TensorBoard and CSV agree with each other and with the checkpoints across a
+preemption, a user's webhook alert fires once, and the NaN, read-only, webhook-down and
+early-signal cases end on every rank within seconds with one clear message."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import signal
+import threading
+
+import pytest
+from multiproc import (
+    Background,
+    has_committed_step,
+    mpirun,
+    mpirun_cmd,
+    pids_with,
+    read_rank_reports,
+    wait_until,
+)
+
+from forge_dist.preemption import PREEMPTED_EXIT_CODE
+from forge_dist.storage import CheckpointStore
+
+pytestmark = [pytest.mark.mpi, pytest.mark.keras]
+HERE = os.path.dirname(os.path.abspath(__file__))
+TRAIN = os.path.join(os.path.dirname(HERE), "scripts", "train.py")
+QUICK_S = 90  # a failure must end the job well within this, not at the 600 s deadline
+
+
+def train(root, report, *extra):
+    return [
+        TRAIN,
+        "--backend",
+        "mpi",
+        "--checkpoint-dir",
+        str(root),
+        "--report",
+        str(report),
+        *extra,
+    ]
+
+
+def csv_rows(root):
+    import csv
+
+    with open(os.path.join(root, "history.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+def test_tensorboard_and_csv_agree_across_a_preemption(tmp_path):
+    pytest.importorskip("tensorboard")
+    from forge_dist.keras.tb_events import scalar_values
+
+    root, tb, report = tmp_path / "root", tmp_path / "tb", tmp_path / "r{rank}.json"
+    args = ["--epochs", "6", "--samples", "1024", "--patience", "100", "--tensorboard-dir", str(tb)]
+    job = Background(*mpirun_cmd(2, train(root, report, *args)))
+    wait_until(lambda: has_committed_step(root), 180, "first checkpoint", job)
+    (rank1,) = pids_with(str(root), "OMPI_COMM_WORLD_RANK=1")
+    os.kill(rank1, signal.SIGUSR1)
+    done = job.wait(240)
+    assert done.returncode == PREEMPTED_EXIT_CODE, done.output[-3000:]
+    first = read_rank_reports(str(report))
+    run = mpirun(2, train(root, report, *args, "--resume"), bound_s=240)
+    assert run.returncode == 0, run.output[-3000:]
+    second = read_rank_reports(str(report))
+
+    # Only the chief wrote event files, in both attempts.
+    files = [f for _, _, fs in os.walk(tb) for f in fs]
+    pids = {f.split(".")[5] for f in files if "tfevents" in f}
+    assert pids and pids <= {str(first[0]["pid"]), str(second[0]["pid"])}
+    # One value per tag per step, after the preemption and the resume.
+    train_tags = scalar_values(str(tb / "train"))
+    val_tags = scalar_values(str(tb / "validation"))
+    for tags in (train_tags, val_tags):
+        for tag, values in tags.items():
+            steps = [s for s, _ in values]
+            assert len(steps) == len(set(steps)), (tag, steps)
+    rows = csv_rows(root)
+    assert [int(r["epoch"]) for r in rows] == list(range(6))  # one row per epoch, no gap
+    # The scalars are the synced values: the same numbers as the CSV.
+    assert [s for s, _ in train_tags["epoch_loss"]] == list(range(6))
+    for (_, loss), (_, val), row in zip(
+        train_tags["epoch_loss"], val_tags["epoch_loss"], rows, strict=True
+    ):
+        assert loss == pytest.approx(float(row["loss"]), rel=1e-6)
+        assert val == pytest.approx(float(row["val_loss"]), rel=1e-6)
+
+
+class Webhook:
+    """A local HTTP server that records what is posted to it."""
+
+    def __init__(self):
+        self.posts = []
+        hook = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                hook.posts.append(json.loads(body))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/alert"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_webhook_alert_fires_once_from_the_chief_with_the_synced_value(tmp_path):
+    hook = Webhook()
+    try:
+        root, report = tmp_path / "root", tmp_path / "r{rank}.json"
+        args = ["--epochs", "4", "--alert-url", hook.url, "--alert-below", "10"]
+        run = mpirun(2, train(root, report, *args), bound_s=240)
+    finally:
+        hook.close()
+    assert run.returncode == 0, run.output[-3000:]
+    assert len(hook.posts) == 1 and hook.posts[0]["epoch"] == 1  # once, not once a rank
+    first_row = csv_rows(root)[0]
+    assert hook.posts[0]["val_loss"] == pytest.approx(float(first_row["val_loss"]), rel=1e-9)
+
+
+def test_a_webhook_that_is_down_ends_every_rank_in_that_epoch(tmp_path):
+    hook = Webhook()
+    url = hook.url
+    hook.close()  # nothing listens there any more
+    root, report = tmp_path / "root", tmp_path / "r{rank}.json"
+    run = mpirun(
+        2,
+        train(root, report, "--epochs", "4", "--alert-url", url, "--alert-below", "10"),
+        bound_s=QUICK_S,
+    )
+    assert run.returncode != 0
+    assert "OnChief(ThresholdAlert).on_epoch_end failed on rank 0" in run.output  # rank 1
+    assert "Connection refused" in run.output
+
+
+def test_a_nan_on_rank_1_stops_both_ranks_at_the_same_batch(tmp_path):
+    root, report = tmp_path / "root", tmp_path / "r{rank}.json"
+    run = mpirun(2, train(root, report, "--epochs", "4", "--poison-rank", "1"), bound_s=QUICK_S)
+    assert run.returncode == 0, run.output[-3000:]
+    assert run.output.count("invalid loss (rank 1: ") == 1
+    assert "Epoch 1, batch 4: invalid loss" in run.output
+    r0, r1 = read_rank_reports(str(report))
+    assert r0["fingerprint"] == r1["fingerprint"]
+
+
+def test_a_read_only_root_ends_every_rank_before_the_first_step(tmp_path):
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a read-only tmpfs needs root")
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(mnt)]).returncode:
+        pytest.skip("this machine does not let us mount a tmpfs")
+    try:
+        report = tmp_path / "r{rank}.json"
+        run = mpirun(2, train(mnt / "run", report, "--epochs", "2"), bound_s=QUICK_S)
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+    assert run.returncode != 0
+    assert "is not writable: read-only filesystem" in run.output
+    assert "failed on rank 0: StorageError" in run.output  # rank 1 heard it too
+    assert "epoch 1" not in run.output.lower().replace("epoch 1/", "")
+
+
+def test_a_signal_before_fit_still_ends_the_job_with_75(tmp_path):
+    root, report = tmp_path / "root", tmp_path / "r{rank}.json"
+    run = mpirun(2, train(root, report, "--epochs", "2"), bound_s=240)
+    assert run.returncode == 0, run.output[-3000:]
+    step = CheckpointStore(str(root)).newest().step
+    args = ["--epochs", "4", "--resume", "--signal-before-fit", "1"]
+    run = mpirun(2, train(root, report, *args), bound_s=QUICK_S)
+    assert run.returncode == PREEMPTED_EXIT_CODE, run.output[-3000:]
+    assert "signalled before training began: rank 1: SIGUSR1" in run.output
+    assert CheckpointStore(str(root)).newest().step == step  # nothing new, still intact
