@@ -44,6 +44,8 @@ class Registry:
     #: restores, so a logger cuts its logs back once per restore.
     restored_complete_epoch: int = -1
     restores: int = 0
+    #: Directions ("up"/"down") of metrics forge_dist computes (DerivedMetric).
+    directions: dict[str, str] = field(default_factory=dict)
     # Set by fit_resumed around the fit that finishes an interrupted epoch:
     batch_offset: int = 0  # batches of this epoch done before this fit began
     partial_fit: bool = False  # another fit follows: training does not end here

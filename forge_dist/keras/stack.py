@@ -14,6 +14,7 @@ from forge_dist.keras.callbacks import (
     ChiefModelCheckpoint,
     ChiefTensorBoard,
     ConsistencyGuard,
+    DerivedMetric,
     ForgeCallback,
     OnChief,
     PreemptionCheckpoint,
@@ -97,6 +98,7 @@ def production_callbacks(
     csv_url: str | None = None,
     tensorboard_dir: str | None = None,
     terminate_on_nan: bool = True,
+    derived: Iterable[DerivedMetric] = (),
     extra: Iterable[Any] = (),
     guard_every_n_epochs: int | None = 1,
     preemption_signals: Any = DEFAULT_SIGNALS,
@@ -108,7 +110,8 @@ def production_callbacks(
 ) -> list[Any]:
     """The recommended stack, in the order that makes it correct:
 
-    initial-state broadcast, metric sync, NaN guard, plateau, early stop, CSV,
+    initial-state broadcast, metric sync, ``derived`` metrics (:class:`DerivedMetric`:
+    monitors computed from the synced logs), NaN guard, plateau, early stop, CSV,
     TensorBoard (with ``tensorboard_dir``), checkpoint, your ``extra`` callbacks, weight
     guard, preemption. The loggers come before the checkpoint, so a checkpoint never
     covers an epoch its logs lack. ``extra`` callbacks run once, on the chief, with the
@@ -123,6 +126,10 @@ def production_callbacks(
         BroadcastInitialState(communicator=communicator),
         SyncMetrics(communicator=communicator, validation_samples=validation_samples),
     ]
+    for d in derived:
+        if not isinstance(d, DerivedMetric):
+            raise ConfigurationError(f"derived takes DerivedMetric callbacks, got {d!r}")
+        cbs.append(d)
     if terminate_on_nan:
         cbs.append(SyncTerminateOnNaN(communicator=communicator, verbose=verbose))
     if reduce_lr_patience is not None:

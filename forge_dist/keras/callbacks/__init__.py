@@ -14,6 +14,7 @@ from forge_dist.keras.callbacks.broadcast import (
 )
 from forge_dist.keras.callbacks.checkpoint import ChiefModelCheckpoint
 from forge_dist.keras.callbacks.csv_logger import ChiefCSVLogger
+from forge_dist.keras.callbacks.derived import DerivedMetric
 from forge_dist.keras.callbacks.early_stopping import SyncEarlyStopping
 from forge_dist.keras.callbacks.guard import ConsistencyGuard
 from forge_dist.keras.callbacks.on_chief import OnChief
@@ -29,6 +30,7 @@ __all__ = [
     "ChiefModelCheckpoint",
     "ChiefTensorBoard",
     "ConsistencyGuard",
+    "DerivedMetric",
     "ForgeCallback",
     "OnChief",
     "PreemptionCheckpoint",

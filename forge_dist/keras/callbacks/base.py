@@ -120,7 +120,8 @@ class ForgeCallback(Callback):
         if self.verbose and self.comm.is_chief:
             # Keras' progress bar (verbose=1) leaves its line open on a terminal.
             bar = (self.params or {}).get("verbose") == 1 and sys.stdout.isatty()
-            print(f"{chr(10) if bar else ''}[forge_dist] {message}", flush=True)
+            lead = "\n" if bar else ""
+            print(f"{lead}[forge_dist] {message}", flush=True)
 
     # -- monitor and mode
     def _setup_monitor(self, monitor: str, mode: str) -> str | None:
@@ -138,7 +139,11 @@ class ForgeCallback(Callback):
         return resolved
 
     def _resolve_mode(self, monitor: str, mode: str) -> str:
-        direction = _compat.metric_direction(self.model, monitor) if mode == "auto" else None
+        direction = None
+        if mode == "auto":
+            direction = registry(self.model).directions.get(monitor) or _compat.metric_direction(
+                self.model, monitor
+            )
         return policy.resolve_mode(monitor, mode, direction)
 
     def _finish_mode(self) -> None:
