@@ -146,8 +146,42 @@ def bytes_per_save(root: str, saves: int = 3) -> dict:
     return {"bytes_per_rank": out}
 
 
+def tensorboard_epoch(root: str, epochs: int = 200) -> dict:
+    """Per epoch end: ChiefTensorBoard (synced scalars, chief writes and flushes) vs
+    plain Keras TensorBoard on every rank; interleaved, medians, on the chief."""
+    import os
+
+    model = small_model(False)
+    model.fit(np.zeros((64, 32), "float32"), np.zeros((64, 1), "float32"), verbose=0)
+    ours = fk.ChiefTensorBoard(os.path.join(root, "forge"), write_graph=False, communicator=comm)
+    plain = keras.callbacks.TensorBoard(os.path.join(root, f"plain-{comm.rank}"), write_graph=False)
+    for cb in (ours, plain):
+        cb.set_model(model)
+        cb.on_train_begin()
+    logs0 = {"loss": 0.5, "mae": 0.3, "val_loss": 0.6, "val_mae": 0.4}
+    forge_t, plain_t = [], []
+    for epoch in range(epochs):
+        logs = {k: v + epoch * 1e-4 for k, v in logs0.items()}
+        comm.barrier(name="bench-align")
+        t = time.perf_counter()
+        ours.on_epoch_end(epoch, dict(logs))
+        forge_t.append(time.perf_counter() - t)
+        comm.barrier(name="bench-align")
+        t = time.perf_counter()
+        plain.on_epoch_end(epoch, dict(logs))
+        plain_t.append(time.perf_counter() - t)
+    for cb in (ours, plain):
+        cb.on_train_end()
+    return {
+        "forge_ms": 1e3 * statistics.median(forge_t[10:]),
+        "plain_ms": 1e3 * statistics.median(plain_t[10:]),
+    }
+
+
 if what == "epoch":
     result = epoch_overhead()
+elif what == "tensorboard":
+    result = tensorboard_epoch(sys.argv[3])
 elif what == "bytes":
     result = bytes_per_save(sys.argv[3])
 elif what == "step":

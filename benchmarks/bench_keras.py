@@ -13,6 +13,8 @@
    Strategy, and tf_keras step time with forge_dist's vs Horovod's optimizer.
 7. Bytes written per save at 2 ranks: ``ChiefModelCheckpoint`` vs plain Keras 3
    ``ModelCheckpoint`` (every rank writes).
+8. Per-epoch cost of ``ChiefTensorBoard`` (synced scalars, the chief writes and flushes
+   each epoch) vs plain Keras ``TensorBoard`` (every rank writes its own), 2 ranks.
 
 Writes benchmarks/out/keras.json.
 """
@@ -325,6 +327,17 @@ def main() -> int:
         f"(by rank: {', '.join(f'{b / 1e6:.2f}' for b in written['forge'])}) vs plain Keras "
         f"ModelCheckpoint {plain_b / 1e6:.2f} MB (by rank: "
         f"{', '.join(f'{b / 1e6:.2f}' for b in written['plain'])}) = {forge_b / plain_b:.2f}x"
+    )
+
+    root = tempfile.mkdtemp(prefix="forge-bench-tb-")
+    try:
+        tb = worker(["tensorboard", "mpi", root], mpi=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    results["tensorboard_epoch"] = tb
+    print(
+        f"8. TensorBoard per epoch, 2 ranks: ChiefTensorBoard {tb['forge_ms']:.2f} ms vs plain "
+        f"Keras TensorBoard {tb['plain_ms']:.2f} ms = {tb['forge_ms'] / tb['plain_ms']:.2f}x"
     )
 
     mwms = mwms_epoch()

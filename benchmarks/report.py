@@ -144,6 +144,18 @@ def rows(store: dict, keras: dict) -> list[Row]:
                 "rank 1 writes nothing",
             )
         )
+    if "tensorboard_epoch" in keras:
+        t = keras["tensorboard_epoch"]
+        out.append(
+            Row(
+                "6. TensorBoard per epoch, 2 ranks",
+                "`ChiefTensorBoard` (synced scalars; the chief writes and flushes)",
+                "plain Keras `TensorBoard` (every rank writes its own)",
+                _ms(t["forge_ms"]),
+                _ms(t["plain_ms"]),
+                t["forge_ms"] / t["plain_ms"],
+            )
+        )
     if "optimizer_vs_horovod" in keras:
         o = keras["optimizer_vs_horovod"]
         ours = sorted(o["forge_ms"])[len(o["forge_ms"]) // 2]
