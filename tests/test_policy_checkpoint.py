@@ -28,10 +28,17 @@ def test_keep_best_always_keeps_the_newest(mode, best):
     assert d.reasons[6] == "newest"
 
 
-def test_nan_and_missing_metrics_are_never_best():
+def test_nan_is_never_best_and_a_missing_value_is_kept_not_ranked():
     metrics = {1: math.nan, 2: None, 3: 0.7, 4: math.inf, 5: 0.9}
     d = decide_retention([1, 2, 3, 4, 5], metrics, keep_best=1, mode="min", keep_last=1)
-    assert d.keep == (3, 5)
+    assert d.keep == (2, 3, 5) and d.delete == (1, 4)
+    assert "not ranked" in d.reasons[2]
+
+
+def test_a_protected_step_is_never_deleted():
+    metrics = {1: 0.1, 2: 0.2, 3: 0.9, 4: 0.8}
+    d = decide_retention([1, 2, 3, 4], metrics, keep_best=1, mode="min", protect=[3])
+    assert d.keep == (1, 3, 4) and "protected" in d.reasons[3]
 
 
 def test_ties_prefer_the_newer_step():

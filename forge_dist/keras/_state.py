@@ -46,6 +46,8 @@ class Registry:
     restores: int = 0
     #: Directions ("up"/"down") of metrics forge_dist computes (DerivedMetric).
     directions: dict[str, str] = field(default_factory=dict)
+    #: The run each checkpoint root of this model belongs to (restored or started).
+    runs: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Set by fit_resumed around the fit that finishes an interrupted epoch:
     batch_offset: int = 0  # batches of this epoch done before this fit began
     partial_fit: bool = False  # another fit follows: training does not end here
@@ -97,6 +99,11 @@ def set_pending(
     if epoch is not None:
         reg.restored_complete_epoch = epoch if epoch_done else epoch - 1
     reg.restores += 1
+
+
+def root_key(url: str) -> str:
+    """How a checkpoint root is named in :attr:`Registry.runs`."""
+    return str(url).rstrip("/")
 
 
 def restored_position(model: Any, seen: int) -> tuple[int, int, int] | None:

@@ -19,10 +19,11 @@ from forge_dist._urls import redact_url
 from forge_dist.comm import Communicator, agree, get_communicator
 from forge_dist.errors import ConfigurationError
 from forge_dist.keras import _compat
-from forge_dist.keras._state import WEIGHTS_OF_EPOCH, Restored, registry, set_pending
+from forge_dist.keras._state import WEIGHTS_OF_EPOCH, Restored, registry, root_key, set_pending
 from forge_dist.keras.callbacks.base import ForgeCallback
 from forge_dist.keras.callbacks.broadcast import assign_optimizer_variables, optimizer_values
 from forge_dist.keras.metric_state import RestoreMetricState, values_for
+from forge_dist.keras.run import check_same_model
 from forge_dist.keras.saving import MODEL_FILE, WEIGHTS_FILE
 from forge_dist.keras.stack import check_distributed_callbacks
 
@@ -38,6 +39,7 @@ class RestoreResult:
     initial_batch: int = 0  # batches of initial_epoch already trained (fit_resumed skips them)
     state: dict[str, Any] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)  # corrupt steps passed over
+    run: dict[str, Any] = field(default_factory=dict)  # the run it continues (id, name, ...)
 
 
 def _load_payload(path: str, weights_only: bool, model: Any, custom_objects: Any) -> tuple:
@@ -86,12 +88,12 @@ def _weights_of_epoch(
 def _chief_restore(
     directory: str, storage_options: Any, verify: str, model: Any, custom_objects: Any
 ) -> Any:
-    """Chief: load the newest intact step; None when there is none."""
+    """Chief: ``(loaded or None, corrupt steps skipped)``: the newest intact step."""
     from forge_dist.storage import CheckpointStore
 
     store = CheckpointStore(directory, storage_options)
     if not store.root_exists():
-        return None  # a first run: nothing saved yet
+        return None, []  # a first run: nothing saved yet
     infos = store.list()
     skipped: list[str] = []
     chosen = None
@@ -101,7 +103,11 @@ def _chief_restore(
             break
         skipped.append(info.name)
     if chosen is None:
-        return None
+        return None, skipped
+    assert chosen.manifest is not None
+    check_same_model(
+        chosen.manifest.run.get("model_fingerprint"), model, chosen.step, store.display
+    )
     state = dict(chosen.state)
 
     def fetch(step: int) -> tuple:
@@ -125,7 +131,8 @@ def _chief_restore(
                     name,
                 )
         restored[name] = Restored(cb_state, extra)
-    return chosen.step, state, weights, opt_values, restored, skipped
+    run = dict(chosen.manifest.run)
+    return (chosen.step, state, weights, opt_values, restored, run), skipped
 
 
 def _apply(model: Any, weights: Any, opt_values: Any, state: dict[str, Any]) -> None:
@@ -177,10 +184,18 @@ def restore_latest(
         "restore_latest",
         lambda: _chief_restore(directory, storage_options, verify, model, custom_objects),
     )
+    loaded, skipped = loaded
     if loaded is None:
-        return RestoreResult(False)
-    step, state, weights, opt_values, restored, skipped = loaded
+        if skipped and verbose:
+            _tell(
+                comm,
+                f"no intact checkpoint in {redact_url(directory)}: {len(skipped)} "
+                f"corrupt step(s) skipped ({', '.join(skipped)})",
+            )
+        return RestoreResult(False, skipped=skipped)
+    step, state, weights, opt_values, restored, run = loaded
     _apply(model, weights, opt_values, state)
+    registry(model).runs[root_key(directory)] = run
     set_pending(model, restored, state.get("epoch"), step, state.get("epoch_done", True))
     initial, initial_batch = _position(state)
     if verbose:
@@ -192,7 +207,9 @@ def restore_latest(
             f"resumed from step {step} in {redact_url(directory)}: epoch {epoch + 1} at {where}"
             f" (weights, optimizer state, learning rate and callback state restored){note}",
         )
-    return RestoreResult(True, step, state.get("epoch"), initial, initial_batch, state, skipped)
+    return RestoreResult(
+        True, step, state.get("epoch"), initial, initial_batch, state, skipped, run
+    )
 
 
 def _skip_rows(data: Any, rows: int) -> Any:

@@ -68,12 +68,15 @@ def decide_retention(
     keep_last: int | None = None,
     keep_best: int | None = None,
     mode: str = "min",
+    protect: Sequence[int] = (),
 ) -> RetentionDecision:
-    """Keep the newest ``keep_last`` steps, the ``keep_best`` best by metric, and always
-    the newest step. With neither count given, nothing is deleted.
+    """Keep the newest ``keep_last`` steps, the ``keep_best`` best by metric, always the
+    newest step and every step in ``protect`` (e.g. the one just committed). With
+    neither count given, nothing is deleted.
 
-    ``metrics`` maps a step to its monitored value; steps without a finite value are
-    never "best" (a NaN is never an improvement). Ties prefer the newer step.
+    ``metrics`` maps a step to its monitored value; a NaN is never "best" (it may be
+    deleted), but a step with no value at all (None: the metric was not logged there)
+    is kept, not ranked. Ties prefer the newer step.
     """
     check_count("keep_last", keep_last)
     check_count("keep_best", keep_best)
@@ -89,6 +92,9 @@ def decide_retention(
         return RetentionDecision(tuple(ordered), (), dict.fromkeys(ordered, "no retention asked"))
     newest = ordered[-1]
     reasons[newest] = "newest"
+    for s in protect:
+        if s in ordered:
+            reasons.setdefault(s, "protected (just committed)")
     if keep_last is not None:
         for s in ordered[-keep_last:]:
             reasons.setdefault(s, f"among the last {keep_last}")
@@ -96,6 +102,9 @@ def decide_retention(
         ranked = rank_best({s: metrics.get(s) for s in ordered}, mode)
         for s in ranked[:keep_best]:
             reasons.setdefault(s, f"among the best {keep_best} ({metrics[s]:.6g})")
+        for s in ordered:
+            if metrics.get(s) is None:
+                reasons.setdefault(s, "no value of the monitored metric: kept, not ranked")
     keep = tuple(s for s in ordered if s in reasons)
     delete = tuple(s for s in ordered if s not in reasons)
     return RetentionDecision(keep, delete, reasons)

@@ -146,6 +146,9 @@ class Manifest:
     metrics: Mapping[str, float] = field(default_factory=dict)
     state: Mapping[str, Any] = field(default_factory=dict)
     versions: Mapping[str, str] = field(default_factory=dict)
+    #: Which run wrote it: ``id`` (kept across resumes and requeues), ``name`` (the
+    #: user's), ``slurm_job_id``, ``model_fingerprint``. Empty for steps put by hand.
+    run: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         step_dirname(self.step)
@@ -167,6 +170,7 @@ class Manifest:
             "metrics": {k: metric_to_json(v) for k, v in sorted(self.metrics.items())},
             "state": dict(self.state),
             "versions": dict(self.versions),
+            "run": dict(self.run),
         }
 
     def to_bytes(self) -> bytes:
@@ -280,4 +284,5 @@ def parse_manifest(data: bytes) -> Manifest:
         metrics={k: _metric_from_json(k, v) for k, v in _object(raw, "metrics").items()},
         state=_object(raw, "state"),
         versions=versions,
+        run=_object(raw, "run"),
     )

@@ -6,7 +6,7 @@ that died. Only committed steps count; corrupt ones are neither counted nor dele
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from forge_dist.errors import ConfigurationError, StorageError
@@ -31,15 +31,25 @@ def apply_retention(
     monitor: str | None = None,
     mode: str = "min",
     dry_run: bool = False,
+    protect: Sequence[int] = (),
+    run_id: str | None = None,
 ) -> tuple[list[int], list[int]]:
     """Delete committed steps beyond keep-last N / keep-best K; return (kept, deleted).
-    The newest committed step is always kept."""
+    The newest committed step and the ``protect`` ones are always kept. With ``run_id``
+    only that run's steps are counted, ranked or deleted; another run's are left alone."""
     if keep_best is not None and not monitor:
         raise ConfigurationError("keep_best needs monitor= (the metric to rank steps by)")
     infos = [c for c in store.list() if c.readable]
+    if run_id is not None:
+        infos = [c for c in infos if c.manifest is not None and c.manifest.run.get("id") == run_id]
     metrics = {c.step: c.metrics.get(monitor) for c in infos} if monitor else None
     decision = decide_retention(
-        [c.step for c in infos], metrics, keep_last=keep_last, keep_best=keep_best, mode=mode
+        [c.step for c in infos],
+        metrics,
+        keep_last=keep_last,
+        keep_best=keep_best,
+        mode=mode,
+        protect=protect,
     )
     for step in decision.delete:
         if not dry_run:

@@ -11,7 +11,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from forge_dist._urls import redact_url
@@ -24,6 +24,7 @@ from forge_dist.errors import (
 )
 from forge_dist.policy import rank_best
 from forge_dist.storage import retention
+from forge_dist.storage._errors import storage_errors
 from forge_dist.storage.backends import Backend, make_backend, owner_is_dead, writer_id
 from forge_dist.storage.hashing import Progress, copy_hashed
 from forge_dist.storage.manifest import STAGING_RE, parse_step_dirname, step_dirname
@@ -196,8 +197,10 @@ class CheckpointStore:
         state: Mapping[str, Any] | None = None,
         writer: Mapping[str, Any] | None = None,
         replace: bool = False,
+        run: Mapping[str, Any] | None = None,
     ) -> CheckpointWriter:
-        """A :class:`CheckpointWriter` for ``step``; use it as a context manager."""
+        """A :class:`CheckpointWriter` for ``step``; use it as a context manager.
+        ``run`` identifies the run that writes it (see :class:`Manifest`)."""
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ConfigurationError(f"step must be a non-negative integer, got {step!r}")
         return CheckpointWriter(
@@ -210,6 +213,7 @@ class CheckpointStore:
             replace=replace,
             # Tidy what dead writers on this host left behind (never a live one's staging).
             after_commit=self.cleanup_dead_writers,
+            run=run,
         )
 
     def put(
@@ -302,6 +306,25 @@ class CheckpointStore:
         self._backend.delete_committed(name)
         log.info("deleted %s from %s", name, self.display)
 
+    def archive_steps(self, steps: list[int]) -> str:
+        """Move committed ``steps`` into a new ``archive-<time>`` folder in the root
+        (where readers do not look); return its name. Local roots only: on object
+        stores a move is a copy, so delete the steps or choose another root."""
+        if not self._backend.rename_commit:
+            raise ConfigurationError(
+                f"archiving steps needs a local root ({self.display} is an object store, "
+                "where moving is copying): delete them, or write to another directory"
+            )
+        folder = f"archive-{time.strftime('%Y%m%d-%H%M%S')}-{writer_id()}"
+        root = self._backend.root
+        with storage_errors(f"cannot archive steps in {self.display}"):
+            os.mkdir(os.path.join(root, folder))
+            for step in steps:
+                name = step_dirname(step)
+                os.rename(os.path.join(root, name), os.path.join(root, folder, name))
+        log.info("archived %d step(s) of %s into %s", len(steps), self.display, folder)
+        return folder
+
     def remove_staging(self, name: str) -> None:
         """Remove an unfinished save, an interrupted delete or an uncommitted prefix."""
         if STAGING_RE.match(name) is None and parse_step_dirname(name) is None:
@@ -318,10 +341,12 @@ class CheckpointStore:
         monitor: str | None = None,
         mode: str = "min",
         dry_run: bool = False,
+        protect: Sequence[int] = (),
+        run_id: str | None = None,
     ) -> tuple[list[int], list[int]]:
         """Delete committed steps beyond keep-last N / keep-best K; return (kept,
-        deleted). The newest committed step is always kept, so this is safe to call
-        right after a commit."""
+        deleted). The newest committed step and ``protect`` are always kept, so this is
+        safe to call right after a commit; with ``run_id`` only that run's steps count."""
         return retention.apply_retention(
             self,
             keep_last=keep_last,
@@ -329,6 +354,8 @@ class CheckpointStore:
             monitor=monitor,
             mode=mode,
             dry_run=dry_run,
+            protect=protect,
+            run_id=run_id,
         )
 
     def gc(

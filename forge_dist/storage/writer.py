@@ -48,6 +48,7 @@ class CheckpointWriter:
         writer: Mapping[str, Any] | None,
         replace: bool,
         after_commit: Callable[[], None] | None = None,
+        run: Mapping[str, Any] | None = None,
     ) -> None:
         self._backend = backend
         self.display = display
@@ -62,6 +63,7 @@ class CheckpointWriter:
         self._staging: str | None = None
         self._done = False
         self._after_commit = after_commit
+        self.run: dict[str, Any] = dict(run or {})
         self.committed: CheckpointInfo | None = None
 
     # -- lifecycle
@@ -189,6 +191,7 @@ class CheckpointWriter:
                 metrics=normalise_metrics(self.metrics),
                 state=self.state,
                 versions=versions(),
+                run=self.run,
             )
             data = manifest.to_bytes()
             self._backend.commit(self._staging, self.step, data, self.replace)

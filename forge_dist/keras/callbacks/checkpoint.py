@@ -10,8 +10,9 @@ from forge_dist import policy
 from forge_dist.comm import Communicator
 from forge_dist.errors import ConfigurationError, ForgeDistError
 from forge_dist.keras import _compat
+from forge_dist.keras import run as run_mod
 from forge_dist.keras._compat import to_float
-from forge_dist.keras._state import collect_state, registry
+from forge_dist.keras._state import collect_state, registry, root_key
 from forge_dist.keras.async_checkpoint import AsyncCheckpointer
 from forge_dist.keras.callbacks.base import ForgeCallback, check_positive_int, keras_alias
 from forge_dist.keras.metric_state import metric_values, saved_state
@@ -75,11 +76,21 @@ class ChiefModelCheckpoint(ForgeCallback):
         async_save: bool = False,
         when_busy: str = "wait",
         filepath: str | None = None,
+        run_name: str | None = None,
+        overwrite: str | None = None,
     ) -> None:
         super().__init__(communicator, verbose)
         from forge_dist.storage import CheckpointStore
 
         directory = check_root_url(keras_alias("directory", directory, "filepath", filepath))
+        if overwrite not in run_mod.OVERWRITE:
+            raise ConfigurationError(
+                f"overwrite must be None, 'archive' or 'delete', got {overwrite!r}"
+            )
+        if run_name is not None and (not isinstance(run_name, str) or not run_name):
+            raise ConfigurationError(f"run_name must be a non-empty string, got {run_name!r}")
+        self.run_name, self.overwrite = run_name, overwrite
+        self.run: dict[str, Any] | None = None  # decided by the chief at train begin
         if when_busy not in WHEN_BUSY:
             raise ConfigurationError(f"when_busy must be 'wait' or 'skip', got {when_busy!r}")
         if async_save and self.comm.collective_saves:
@@ -135,13 +146,36 @@ class ChiefModelCheckpoint(ForgeCallback):
         if self.save_best_only or self.keep_best:
             self._check_mode_direction()
         self.begin_state()
-        # Before the first step: the root is writable and has room for what is kept.
-        self._agree(
-            "ChiefModelCheckpoint(pre-flight)",
-            lambda: check_room(
-                self.store, self.model, self.keep_last, self.keep_best, self.async_save
-            ),
-        )
+        # Before the first step: the root is writable, has room for what is kept, and
+        # holds no other run's steps.
+        self._agree("ChiefModelCheckpoint(pre-flight)", self._preflight)
+
+    def _preflight(self) -> None:
+        """Chief: room for the checkpoints, and this run's identity."""
+        check_room(self.store, self.model, self.keep_last, self.keep_best, self.async_save)
+        runs = registry(self.model).runs
+        key = root_key(self.store.url)
+        if self.run is None:
+            self.run = runs.get(key)  # restored, or started by an earlier fit of this model
+        if self.run is None:
+            infos = self.store.list()
+            if infos and self.overwrite is None:
+                raise run_mod.foreign_steps_error(self.directory, infos)
+            if infos:
+                self._clear_old_steps(infos)
+            self.run = run_mod.new_run(self.run_name)
+        self.run = run_mod.current(self.run, self.model, self.run_name)
+        runs[key] = self.run
+
+    def _clear_old_steps(self, infos: list[Any]) -> None:
+        """``overwrite``: another run's steps archived (local roots) or deleted first."""
+        if self.overwrite == "archive":
+            folder = self.store.archive_steps([c.step for c in infos])
+            self._say(f"moved {len(infos)} step(s) of another run to {folder}")
+            return
+        for c in infos:
+            self.store.delete(c.step)
+        self._say(f"deleted {len(infos)} step(s) of another run from {self.directory}")
 
     def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
         self._epoch = epoch
@@ -306,6 +340,7 @@ class ChiefModelCheckpoint(ForgeCallback):
             metrics={k: f for k, v in logs.items() if (f := to_float(v)) is not None},
             state=state,
             writer=writer,
+            run=self.run,
         )
         if self.keep_last or self.keep_best:
             self.store.apply_retention(
@@ -313,4 +348,6 @@ class ChiefModelCheckpoint(ForgeCallback):
                 keep_best=self.keep_best,
                 monitor=self.monitor if self.keep_best else None,
                 mode=self._resolved_mode or "min",
+                protect=[step],  # never the step just committed
+                run_id=(self.run or {}).get("id"),  # only this run's steps
             )
