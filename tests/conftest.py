@@ -97,3 +97,14 @@ def payload(tmp_path):
     (src / "sub" / "opt.bin").write_bytes(os.urandom(5_000))
     (src / "empty.txt").write_bytes(b"")
     return src
+
+
+@pytest.fixture(params=["local", "s3"])
+def cli_target(request, tmp_path):
+    """Targets a separate CLI process can reach (memory:// lives in one process only)."""
+    if request.param == "local":
+        return Target("local", str(tmp_path / "root"), None, {})
+    s3 = request.getfixturevalue("s3")
+    url = f"s3://{s3.bucket}/cli-{os.urandom(4).hex()}"
+    # The CLI gets its endpoint and keys from the environment, as a user's would.
+    return Target("s3", url, s3.options, s3.env())

@@ -54,15 +54,46 @@ def resolve(url: str, options_text: str | None) -> tuple[Any, str | None]:
     from forge_dist.storage.manifest import STAGING_RE, STEP_RE
 
     options = storage_options(options_text)
+    whole = CheckpointStore(url, options)  # a bad URL is reported whole, as given
     split = split_url(url)
     if split is not None:
         parent, base = split
         if STEP_RE.match(base) or STAGING_RE.match(base):
             return CheckpointStore(parent, options), base
-        parent_store = CheckpointStore(parent, options)
         try:
+            parent_store = CheckpointStore(parent, options)
             if parent_store.is_committed(base):
                 return parent_store, base
         except ForgeDistError:
             pass
-    return CheckpointStore(url, options), None
+    return whole, None
+
+
+def resolve_step(url: str, options_text: str | None, step: int | None) -> tuple[Any, Any]:
+    """``(store, info)`` of one committed step: URL is a step folder, or a root with
+    ``--step N`` (default: the newest). A missing step is a NoCheckpointError (exit 3)."""
+    from forge_dist.errors import NoCheckpointError
+    from forge_dist.storage.manifest import step_dirname
+
+    store, name = resolve(url, options_text)
+    if name is not None:
+        if step is not None:
+            raise UsageError("--step needs a checkpoint root, not one checkpoint folder")
+    elif step is not None:
+        name = step_dirname(step)
+    else:
+        infos = store.list()
+        if not infos:
+            raise NoCheckpointError(f"no committed checkpoint in {store.display}")
+        name = infos[-1].name
+    info = store.info(name)
+    if info is None:
+        raise NoCheckpointError(f"no committed {name} in {store.display}")
+    return store, info
+
+
+def positive(name: str, value: int | None) -> int | None:
+    """A count given on the command line: a positive integer (or absent)."""
+    if value is not None and value < 1:
+        raise UsageError(f"{name} must be a positive integer, got {value}")
+    return value

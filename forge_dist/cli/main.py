@@ -26,7 +26,7 @@ from forge_dist.cli.common import (
 )
 from forge_dist.cli.demo import cmd_demo
 from forge_dist.cli.output import print_json
-from forge_dist.errors import ForgeDistError, NoCheckpointError
+from forge_dist.errors import ForgeDistError, IntegrityError, NoCheckpointError
 from forge_dist.storage.retention import DEFAULT_GRACE_S
 
 __all__ = [
@@ -71,9 +71,40 @@ def build_parser() -> argparse.ArgumentParser:
     v.set_defaults(func=commands.cmd_verify)
 
     ls = sub.add_parser("ls", parents=[common], help="list committed checkpoints")
-    ls.add_argument("url")
+    ls.add_argument("url", help="a checkpoint root, or one checkpoint folder")
+    ls.add_argument("--monitor", metavar="M", help="mark the best step by this metric")
+    ls.add_argument("--mode", choices=("auto", "min", "max"), default="auto")
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=commands.cmd_ls)
+
+    ins = sub.add_parser("inspect", parents=[common], help="show one checkpoint's manifest")
+    ins.add_argument("url", help="a checkpoint root, or one checkpoint folder")
+    ins.add_argument("--step", type=int, help="this step of the root (default: the newest)")
+    ins.add_argument("--json", action="store_true")
+    ins.set_defaults(func=commands.cmd_inspect)
+
+    ex = sub.add_parser("export", parents=[common], help="a step's model as one local file")
+    ex.add_argument("url", help="a checkpoint root, or one checkpoint folder")
+    ex.add_argument("out", help="the file to write: NAME.keras or NAME.weights.h5")
+    ex.add_argument("--step", type=int, help="this step of the root (default: the newest)")
+    ex.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    ex.add_argument("--json", action="store_true")
+    ex.set_defaults(func=commands.cmd_export)
+
+    cp = sub.add_parser("cp", parents=[common], help="copy committed steps to another root")
+    cp.add_argument("src", help="a checkpoint root, or one checkpoint folder")
+    cp.add_argument("dst", help="the destination root (any URL)")
+    cp.add_argument("--step", type=int, help="this step (default: the newest)")
+    cp.add_argument("--all", action="store_true", help="every committed step")
+    cp.add_argument("--replace", action="store_true", help="overwrite a committed step")
+    cp.add_argument("--json", action="store_true")
+    cp.set_defaults(func=commands.cmd_cp)
+
+    rm = sub.add_parser("rm", parents=[common], help="remove one committed step")
+    rm.add_argument("url", help="a checkpoint root")
+    rm.add_argument("--step", type=int, required=True)
+    rm.add_argument("--json", action="store_true")
+    rm.set_defaults(func=commands.cmd_rm)
 
     put = sub.add_parser("put", parents=[common], help="commit a local file or folder as a step")
     put.add_argument("src")
@@ -94,7 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     gc.add_argument("--keep-last", type=int, required=True, metavar="N")
     gc.add_argument("--keep-best", type=int, metavar="K")
     gc.add_argument("--monitor", metavar="M")
-    gc.add_argument("--mode", choices=("min", "max"), default="min")
+    gc.add_argument(
+        "--mode",
+        choices=("auto", "min", "max"),
+        default="auto",
+        help="auto: Keras' rule for the name, else the direction the checkpoints recorded",
+    )
     gc.add_argument(
         "--grace",
         type=float,
@@ -140,11 +176,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ForgeDistError, OSError) as e:
         if args.debug:
             raise
-        code = EXIT_NO_CHECKPOINT if isinstance(e, NoCheckpointError) else EXIT_ERROR
-        secrets = url_secrets(getattr(args, "url", "") or "")
+        code = (
+            EXIT_NO_CHECKPOINT
+            if isinstance(e, NoCheckpointError)
+            else EXIT_INTEGRITY
+            if isinstance(e, IntegrityError)
+            else EXIT_ERROR
+        )
+        secrets = [
+            s for a in ("url", "src", "dst") for s in url_secrets(getattr(args, a, "") or "")
+        ]
         line = redact_text(" ".join(str(e).split()), secrets) or type(e).__name__
+        line = line.replace("pass replace=True", "pass --replace")  # the flag, on the CLI
         if getattr(args, "json", False):
-            url = redact_url(getattr(args, "url", ""))
+            url = redact_url(getattr(args, "url", None) or getattr(args, "dst", ""))
             print_json(args.command, url, code, ok=False, error=line)
         print(f"forge-dist: error: {line}", file=sys.stderr)
         return code

@@ -59,10 +59,14 @@ def apply_retention(
 
 
 def remove_staging(
-    store: CheckpointStore, stale: Callable[[StagingInfo], bool], dry_run: bool
+    store: CheckpointStore,
+    stale: Callable[[StagingInfo], bool],
+    dry_run: bool,
+    strict: bool = False,
 ) -> tuple[list[str], list[str]]:
     """Remove interrupted deletes, staging of dead local writers, and what ``stale``
-    says; return (removed, kept). A live writer's staging is never removed."""
+    says; return (removed, kept). A live writer's staging is never removed. A removal
+    that fails is logged and kept, or with ``strict`` raised."""
     removed: list[str] = []
     kept: list[str] = []
     for st in store.list_staging():
@@ -73,6 +77,8 @@ def remove_staging(
             try:
                 store.remove_staging(st.name)
             except StorageError as e:
+                if strict:
+                    raise
                 log.warning("could not remove %s: %s", st.name, e)
                 kept.append(st.name)
                 continue
@@ -89,6 +95,7 @@ def gc(
     mode: str = "min",
     grace_s: float = DEFAULT_GRACE_S,
     dry_run: bool = False,
+    strict: bool = False,
 ) -> GcReport:
     """Apply retention, then remove staging that is an interrupted delete, whose writer
     ran on this host and is gone, or in which nothing changed for ``grace_s`` seconds."""
@@ -99,6 +106,6 @@ def gc(
         store, keep_last=keep_last, keep_best=keep_best, monitor=monitor, mode=mode, dry_run=dry_run
     )
     report.removed_staging, report.kept_staging = remove_staging(
-        store, lambda st: st.age_s is None or st.age_s > grace_s, dry_run
+        store, lambda st: st.age_s is None or st.age_s > grace_s, dry_run, strict
     )
     return report

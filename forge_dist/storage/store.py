@@ -12,7 +12,7 @@ import os
 import shutil
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, BinaryIO
 
 from forge_dist._urls import redact_url
 from forge_dist.errors import (
@@ -23,11 +23,16 @@ from forge_dist.errors import (
     StorageError,
 )
 from forge_dist.policy import rank_best
-from forge_dist.storage import retention
+from forge_dist.storage import retention, transfer
 from forge_dist.storage._errors import storage_errors
 from forge_dist.storage.backends import Backend, make_backend, owner_is_dead, writer_id
 from forge_dist.storage.hashing import Progress, copy_hashed
-from forge_dist.storage.manifest import STAGING_RE, parse_step_dirname, step_dirname
+from forge_dist.storage.manifest import (
+    STAGING_RE,
+    parse_step_dirname,
+    step_dirname,
+    validate_relpath,
+)
 from forge_dist.storage.retention import DEFAULT_GRACE_S
 from forge_dist.storage.types import CheckpointInfo, CheckpointReport, GcReport, StagingInfo
 from forge_dist.storage.verify import content_problem, load_manifest, verify_checkpoint
@@ -238,6 +243,15 @@ class CheckpointStore:
         return w.committed
 
     # -- reading back
+    def open_file(self, name_or_step: str | int, path: str) -> BinaryIO:
+        """A committed step's file, opened for reading (links never followed)."""
+        name = step_dirname(name_or_step) if isinstance(name_or_step, int) else name_or_step
+        return self._backend.open_read(name, validate_relpath(path))
+
+    def copy_to(self, dst: CheckpointStore, step: int, replace: bool = False) -> CheckpointInfo:
+        """Copy committed ``step`` into ``dst`` (see :mod:`.transfer`)."""
+        return transfer.copy_step(self, step, dst, replace)
+
     def download(
         self, step: int | None, dest: str | os.PathLike[str], progress: Progress | None = None
     ) -> str:
@@ -367,9 +381,11 @@ class CheckpointStore:
         mode: str = "min",
         grace_s: float = DEFAULT_GRACE_S,
         dry_run: bool = False,
+        strict: bool = False,
     ) -> GcReport:
         """Apply retention, then remove staging left by dead writers (see
-        :func:`forge_dist.storage.retention.gc`)."""
+        :func:`forge_dist.storage.retention.gc`); ``strict`` raises an I/O error instead
+        of reporting that staging as kept."""
         return retention.gc(
             self,
             keep_last=keep_last,
@@ -378,6 +394,7 @@ class CheckpointStore:
             mode=mode,
             grace_s=grace_s,
             dry_run=dry_run,
+            strict=strict,
         )
 
     def cleanup_dead_writers(self) -> list[str]:

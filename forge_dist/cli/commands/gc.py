@@ -1,24 +1,63 @@
-"""``forge-dist gc URL --keep-last N [--keep-best K --monitor M --mode min|max]``."""
+"""``forge-dist gc URL --keep-last N [--keep-best K --monitor M [--mode auto|min|max]]``."""
 
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
-from forge_dist.cli.common import EXIT_OK, UsageError, open_store
+from forge_dist.cli.common import EXIT_OK, UsageError, open_store, positive
 from forge_dist.cli.output import print_json, stdout_console
+
+
+def resolve_monitor_mode(infos: list[Any], monitor: str, mode: str) -> str:
+    """``--mode`` for ``monitor``: as given, else Keras' rules for the name, else the
+    direction the run's own checkpoints recorded. A monitor that no manifest carries is
+    a usage error listing the metrics found."""
+    from forge_dist.errors import ConfigurationError
+    from forge_dist.policy import resolve_mode
+
+    found = sorted({k for c in infos for k in c.metrics})
+    if monitor not in found:
+        raise UsageError(
+            f"no checkpoint records the metric {monitor!r}; found: {', '.join(found) or 'none'}"
+        )
+    if mode != "auto":
+        return mode
+    try:
+        return resolve_mode(monitor, "auto")
+    except ConfigurationError:
+        pass
+    recorded = {
+        cb.get("mode")
+        for c in infos
+        for cb in (c.state.get("callbacks") or {}).values()
+        if isinstance(cb, dict) and cb.get("mode") in ("min", "max")
+    }
+    if len(recorded) == 1:
+        return recorded.pop()
+    raise UsageError(
+        f"cannot tell whether {monitor!r} should be minimised or maximised "
+        f"(the checkpoints record {sorted(recorded) or 'no direction'}): pass --mode min or max"
+    )
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
     if (args.keep_best is not None) != (args.monitor is not None):
         raise UsageError("--keep-best and --monitor go together")
+    positive("--keep-last", args.keep_last)
+    positive("--keep-best", args.keep_best)
     store = open_store(args.url, args.storage_options)
+    mode = args.mode
+    if args.monitor is not None:
+        mode = resolve_monitor_mode([c for c in store.list() if c.readable], args.monitor, mode)
     report = store.gc(
         keep_last=args.keep_last,
         keep_best=args.keep_best,
         monitor=args.monitor,
-        mode=args.mode,
+        mode=mode,
         grace_s=args.grace,
         dry_run=args.dry_run,
+        strict=True,  # an I/O error is an error here, not a staging "kept"
     )
     if args.json:
         print_json(

@@ -1,0 +1,41 @@
+"""``forge-dist cp SRC DST [--step N | --all] [--replace]``: committed steps into another
+root or store, verified while read, committed by the destination's protocol."""
+
+from __future__ import annotations
+
+import argparse
+
+from forge_dist.cli.common import EXIT_OK, UsageError, open_store, resolve
+from forge_dist.cli.output import human_bytes, print_json, stdout_console
+from forge_dist.errors import NoCheckpointError
+
+
+def cmd_cp(args: argparse.Namespace) -> int:
+    if args.step is not None and args.all:
+        raise UsageError("--step and --all cannot be used together")
+    src, name = resolve(args.src, args.storage_options)
+    dst = open_store(args.dst, args.storage_options)
+    if name is not None:
+        info = src.info(name)
+        if info is None:
+            raise NoCheckpointError(f"no committed {name} in {src.display}")
+        steps = [info.step]
+    else:
+        committed = [c.step for c in src.list()]
+        if args.step is not None:
+            steps = [s for s in committed if s == args.step]
+        else:
+            steps = committed if args.all else committed[-1:]
+    if not steps:
+        what = f"step {args.step}" if args.step is not None else "committed checkpoint"
+        raise NoCheckpointError(f"no {what} in {src.display}")
+    copied = [src.copy_to(dst, s, replace=args.replace) for s in steps]
+    total = sum(c.manifest.total_bytes for c in copied if c.manifest)
+    if args.json:
+        print_json("cp", dst.display, EXIT_OK, source=src.display, steps=steps, bytes=total)
+    else:
+        stdout_console().print(
+            f"copied {len(copied)} step(s) ({', '.join(map(str, steps))}, {human_bytes(total)}) "
+            f"from {src.display} to {dst.display}, sha256 checked"
+        )
+    return EXIT_OK

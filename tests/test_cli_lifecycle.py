@@ -1,0 +1,274 @@
+"""The checkpoint lifecycle on the command line: inspect, ls --monitor, export, cp, rm,
+and gc's direction and typos, on local disk and a real S3 endpoint (separate processes)
+and memory:// (in process); one clear line and the contract's exit codes on bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+from clihelp import one_clear_line, opts, run, table_column
+
+from forge_dist.cli import main as cli_main
+from forge_dist.storage import MANIFEST_NAME, CheckpointStore
+
+
+def keras_root(target, steps=(1, 2, 3)):
+    """Steps holding a model.keras, with epochs, a run and a recorded mode, as the
+    Keras callbacks write them."""
+    store = target.store()
+    for s in steps:
+        state = {
+            "epoch": s - 1,
+            "epoch_done": True,
+            "batch": None,
+            "callbacks": {"checkpoint": {"best": None, "mode": "max"}},
+        }
+        run_ = {"id": "abc123abc123", "name": "exp", "model_fingerprint": "f" * 16}
+        metrics = {"val_score": [0.2, 0.9, 0.5][s - 1], "val_acc": 0.1 * s}
+        with store.writer(s, metrics=metrics, state=state, run=run_) as w:
+            w.add_bytes("model.keras", b"K" * 100 * s)
+    return store
+
+
+def test_inspect_shows_position_run_writer_and_state(cli_target):
+    keras_root(cli_target)
+    out = run("inspect", cli_target.url, *opts(cli_target), env=cli_target.env)
+    assert out.returncode == 0, out.stderr
+    assert "step-00000003" in out.stdout and "epoch 3 end" in out.stdout
+    assert "abc123abc123 (exp)" in out.stdout and "checkpoint" in out.stdout
+    js = json.loads(
+        run(
+            "inspect",
+            cli_target.url,
+            "--step",
+            "2",
+            "--json",
+            *opts(cli_target),
+            env=cli_target.env,
+        ).stdout
+    )
+    assert js["step"] == 2 and js["manifest"]["run"]["id"] == "abc123abc123"
+    assert js["manifest"]["state"]["epoch"] == 1
+    missing = run("inspect", cli_target.url, "--step", "9", *opts(cli_target), env=cli_target.env)
+    assert missing.returncode == 3 and "no committed step-00000009" in one_clear_line(missing)
+
+
+def test_ls_marks_the_best_step_and_shows_epoch_and_run(cli_target):
+    keras_root(cli_target)
+    out = run(
+        "ls",
+        cli_target.url,
+        "--monitor",
+        "val_score",
+        "--json",
+        *opts(cli_target),
+        env=cli_target.env,
+    )
+    js = json.loads(out.stdout)
+    assert js["best_step"] == 2  # val_score: max (the checkpoints recorded it)
+    assert [c["best"] for c in js["checkpoints"]] == [False, True, False]
+    assert js["checkpoints"][0]["epoch"] == 0 and js["checkpoints"][0]["run"]["name"] == "exp"
+    folder = run(
+        "ls", f"{cli_target.url}/step-00000002", "--json", *opts(cli_target), env=cli_target.env
+    )
+    assert folder.returncode == 0
+    assert [c["step"] for c in json.loads(folder.stdout)["checkpoints"]] == [2]
+
+
+def test_ls_wraps_metrics_instead_of_cutting_them(tmp_path):
+    store = CheckpointStore(str(tmp_path / "r"))
+    names = {f"val_metric_number_{i}": i / 7 for i in range(6)}
+    with store.writer(1, metrics=names) as w:
+        w.add_bytes("a", b"a")
+    out = run("ls", str(tmp_path / "r"), env={"COLUMNS": "80"})
+    column = table_column(out.stdout, "metrics")  # its folded lines put back together
+    assert all(f"{name}={value:.6g}" in column for name, value in names.items()), out.stdout
+    assert "…" not in out.stdout
+
+
+def test_export_writes_the_model_verified(cli_target, tmp_path):
+    keras_root(cli_target)
+    dest = tmp_path / "best.keras"
+    out = run(
+        "export", cli_target.url, str(dest), "--step", "2", *opts(cli_target), env=cli_target.env
+    )
+    assert out.returncode == 0, out.stderr
+    assert dest.read_bytes() == b"K" * 200
+    again = run("export", cli_target.url, str(dest), *opts(cli_target), env=cli_target.env)
+    assert again.returncode == 2 and "--force" in one_clear_line(again)
+    wrong = run(
+        "export", cli_target.url, str(tmp_path / "x.h5"), *opts(cli_target), env=cli_target.env
+    )
+    assert wrong.returncode == 2 and ".keras or .weights.h5" in one_clear_line(wrong)
+
+
+def test_export_of_a_damaged_step_fails_with_1_and_writes_nothing(tmp_path):
+    from conftest import Target
+
+    target = Target("local", str(tmp_path / "r"), None, {})
+    keras_root(target)
+    (tmp_path / "r" / "step-00000003" / "model.keras").write_bytes(b"X" * 300)  # same size
+    out = run("export", target.url, str(tmp_path / "m.keras"))
+    assert out.returncode == 1 and "sha256 mismatch" in one_clear_line(out)
+    assert not (tmp_path / "m.keras").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["r"]  # no scratch left behind
+
+
+def test_cp_copies_verified_into_another_kind_of_store(cli_target, tmp_path, s3):
+    keras_root(cli_target)
+    # local -> S3, S3 -> local: the other kind of storage, committed by its protocol.
+    if cli_target.kind == "local":
+        dst = f"s3://{s3.bucket}/cp-{os.urandom(4).hex()}"
+        env, dst_options = s3.env(), s3.options
+    else:
+        dst, env, dst_options = str(tmp_path / "copy"), cli_target.env, None
+    out = run("cp", cli_target.url, dst, "--all", *opts(cli_target), env=env)
+    assert out.returncode == 0, out.stderr
+    copied = CheckpointStore(dst, dst_options)
+    assert copied.steps() == [1, 2, 3]
+    assert all(copied.verify(s).ok for s in (1, 2, 3))
+    assert copied.get(2).manifest.run["id"] == "abc123abc123"
+    assert copied.get(2).metrics == cli_target.store().get(2).metrics
+    exists = run("cp", cli_target.url, dst, "--step", "2", *opts(cli_target), env=env)
+    assert exists.returncode == 2 and "pass --replace" in one_clear_line(exists)
+
+
+def test_cp_of_a_damaged_step_commits_nothing(tmp_path):
+    src = tmp_path / "src"
+    store = CheckpointStore(str(src))
+    with store.writer(1) as w:
+        w.add_bytes("model.keras", b"ok" * 50)
+    (src / "step-00000001" / "model.keras").write_bytes(b"no" * 50)
+    out = run("cp", str(src), str(tmp_path / "dst"))
+    assert out.returncode == 1 and "does not match its manifest" in one_clear_line(out)
+    assert CheckpointStore(str(tmp_path / "dst")).list() == []
+
+
+def test_cp_and_rm_in_memory(capsys):
+    src, dst = f"memory://cli-{os.urandom(3).hex()}/a", f"memory://cli-{os.urandom(3).hex()}/b"
+    store = CheckpointStore(src)
+    for s in (1, 2):
+        with store.writer(s) as w:
+            w.add_bytes("f", b"x" * s)
+    assert cli_main.main(["cp", src, dst, "--step", "1"]) == 0
+    assert CheckpointStore(dst).steps() == [1]
+    assert cli_main.main(["rm", src, "--step", "2"]) == 0
+    assert CheckpointStore(src).steps() == [1]
+    assert cli_main.main(["rm", src, "--step", "2"]) == 3
+    capsys.readouterr()
+
+
+def test_rm_takes_the_marker_first(tmp_path):
+    store = CheckpointStore(str(tmp_path / "r"))
+    for s in (1, 2):
+        with store.writer(s) as w:
+            w.add_bytes("f", b"x")
+    out = run("rm", str(tmp_path / "r"), "--step", "1", "--json")
+    assert out.returncode == 0 and json.loads(out.stdout)["step"] == 1
+    assert store.steps() == [2] and sorted(os.listdir(tmp_path / "r")) == ["step-00000002"]
+
+
+def test_gc_direction_follows_keras_rules_or_the_recorded_mode(tmp_path):
+    from conftest import Target
+
+    keras_root(Target("local", str(tmp_path / "r"), None, {}))
+    # val_acc: Keras' name rule (max) keeps step 3 (0.3), not step 1 (0.1).
+    out = run(
+        "gc",
+        str(tmp_path / "r"),
+        "--keep-last",
+        "1",
+        "--keep-best",
+        "1",
+        "--monitor",
+        "val_acc",
+        "--json",
+    )
+    assert json.loads(out.stdout)["deleted_steps"] == [1, 2]
+    keras_root(Target("local", str(tmp_path / "s"), None, {}))
+    # val_score: no name rule; the manifests recorded max: the 0.9 of step 2 is kept.
+    out = run(
+        "gc",
+        str(tmp_path / "s"),
+        "--keep-last",
+        "1",
+        "--keep-best",
+        "1",
+        "--monitor",
+        "val_score",
+        "--json",
+    )
+    assert json.loads(out.stdout)["kept_steps"] == [2, 3]
+
+
+def test_gc_refuses_a_monitor_no_manifest_carries_and_a_zero_count(tmp_path):
+    from conftest import Target
+
+    keras_root(Target("local", str(tmp_path / "r"), None, {}))
+    typo = run(
+        "gc", str(tmp_path / "r"), "--keep-last", "1", "--keep-best", "1", "--monitor", "val_scor"
+    )
+    line = one_clear_line(typo)
+    assert typo.returncode == 2 and "'val_scor'" in line and "val_acc, val_score" in line
+    assert CheckpointStore(str(tmp_path / "r")).steps() == [1, 2, 3]  # nothing deleted
+    zero = run("gc", str(tmp_path / "r"), "--keep-last", "0")
+    assert zero.returncode == 2 and "--keep-last must be a positive integer" in one_clear_line(zero)
+
+
+def test_gc_on_a_read_only_root_is_an_error_not_kept(tmp_path, monkeypatch, capsys):
+    from forge_dist.storage.backends import posix
+
+    root = tmp_path / "r"
+    store = CheckpointStore(str(root))
+    with store.writer(1) as w:
+        w.add_bytes("f", b"x")
+    (root / "step-00000002.tmp-otherhost.1.abcd").mkdir()  # abandoned staging
+
+    def read_only(path, *a, **k):
+        raise OSError(30, "Read-only file system", str(path))
+
+    monkeypatch.setattr(posix.shutil, "rmtree", read_only)
+    assert cli_main.main(["gc", str(root), "--keep-last", "1", "--grace", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "read-only filesystem" in err and "kept" not in err
+
+
+def test_messages_name_the_flag_and_the_whole_url(tmp_path):
+    payload = tmp_path / "f"
+    payload.write_bytes(b"x")
+    root = str(tmp_path / "r")
+    assert run("put", str(payload), root, "--step", "1").returncode == 0
+    again = run("put", str(payload), root, "--step", "1")
+    assert again.returncode == 2 and "pass --replace" in one_clear_line(again)
+    odd = run("verify", "foo://bucket/x")
+    assert odd.returncode == 2 and "foo://bucket/x" in one_clear_line(odd)
+
+
+def test_secrets_never_printed_by_the_new_commands(tmp_path):
+    secret_url = "s3://AKIAXXXX:s3cr3tkey@no-such-bucket/run?sig=topsecret"
+    for args in (
+        ["inspect", secret_url],
+        ["export", secret_url, str(tmp_path / "m.keras")],
+        ["cp", secret_url, str(tmp_path / "c")],
+        ["cp", str(tmp_path), secret_url],
+        ["rm", secret_url, "--step", "1"],
+    ):
+        out = run(
+            *args,
+            "--storage-options",
+            json.dumps({"client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}}),
+            env={"AWS_MAX_ATTEMPTS": "1"},
+            timeout=120,
+        )
+        assert out.returncode in (2, 3), (args, out.stderr)
+        text = out.stdout + out.stderr
+        assert "s3cr3tkey" not in text and "topsecret" not in text and "AKIAXXXX" not in text
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+__all__ = ["MANIFEST_NAME", "sha"]
