@@ -193,3 +193,15 @@ def test_a_signal_before_fit_still_ends_the_job_with_75(tmp_path):
     assert run.returncode == PREEMPTED_EXIT_CODE, run.output[-3000:]
     assert "signalled before training began: rank 1: SIGUSR1" in run.output
     assert CheckpointStore(str(root)).newest().step == step  # nothing new, still intact
+
+
+def test_a_fresh_run_into_another_runs_root_is_refused_on_every_rank(tmp_path):
+    root, report = tmp_path / "root", tmp_path / "r{rank}.json"
+    run = mpirun(2, train(root, report, "--epochs", "2"), bound_s=240)
+    assert run.returncode == 0, run.output[-3000:]
+    steps = CheckpointStore(str(root)).steps()
+    again = mpirun(2, train(root, report, "--epochs", "2"), bound_s=QUICK_S)  # no --resume
+    assert again.returncode != 0
+    assert "did not resume from it" in again.output
+    assert "failed on rank 0: RunConflictError" in again.output  # rank 1 heard it too
+    assert CheckpointStore(str(root)).steps() == steps  # nothing lost
