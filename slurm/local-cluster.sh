@@ -8,8 +8,10 @@
 #   slurm/local-cluster.sh env      print `export SLURM_CONF=...` for client commands
 #
 # Everything but the Debian packages lives in $FORGE_SLURM_DIR (default
-# /var/tmp/forge-dist-slurm): config, state, spool and logs. Needs root (the daemons run
-# as root here, SlurmUser=root) and apt-get the first time.
+# /var/tmp/forge-dist-slurm): config, state, spool, logs and the daemons' pid files.
+# Needs root (the daemons run as root here, SlurmUser=root) and apt-get the first time.
+# It only ever starts, checks and stops the daemons it started itself (found by their
+# pid files), so trying it on a machine that runs its own SLURM leaves that one alone.
 set -euo pipefail
 DIR="${FORGE_SLURM_DIR:-/var/tmp/forge-dist-slurm}"
 CONF="$DIR/slurm.conf"
@@ -17,6 +19,18 @@ HOST="$(hostname -s)"
 CPUS="$(nproc)"
 
 die() { echo "local-cluster: $*" >&2; exit 1; }
+
+# our_pid NAME: the pid of the NAME daemon this script started (its pid file names a
+# live process called NAME); fails otherwise.
+our_pid() {
+    local file="$DIR/$1.pid" pid
+    [ -f "$file" ] || return 1
+    pid="$(cat "$file")"
+    [ -n "$pid" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$1" ] || return 1
+    echo "$pid"
+}
+
+ours_running() { our_pid slurmctld >/dev/null || our_pid slurmd >/dev/null; }
 
 install() {
     local missing=()
@@ -66,8 +80,8 @@ CONF
         rm -f "$CONF.new"
         return 0
     fi
-    # A changed configuration: daemons still running with the old one are restarted.
-    if pgrep -x slurmctld >/dev/null || pgrep -x slurmd >/dev/null; then
+    # A changed configuration: our daemons still running with the old one are restarted.
+    if ours_running; then
         echo "local-cluster: configuration changed; restarting the daemons" >&2
         down
     fi
@@ -86,9 +100,9 @@ up() {
         runuser -u munge -- /usr/sbin/munged --force </dev/null >>"$DIR/log/munged.out" 2>&1
     fi
     export SLURM_CONF="$CONF"
-    pgrep -x slurmctld >/dev/null \
+    our_pid slurmctld >/dev/null \
         || /usr/sbin/slurmctld -f "$CONF" </dev/null >>"$DIR/log/slurmctld.out" 2>&1
-    pgrep -x slurmd >/dev/null \
+    our_pid slurmd >/dev/null \
         || /usr/sbin/slurmd -f "$CONF" </dev/null >>"$DIR/log/slurmd.out" 2>&1
     for _ in $(seq 1 60); do
         if sinfo -h -o '%T' 2>/dev/null | grep -Eq '^(idle|mixed|allocated)'; then
@@ -104,17 +118,25 @@ up() {
 
 down() {
     export SLURM_CONF="$CONF"
-    [ -f "$CONF" ] && scontrol shutdown >/dev/null 2>&1 || true
-    pkill -x slurmd 2>/dev/null || true
-    pkill -x slurmctld 2>/dev/null || true
-    # Wait until they are gone, so an `up` right after starts fresh daemons.
+    local pids=() name pid
+    for name in slurmd slurmctld; do
+        if pid="$(our_pid "$name")"; then
+            pids+=("$pid")
+            kill "$pid" 2>/dev/null || true
+        fi
+    done
+    # Wait until ours are gone, so an `up` right after starts fresh daemons.
     for _ in $(seq 1 30); do
-        pgrep -x slurmctld >/dev/null || pgrep -x slurmd >/dev/null || break
+        ours_running || break
         sleep 0.5
     done
-    pkill -9 -x slurmctld 2>/dev/null || true
-    pkill -9 -x slurmd 2>/dev/null || true
-    echo "local-cluster: down" >&2
+    for name in slurmd slurmctld; do
+        if pid="$(our_pid "$name")"; then
+            kill -9 "$pid" 2>/dev/null || true
+        fi
+        rm -f "$DIR/$name.pid"
+    done
+    echo "local-cluster: down (stopped ${#pids[@]} daemon(s) of its own)" >&2
 }
 
 case "${1:-}" in

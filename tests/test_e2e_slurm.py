@@ -173,3 +173,25 @@ def test_scancel_usr1_saves_once_requeues_and_resumes_exactly(slurm_env, tmp_pat
     assert r0["resumed_step"] == r1["resumed_step"] == int(saved[0])
     assert r0["fingerprint"] == r1["fingerprint"] == expected
     assert subprocess.run([FORGE, "verify", str(root), "--all"], timeout=60).returncode == 0
+
+
+def test_down_stops_only_the_daemons_it_started(tmp_path):
+    """A site's own slurmd/slurmctld (here: processes of those names that this script did
+    not start) survive ``local-cluster.sh down``."""
+    decoys = []
+    try:
+        for name in ("slurmd", "slurmctld"):
+            exe = tmp_path / name
+            shutil.copy(shutil.which("sleep"), exe)
+            decoys.append(subprocess.Popen([str(exe), "300"]))
+        env = dict(os.environ, FORGE_SLURM_DIR=str(tmp_path / "cluster"))
+        down = subprocess.run(
+            [CLUSTER, "down"], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert down.returncode == 0, down.stderr
+        assert "stopped 0 daemon(s) of its own" in down.stderr
+        assert all(p.poll() is None for p in decoys), "another process was stopped"
+    finally:
+        for p in decoys:
+            p.kill()
+            p.wait()
