@@ -39,6 +39,11 @@ class CheckpointExistsError(StorageError, FileExistsError):
     """Saving would overwrite a committed checkpoint without ``replace=True``."""
 
 
+class StaleWriterError(StorageError):
+    """A newer writer generation took over the checkpoint root (a requeued attempt, a
+    new run): this writer may no longer commit or delete there."""
+
+
 class IntegrityError(ForgeDistError, ValueError):
     """A committed checkpoint whose files do not match its manifest."""
 

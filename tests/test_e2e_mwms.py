@@ -49,7 +49,9 @@ def test_two_workers_agree_with_one_writer_and_resume_exactly(tmp_path):
     assert w1["touched_root"] == 0 and w0["touched_root"] > 0
     root = tmp_path / "whole"
     assert sorted(p.name for p in root.iterdir() if not p.name.startswith("step-")) == [
-        "history.csv"
+        ".writer.lock",
+        "history.csv",
+        "writer.lease",
     ]
     assert {c.manifest.writer["rank"] for c in CheckpointStore(str(root)).list()} == {0}
     # TensorBoard: the chief's event files only, its scalars the CSV's (synced) values.

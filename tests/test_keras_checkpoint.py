@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -83,7 +84,7 @@ def test_a_failed_save_is_an_error_not_a_silent_skip(tmp_path):
         """After the pre-flight passed: the root becomes a file before the save."""
 
         def on_epoch_end(self, epoch, logs=None):
-            root.rmdir()
+            shutil.rmtree(root)
             root.write_text("not a directory")
 
     cb = fk.ChiefModelCheckpoint(str(root), communicator=LOCAL)

@@ -18,8 +18,12 @@ from typing import Any
 from forge_dist.cli.common import EXIT_INTEGRITY, EXIT_OK, UsageError, open_store
 from forge_dist.cli.output import human_bytes, stdout_console
 
-#: What a demo root may hold: steps, their staging and deletes, the CSV and its temp.
-_OURS = re.compile(r"^(step-\d{8,}(\.(tmp|del)-.+)?|history\.csv(\.tmp-\d+)?)$")
+#: What a demo root may hold: steps, their staging and deletes, the CSV and its temp,
+#: the writer lease and its lock.
+_OURS = re.compile(
+    r"^(step-\d{8,}(\.(tmp|del)-.+)?|history\.csv(\.tmp-\d+)?|writer\.lease(\.tmp-.+)?"
+    r"|\.writer\.lock)$"
+)
 
 
 def find_mpirun() -> str | None:

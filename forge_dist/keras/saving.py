@@ -52,18 +52,21 @@ def save_to_store(
     state: Mapping[str, Any],
     writer: Mapping[str, Any],
     run: Mapping[str, Any] | None = None,
+    lease: Any = None,
 ) -> None:
     """Commit ``model`` as ``step`` of ``store`` with its metrics, state and writer."""
     stream_save = None if weights_only else _compat.keras_fileobj_saver()
     if stream_save is not None:
         with (
-            store.writer(step, metrics=metrics, state=state, writer=writer, run=run) as w,
+            store.writer(
+                step, metrics=metrics, state=state, writer=writer, run=run, lease=lease
+            ) as w,
             w.open(MODEL_FILE) as f,
         ):
             stream_save(model, f)
         return
     with (
         scratch_save(model, weights_only, "forge-dist-save-") as path,
-        store.writer(step, metrics=metrics, state=state, writer=writer, run=run) as w,
+        store.writer(step, metrics=metrics, state=state, writer=writer, run=run, lease=lease) as w,
     ):
         w.add_file(os.path.basename(path), path)

@@ -15,6 +15,7 @@ from forge_dist.storage import _faults
 from forge_dist.storage.types import GcReport, StagingInfo
 
 if TYPE_CHECKING:
+    from forge_dist.storage.lease import Lease
     from forge_dist.storage.store import CheckpointStore
 
 log = logging.getLogger("forge_dist.storage")
@@ -33,6 +34,7 @@ def apply_retention(
     dry_run: bool = False,
     protect: Sequence[int] = (),
     run_id: str | None = None,
+    lease: Lease | None = None,
 ) -> tuple[list[int], list[int]]:
     """Delete committed steps beyond keep-last N / keep-best K; return (kept, deleted).
     The newest committed step and the ``protect`` ones are always kept. With ``run_id``
@@ -54,7 +56,7 @@ def apply_retention(
     for step in decision.delete:
         if not dry_run:
             _faults.point(f"retention-delete:{step}")
-            store.delete(step)
+            store.delete(step, lease=lease)
     return list(decision.keep), list(decision.delete)
 
 

@@ -23,10 +23,12 @@ from forge_dist.errors import (
     StorageError,
 )
 from forge_dist.policy import rank_best
+from forge_dist.storage import lease as lease_mod
 from forge_dist.storage import retention, transfer
 from forge_dist.storage._errors import storage_errors
 from forge_dist.storage.backends import Backend, make_backend, owner_is_dead, writer_id
 from forge_dist.storage.hashing import Progress, copy_hashed
+from forge_dist.storage.lease import Lease
 from forge_dist.storage.manifest import (
     STAGING_RE,
     parse_step_dirname,
@@ -203,9 +205,12 @@ class CheckpointStore:
         writer: Mapping[str, Any] | None = None,
         replace: bool = False,
         run: Mapping[str, Any] | None = None,
+        lease: Lease | None = None,
     ) -> CheckpointWriter:
         """A :class:`CheckpointWriter` for ``step``; use it as a context manager.
-        ``run`` identifies the run that writes it (see :class:`Manifest`)."""
+        ``run`` identifies the run that writes it (see :class:`Manifest`); with
+        ``lease`` (:meth:`take_lease`) the commit happens only while that writer
+        generation still holds the root."""
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ConfigurationError(f"step must be a non-negative integer, got {step!r}")
         return CheckpointWriter(
@@ -219,6 +224,7 @@ class CheckpointStore:
             # Tidy what dead writers on this host left behind (never a live one's staging).
             after_commit=self.cleanup_dead_writers,
             run=run,
+            lease=lease,
         )
 
     def put(
@@ -312,12 +318,22 @@ class CheckpointStore:
         return info
 
     # -- deleting
-    def delete(self, step: int) -> None:
-        """Uncommit ``step`` in one atomic operation, then remove its files."""
+    def take_lease(self, run: str | None = None) -> Lease:
+        """Become the root's writer: the next writer generation (see :mod:`.lease`)."""
+        return lease_mod.take(self._backend, run)
+
+    def lease(self) -> Lease | None:
+        """The root's current writer lease (None: nobody took one)."""
+        return lease_mod.read(self._backend)[0]
+
+    def delete(self, step: int, lease: Lease | None = None) -> None:
+        """Uncommit ``step`` in one atomic operation, then remove its files; with
+        ``lease``, only while that writer generation holds the root."""
         name = step_dirname(step)
         if not self.is_committed(name):
             raise NoCheckpointError(f"no committed {name} in {self.display}")
-        self._backend.delete_committed(name)
+        with lease_mod.guarded(self._backend, lease):
+            self._backend.delete_committed(name)
         log.info("deleted %s from %s", name, self.display)
 
     def archive_steps(self, steps: list[int]) -> str:
@@ -357,10 +373,12 @@ class CheckpointStore:
         dry_run: bool = False,
         protect: Sequence[int] = (),
         run_id: str | None = None,
+        lease: Lease | None = None,
     ) -> tuple[list[int], list[int]]:
         """Delete committed steps beyond keep-last N / keep-best K; return (kept,
         deleted). The newest committed step and ``protect`` are always kept, so this is
-        safe to call right after a commit; with ``run_id`` only that run's steps count."""
+        safe to call right after a commit; with ``run_id`` only that run's steps count;
+        with ``lease`` nothing is deleted once a newer writer holds the root."""
         return retention.apply_retention(
             self,
             keep_last=keep_last,
@@ -370,6 +388,7 @@ class CheckpointStore:
             dry_run=dry_run,
             protect=protect,
             run_id=run_id,
+            lease=lease,
         )
 
     def gc(

@@ -17,9 +17,11 @@ from typing import IO, Any
 from forge_dist._launch import launch_environment
 from forge_dist.errors import ConfigurationError, ManifestError, StorageError
 from forge_dist.storage import _faults
+from forge_dist.storage import lease as lease_mod
 from forge_dist.storage._errors import describe, storage_errors
 from forge_dist.storage.backends import Backend
 from forge_dist.storage.hashing import copy_hashed, default_workers, write_hashed
+from forge_dist.storage.lease import Lease
 from forge_dist.storage.manifest import (
     FileEntry,
     Manifest,
@@ -49,6 +51,7 @@ class CheckpointWriter:
         replace: bool,
         after_commit: Callable[[], None] | None = None,
         run: Mapping[str, Any] | None = None,
+        lease: Lease | None = None,
     ) -> None:
         self._backend = backend
         self.display = display
@@ -64,6 +67,9 @@ class CheckpointWriter:
         self._done = False
         self._after_commit = after_commit
         self.run: dict[str, Any] = dict(run or {})
+        self.lease = lease  # the writer generation that must still hold the root
+        if lease is not None:
+            self.writer_info["generation"] = lease.generation
         self.committed: CheckpointInfo | None = None
 
     # -- lifecycle
@@ -194,11 +200,15 @@ class CheckpointWriter:
                 run=self.run,
             )
             data = manifest.to_bytes()
-            self._backend.commit(self._staging, self.step, data, self.replace)
+            with lease_mod.guarded(self._backend, self.lease):
+                self._backend.commit(self._staging, self.step, data, self.replace)
         except BaseException:
             self.abort()
             raise
         self._done = True
+        lease_mod.after(
+            self._backend, self.lease, lambda: self._backend.delete_committed(self.name)
+        )
         self.committed = CheckpointInfo(self.name, self.step, manifest)
         if self._after_commit is not None:
             try:

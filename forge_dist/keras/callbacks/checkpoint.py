@@ -91,6 +91,7 @@ class ChiefModelCheckpoint(ForgeCallback):
             raise ConfigurationError(f"run_name must be a non-empty string, got {run_name!r}")
         self.run_name, self.overwrite = run_name, overwrite
         self.run: dict[str, Any] | None = None  # decided by the chief at train begin
+        self._lease: Any = None  # the writer generation the chief holds
         if when_busy not in WHEN_BUSY:
             raise ConfigurationError(f"when_busy must be 'wait' or 'skip', got {when_busy!r}")
         if async_save and self.comm.collective_saves:
@@ -166,6 +167,8 @@ class ChiefModelCheckpoint(ForgeCallback):
             self.run = run_mod.new_run(self.run_name)
         self.run = run_mod.current(self.run, self.model, self.run_name)
         runs[key] = self.run
+        if self._lease is None:  # fencing: an older attempt still running can't commit
+            self._lease = self.store.take_lease(self.run["id"])
 
     def _clear_old_steps(self, infos: list[Any]) -> None:
         """``overwrite``: another run's steps archived (local roots) or deleted first."""
@@ -341,6 +344,7 @@ class ChiefModelCheckpoint(ForgeCallback):
             state=state,
             writer=writer,
             run=self.run,
+            lease=self._lease,
         )
         if self.keep_last or self.keep_best:
             self.store.apply_retention(
@@ -350,4 +354,5 @@ class ChiefModelCheckpoint(ForgeCallback):
                 mode=self._resolved_mode or "min",
                 protect=[step],  # never the step just committed
                 run_id=(self.run or {}).get("id"),  # only this run's steps
+                lease=self._lease,
             )

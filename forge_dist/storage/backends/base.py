@@ -7,12 +7,14 @@ See docs/DESIGN.md, "Commit protocols".
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import socket
 from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,9 @@ class Sink(ABC):
 
 
 PROBE_PREFIX = ".forge-dist-probe-"
+#: The writer lease: which writer generation may commit and delete in the root.
+LEASE_NAME = "writer.lease"
+LOCK_NAME = ".writer.lock"
 
 
 def writer_id() -> str:
@@ -130,3 +135,20 @@ class Backend(ABC):
     def free_bytes(self) -> int | None:
         """Free space where the root lives, or None where storage has no such limit."""
         return None
+
+    # -- the writer lease (storage/lease.py) -----------------------------------
+    @abstractmethod
+    def read_lease(self) -> tuple[bytes | None, Any]:
+        """The lease's bytes (None: no lease yet) and a token for a conditional write."""
+
+    @abstractmethod
+    def write_lease(self, data: bytes, token: Any) -> bool:
+        """Replace the lease if it is still the one ``token`` names (None: there was
+        none); False when another writer changed it first."""
+
+    def locked(self) -> AbstractContextManager[None]:
+        """Held around a lease check and the commit or delete it guards, where the
+        storage can lock (POSIX); a no-op elsewhere."""
+        return contextlib.nullcontext()
+
+    conditional_writes: bool = True  # write_lease is a compare-and-swap

@@ -13,7 +13,14 @@ from typing import IO, Any, BinaryIO
 from forge_dist.errors import CheckpointExistsError, ManifestError, StorageError
 from forge_dist.storage import _faults
 from forge_dist.storage._errors import storage_errors
-from forge_dist.storage.backends.base import PROBE_PREFIX, Backend, FileStat, Sink, writer_id
+from forge_dist.storage.backends.base import (
+    LEASE_NAME,
+    PROBE_PREFIX,
+    Backend,
+    FileStat,
+    Sink,
+    writer_id,
+)
 from forge_dist.storage.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, step_dirname
 
 
@@ -71,6 +78,7 @@ class ObjectBackend(Backend):
         self.root = root.rstrip("/")
         self.display = display
         protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+        self.protocol = protocol
         self.bucketed = protocol in ("s3", "s3a", "gs", "gcs", "az", "abfs", "adl", "oss")
 
     def _p(self, name: str, rel: str = "") -> str:
@@ -191,6 +199,57 @@ class ObjectBackend(Backend):
             self.fs.pipe_file(probe, b"probe")
             self.fs.rm_file(probe)
         self._fresh()
+
+    def read_lease(self) -> tuple[bytes | None, Any]:
+        path = f"{self.root}/{LEASE_NAME}"
+        with storage_errors(f"cannot read the writer lease of {self.display}"):
+            self._fresh(path)
+            try:
+                info = self.fs.info(path)
+            except FileNotFoundError:
+                return None, None
+            return bytes(self.fs.cat_file(path)), info.get("ETag") or info.get("etag")
+
+    @property
+    def conditional_writes(self) -> bool:  # type: ignore[override]
+        """S3's conditional PUT (If-Match / If-None-Match), which moto and AWS honour."""
+        return self._s3_put is not None
+
+    @property
+    def _s3_put(self) -> Any:
+        call = getattr(self.fs, "_call_s3", None)
+        return call if self.protocol in ("s3", "s3a") and call is not None else None
+
+    def write_lease(self, data: bytes, token: Any) -> bool:
+        path = f"{self.root}/{LEASE_NAME}"
+        with storage_errors(f"cannot write the writer lease of {self.display}"):
+            if self._s3_put is None:  # no compare-and-swap here: checked before and after
+                self.fs.pipe_file(path, data)
+                self._fresh(path)
+                return True
+            from fsspec.asyn import sync
+
+            bucket, key = path.split("/", 1)
+            match = {"IfMatch": token} if token else {"IfNoneMatch": "*"}
+            try:
+                sync(
+                    self.fs.loop,
+                    self._s3_put,
+                    "put_object",
+                    Bucket=bucket,
+                    Key=key,
+                    Body=data,
+                    **match,
+                )
+            except FileExistsError:  # s3fs's translation of 412 PreconditionFailed
+                return False
+            except Exception as e:
+                if "PreconditionFailed" in str(e) or "pre-conditions" in str(e):
+                    return False
+                raise
+            finally:
+                self._fresh(path)
+        return True
 
     def abort(self, staging: str) -> None:
         with contextlib.suppress(Exception):

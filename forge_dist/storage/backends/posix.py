@@ -13,13 +13,21 @@ import os
 import shutil
 import stat as statmod
 import sys
-from collections.abc import Callable
-from typing import BinaryIO
+from collections.abc import Callable, Iterator
+from typing import Any, BinaryIO
 
 from forge_dist.errors import CheckpointExistsError, ManifestError, StorageError
 from forge_dist.storage import _faults
 from forge_dist.storage._errors import storage_errors
-from forge_dist.storage.backends.base import PROBE_PREFIX, Backend, FileStat, Sink, writer_id
+from forge_dist.storage.backends.base import (
+    LEASE_NAME,
+    LOCK_NAME,
+    PROBE_PREFIX,
+    Backend,
+    FileStat,
+    Sink,
+    writer_id,
+)
 from forge_dist.storage.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, step_dirname
 
 
@@ -257,6 +265,47 @@ class PosixBackend(Backend):
                 os.close(fd)
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(probe)
+
+    def read_lease(self) -> tuple[bytes | None, Any]:
+        path = self._p(LEASE_NAME)
+        with storage_errors(f"cannot read the writer lease of {self.display}"):
+            try:
+                with open(path, "rb") as f:
+                    return f.read(64 * 1024), None
+            except FileNotFoundError:
+                return None, None
+
+    def write_lease(self, data: bytes, token: Any) -> bool:
+        """Under :meth:`locked` (the caller holds it): temp, fsync, rename, fsync root."""
+        tmp = self._p(f"{LEASE_NAME}.tmp-{writer_id()}")
+        with storage_errors(f"cannot write the writer lease of {self.display}"):
+            os.makedirs(self.root, exist_ok=True)
+            sink = _PosixSink(tmp)
+            try:
+                sink.write(data)
+                sink.close()
+            except BaseException:
+                sink.discard()
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+                raise
+            os.replace(tmp, self._p(LEASE_NAME))
+            _fsync_dir(self.root)
+        return True
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """An exclusive ``flock`` on ``<root>/.writer.lock`` (NFS: lockd must run)."""
+        import fcntl
+
+        with storage_errors(f"cannot lock {self.display}"):
+            os.makedirs(self.root, exist_ok=True)
+            fd = os.open(self._p(LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
     def free_bytes(self) -> int | None:
         path = self.root

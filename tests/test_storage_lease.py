@@ -1,0 +1,116 @@
+"""Fencing: two real writer processes race on one root (local disk and a real S3
+endpoint); the older generation can neither commit nor delete once the newer one holds
+the lease, its staging is cleaned, and the newer writer's steps are untouched."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from forge_dist.errors import StaleWriterError
+from forge_dist.storage import CheckpointStore
+from forge_dist.storage.lease import Lease
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BOUND_S = 120
+
+
+@pytest.fixture(params=["local", "s3"])
+def root(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path / "root"), None, {}
+    s3 = request.getfixturevalue("s3")
+    return f"s3://{s3.bucket}/lease-{os.urandom(4).hex()}", s3.options, s3.env()
+
+
+class Writer:
+    """``_lease_writer.py`` in its own process, driven line by line."""
+
+    def __init__(self, url, options, env, step, action="commit"):
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                os.path.join(HERE, "_lease_writer.py"),
+                url,
+                json.dumps(options or {}),
+                str(step),
+                action,
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **env},
+        )
+
+    def expect(self, word):
+        line = self.proc.stdout.readline().strip()  # bounded by communicate() below
+        assert line.startswith(word), line
+        return line
+
+    def go(self):
+        out, _ = self.proc.communicate("go\n", timeout=BOUND_S)
+        assert self.proc.returncode == 0, out
+        return out.strip()
+
+
+def test_an_older_writer_cannot_commit_after_a_newer_one_took_over(root):
+    url, options, env = root
+    old = Writer(url, options, env, 1)
+    assert old.expect("LEASED") == "LEASED 1"
+    old.expect("STAGED")
+    new = Writer(url, options, env, 2)
+    assert new.expect("LEASED") == "LEASED 2"
+    new.expect("STAGED")
+    assert new.go() == "DONE"
+    said = old.go()
+    assert said.startswith("STALE a newer writer took over") and "generation 2" in said
+    store = CheckpointStore(url, options)
+    assert store.steps() == [2] and store.verify(2).ok
+    assert store.list_staging() == []  # the stale writer's staging is gone
+    assert store.lease().generation == 2
+    assert store.get(2).manifest.writer["generation"] == 2
+
+
+def test_an_older_writer_cannot_delete_the_newer_ones_steps(root):
+    url, options, env = root
+    old = Writer(url, options, env, 1, action="delete:2")
+    old.expect("LEASED")
+    old.expect("STAGED")
+    new = Writer(url, options, env, 2)
+    new.expect("LEASED")
+    new.expect("STAGED")
+    assert new.go() == "DONE"
+    assert old.go().startswith("STALE")
+    assert CheckpointStore(url, options).steps() == [2]
+
+
+def test_the_newest_lease_holder_commits_and_deletes(tmp_path):
+    store = CheckpointStore(str(tmp_path / "r"))
+    first = store.take_lease("a")
+    with store.writer(1, lease=first) as w:
+        w.add_bytes("f", b"1")
+    second = store.take_lease("b")
+    with store.writer(2, lease=second) as w:
+        w.add_bytes("f", b"2")
+    store.delete(1, lease=second)
+    with pytest.raises(StaleWriterError), store.writer(3, lease=first) as w:
+        w.add_bytes("f", b"3")
+    assert store.steps() == [2] and store.list_staging() == []
+    assert sorted(os.listdir(tmp_path / "r")) == [".writer.lock", "step-00000002", "writer.lease"]
+
+
+def test_taking_the_lease_is_a_compare_and_swap_on_s3(s3):
+    store = CheckpointStore(f"s3://{s3.bucket}/cas-{os.urandom(4).hex()}", s3.options)
+    backend = store._backend  # the primitive under the lease, tested on its own
+    one = Lease(1, "me", "host.1.aaaa", "2026-01-01T00:00:00+00:00").to_bytes()
+    assert backend.conditional_writes
+    assert backend.write_lease(one, None)
+    assert not backend.write_lease(one, None)  # If-None-Match: someone holds it already
+    _, token = backend.read_lease()
+    store.take_lease("other")  # someone else moves it on
+    assert not backend.write_lease(one, token)  # If-Match: a stale token is refused
+    assert store.lease().generation == 2
