@@ -142,7 +142,9 @@ def s3_bench(src_mb: int, reps: int, base: str) -> dict:
             fs.rm(f"bench/plain-{rep}", recursive=True)
             store.apply_retention(keep_last=1)
         med = {k: statistics.median(v) for k, v in t.items()}
+        faults = faulty_network(("127.0.0.1", port), options)
         return {
+            "faulty_network": faults,
             "bytes": nbytes,
             "files": len(files),
             "reps": reps,
@@ -155,6 +157,51 @@ def s3_bench(src_mb: int, reps: int, base: str) -> dict:
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def faulty_network(upstream: tuple[str, int], options: dict, trials: int = 20) -> dict:
+    """Saves through a proxy that resets, answers 503 SlowDown, stalls past the timeout
+    or truncates 15 % of the requests (tests/faultproxy.py): each must commit a complete
+    step or fail with one error; corrupt commits must be 0."""
+    sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+    from faultproxy import FaultProxy
+
+    from forge_dist.errors import ForgeDistError
+    from forge_dist.storage import CheckpointStore
+
+    proxy = FaultProxy(upstream, rate=0.15, seed=11)
+    try:
+        faulty_options = {
+            **options,
+            "client_kwargs": {**options["client_kwargs"], "endpoint_url": proxy.url},
+            "config_kwargs": {
+                "connect_timeout": 1,
+                "read_timeout": 1,
+                "retries": {"max_attempts": 5, "mode": "standard"},
+            },
+        }
+        faulty = CheckpointStore("s3://bench/faulty", faulty_options)
+        committed = failed = 0
+        for step in range(1, trials + 1):
+            try:
+                with faulty.writer(step) as w:
+                    w.add_bytes("model.bin", os.urandom(300_000))
+                committed += 1
+            except ForgeDistError:
+                failed += 1
+        clean = CheckpointStore("s3://bench/faulty", options)
+        corrupt = sum(1 for s in clean.steps() if not clean.verify(s).ok)
+        counts = dict(proxy.counts)
+    finally:
+        proxy.close()
+    return {
+        "trials": trials,
+        "committed": committed,
+        "failed": failed,
+        "corrupt": corrupt,
+        "requests": counts.pop("requests", 0),
+        "faults": counts,
+    }
 
 
 def main() -> int:

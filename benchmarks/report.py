@@ -174,7 +174,7 @@ def rows(store: dict, keras: dict) -> list[Row]:
     return out
 
 
-def markdown(table: list[Row], machine: str, date: str) -> str:
+def markdown(table: list[Row], machine: str, date: str, faults: dict | None = None) -> str:
     lines = [
         "# forge_dist benchmark report",
         "",
@@ -191,6 +191,17 @@ def markdown(table: list[Row], machine: str, date: str) -> str:
             f"**{r.ratio:.3g}×** | {r.target} |"
         )
     lines += ["", "![ratios](results.png)", ""]
+    if faults:
+        injected = sum(faults["faults"].values())
+        kinds = ", ".join(f"{k} {v}" for k, v in sorted(faults["faults"].items()))
+        lines += [
+            "**A faulty network** (a proxy in front of moto: connection resets, `503 "
+            "SlowDown`, stalls past the timeout, truncated responses, 15 % of requests): "
+            f"{faults['trials']} saves, {faults['requests']} requests, {injected} faults "
+            f"injected ({kinds}); {faults['committed']} committed, {faults['failed']} failed "
+            f"with one clear error, **{faults['corrupt']} corrupt commits** (must be 0).",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -250,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
             indent=2,
         )
     with open(os.path.join(args.out_dir, "results.md"), "w") as f:
-        f.write(markdown(table, machine, date))
+        f.write(markdown(table, machine, date, (store.get("s3") or {}).get("faulty_network")))
     chart(table, os.path.join(args.out_dir, "results.png"), machine)
     for r in table:
         print(f"{r.ratio:7.2f}x  {r.measure}  vs {r.baseline}")

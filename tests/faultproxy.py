@@ -1,0 +1,113 @@
+"""A TCP proxy on 127.0.0.1 that puts a faulty network between a client and an HTTP
+server (moto's S3), for tests: at the start of a request it may reset the connection,
+answer ``503 SlowDown``, stall past the client's timeout, or forward the request and cut
+the response short. Faults are drawn from a seeded generator at a chosen rate, and
+counted. It listens only on the loopback address and stops with :meth:`close`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import socket
+import threading
+from collections import Counter
+
+METHODS = (b"GET ", b"PUT ", b"POST ", b"HEAD ", b"DELETE ")
+FAULTS = ("reset", "slowdown", "stall", "truncate")
+SLOWDOWN = (
+    b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nConnection: close\r\n"
+    b"Content-Length: 93\r\n\r\n<?xml version='1.0'?><Error><Code>SlowDown</Code>"
+    b"<Message>Reduce your rate</Message></Error>"
+)
+
+
+class FaultProxy:
+    def __init__(
+        self,
+        upstream: tuple[str, int],
+        rate: float,
+        seed: int = 0,
+        faults: tuple[str, ...] = FAULTS,
+    ) -> None:
+        self.upstream, self.rate, self.faults = upstream, rate, faults
+        self.random = random.Random(seed)
+        self.counts: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port = self._server.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _draw(self) -> str | None:
+        with self._lock:
+            self.counts["requests"] += 1
+            if self.random.random() >= self.rate:
+                return None
+            fault = self.random.choice(self.faults)
+            self.counts[fault] += 1
+            return fault
+
+    def _accept(self) -> None:
+        self._server.settimeout(0.2)
+        while not self._stop.is_set():
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                continue
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        upstream = socket.create_connection(self.upstream)
+        truncate = threading.Event()
+        back = threading.Thread(
+            target=self._pipe_back, args=(upstream, client, truncate), daemon=True
+        )
+        back.start()
+        try:
+            while not self._stop.is_set():
+                data = client.recv(65536)
+                if not data:
+                    break
+                fault = self._draw() if data.startswith(METHODS) else None
+                if fault == "reset":
+                    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+                    break
+                if fault == "slowdown":
+                    client.sendall(SLOWDOWN)
+                    break
+                if fault == "stall":  # hold the request until the client gives up
+                    self._stop.wait(30)
+                    break
+                if fault == "truncate":
+                    truncate.set()
+                upstream.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (client, upstream):
+                with contextlib.suppress(OSError):
+                    s.close()
+
+    @staticmethod
+    def _pipe_back(
+        upstream: socket.socket, client: socket.socket, truncate: threading.Event
+    ) -> None:
+        try:
+            while True:
+                data = upstream.recv(65536)
+                if not data:
+                    break
+                if truncate.is_set():  # half of the response, then the line goes dead
+                    client.sendall(data[: max(1, len(data) // 2)])
+                    client.close()
+                    upstream.close()
+                    return
+                client.sendall(data)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self._stop.set()
+        self._server.close()

@@ -1,0 +1,158 @@
+"""A faulty network between the store and S3 (a proxy on 127.0.0.1 in front of moto
+that resets connections, answers 503 SlowDown, stalls past the timeout and truncates
+responses): every save either commits a complete step or fails with one clear error,
+verify and download never accept a partial step, and nothing hangs."""
+
+from __future__ import annotations
+
+import os
+import time
+from urllib.parse import urlparse
+
+import pytest
+from faultproxy import FaultProxy
+
+from forge_dist.errors import ForgeDistError
+from forge_dist.storage import CheckpointStore
+
+TRIALS = 10
+TRIAL_BOUND_S = 90  # retries with backoff and 1 s timeouts stay well inside this
+pytestmark = [pytest.mark.s3, pytest.mark.slow]
+
+
+def options_via(s3, url):
+    return {
+        **s3.options,
+        "client_kwargs": {**s3.options["client_kwargs"], "endpoint_url": url},
+        "config_kwargs": {
+            "connect_timeout": 2,
+            "read_timeout": 2,
+            "retries": {"max_attempts": 5, "mode": "standard"},
+        },
+    }
+
+
+@pytest.fixture
+def proxy(s3):
+    target = urlparse(s3.url)
+    p = FaultProxy((target.hostname, target.port), rate=0.15, seed=7)
+    yield p
+    p.close()
+
+
+def test_saves_through_a_faulty_network_commit_whole_or_fail_clearly(s3, proxy, record_property):
+    root = f"s3://{s3.bucket}/faults-{os.urandom(4).hex()}"
+    faulty = CheckpointStore(root, options_via(s3, proxy.url))
+    clean = CheckpointStore(root, s3.options)
+    committed, failed = [], []
+    for step in range(1, TRIALS + 1):
+        t0 = time.monotonic()
+        try:
+            with faulty.writer(step, metrics={"val_loss": 1 / step}) as w:
+                w.add_bytes("model.bin", os.urandom(300_000))
+                w.add_bytes("sub/opt.bin", os.urandom(20_000))
+            committed.append(step)
+        except ForgeDistError as e:
+            failed.append(step)
+            assert len(str(e).splitlines()) == 1  # one clear line
+        assert time.monotonic() - t0 < TRIAL_BOUND_S, "a save hung"
+    corrupt = [s for s in clean.steps() if not clean.verify(s).ok]
+    record_property("fault_trials", TRIALS)
+    record_property("faults_injected", dict(proxy.counts))
+    record_property("corrupt_commits", len(corrupt))
+    print(
+        f"faulty network: {TRIALS} saves, {len(committed)} committed, {len(failed)} failed "
+        f"clearly, faults {dict(proxy.counts)}, corrupt commits {len(corrupt)}"
+    )
+    assert corrupt == []
+    assert sum(v for k, v in proxy.counts.items() if k != "requests") > 0, "no fault injected"
+    # A failed save never left a step readers trust.
+    assert set(clean.steps()) <= set(committed)
+    assert committed, "retries should get most saves through"
+
+
+def test_verify_and_download_through_a_faulty_network_never_accept_a_partial_step(
+    s3, proxy, tmp_path
+):
+    root = f"s3://{s3.bucket}/faults-read-{os.urandom(4).hex()}"
+    clean = CheckpointStore(root, s3.options)
+    with clean.writer(1) as w:
+        w.add_bytes("model.bin", os.urandom(400_000))
+    # A partial step: payload written, no manifest (a writer that died).
+    clean._backend.fs.pipe_file(f"{root}/step-00000002/model.bin", b"half")
+    faulty = CheckpointStore(root, options_via(s3, proxy.url))
+    for i in range(5):
+        t0 = time.monotonic()
+        try:
+            report = faulty.verify(1)
+            assert report.ok or all(
+                p.kind in ("io_error", "missing", "size_mismatch", "hash_mismatch")
+                for p in report.problems
+            )
+            partial = faulty.verify("step-00000002")
+            assert not partial.ok
+            dest = faulty.download(1, tmp_path / f"dl{i}")
+            assert os.path.getsize(os.path.join(dest, "model.bin")) == 400_000
+        except ForgeDistError as e:
+            assert len(str(e).splitlines()) == 1
+            assert not (tmp_path / f"dl{i}").exists()  # complete or not at all
+        assert time.monotonic() - t0 < TRIAL_BOUND_S
+    newest = faulty.newest(verify="full")
+    assert newest is None or newest.step == 1  # never the partial step 2
+
+
+def test_a_network_that_keeps_failing_is_one_clear_error_and_no_step(s3):
+    target = urlparse(s3.url)
+    dead = FaultProxy((target.hostname, target.port), rate=1.0, faults=("reset", "slowdown"))
+    try:
+        root = f"s3://{s3.bucket}/faults-dead-{os.urandom(4).hex()}"
+        faulty = CheckpointStore(root, options_via(s3, dead.url))
+        t0 = time.monotonic()
+        with pytest.raises(ForgeDistError) as err, faulty.writer(1) as w:
+            w.add_bytes("model.bin", os.urandom(50_000))
+        assert time.monotonic() - t0 < TRIAL_BOUND_S
+        assert len(str(err.value).splitlines()) == 1 and "testing" not in str(err.value)
+        assert CheckpointStore(root, s3.options).steps() == []
+    finally:
+        dead.close()
+
+
+@pytest.mark.mpi
+@pytest.mark.keras
+def test_under_mpirun_a_save_that_fails_on_the_network_ends_every_rank(s3, tmp_path):
+    import json
+
+    from multiproc import Background, mpirun_cmd, wait_until
+
+    target = urlparse(s3.url)
+    proxy = FaultProxy((target.hostname, target.port), rate=0.0, faults=("reset", "slowdown"))
+    try:
+        root = f"s3://{s3.bucket}/faults-mpi-{os.urandom(4).hex()}"
+        clean = CheckpointStore(root, s3.options)
+        train = os.path.join(
+            os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "train.py"
+        )
+        args = [
+            train,
+            "--backend",
+            "mpi",
+            "--checkpoint-dir",
+            root,
+            "--epochs",
+            "20",
+            "--patience",
+            "100",
+            "--samples",
+            "1024",
+            "--storage-options",
+            json.dumps(options_via(s3, proxy.url)),
+        ]
+        job = Background(*mpirun_cmd(2, args, {"FORGE_DIST_TIMEOUT": "120"}))
+        wait_until(lambda: bool(clean.steps()), 180, "first checkpoint", job)
+        proxy.rate = 1.0  # from now on the network to S3 is down
+        done = job.wait(240)
+        assert done.returncode != 0
+        assert "failed on rank 0" in done.output  # rank 1 learned of the failed save
+        assert all(clean.verify(s).ok for s in clean.steps())  # nothing partial committed
+    finally:
+        proxy.close()
