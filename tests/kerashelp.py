@@ -48,3 +48,14 @@ def fit(
         callbacks=callbacks,
         initial_epoch=initial_epoch,
     )
+
+
+class Steps(keras.callbacks.Callback):
+    """Counts the training batches that began (0: stopped before the first step)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches = 0
+
+    def on_train_batch_begin(self, batch: int, logs: Any = None) -> None:
+        self.batches += 1

@@ -12,7 +12,7 @@ import pytest
 pytestmark = pytest.mark.keras
 keras = pytest.importorskip("keras", reason="Keras is in the [tf] extra")
 
-from kerashelp import LOCAL, fit, make_model  # noqa: E402
+from kerashelp import LOCAL, Steps, fit, make_model  # noqa: E402
 
 from forge_dist import keras as fk  # noqa: E402
 from forge_dist.errors import StorageError  # noqa: E402
@@ -33,15 +33,6 @@ def tmpfs(path, size, read_only=False):
         yield path
     finally:
         subprocess.run(["umount", str(path)], timeout=30, check=True)
-
-
-class Steps(keras.callbacks.Callback):
-    def __init__(self):
-        super().__init__()
-        self.batches = 0
-
-    def on_train_batch_begin(self, batch, logs=None):
-        self.batches += 1
 
 
 def test_a_read_only_root_fails_before_the_first_step(tmp_path):

@@ -12,21 +12,12 @@ import pytest
 pytestmark = pytest.mark.keras
 keras = pytest.importorskip("keras", reason="Keras is in the [tf] extra")
 
-from kerashelp import LOCAL, fit, make_model  # noqa: E402
+from kerashelp import LOCAL, Steps, fit, make_model  # noqa: E402
 
 from forge_dist import keras as fk  # noqa: E402
 from forge_dist.errors import ConfigurationError  # noqa: E402
 from forge_dist.keras.run import RunConflictError, model_fingerprint  # noqa: E402
 from forge_dist.storage import MANIFEST_NAME, CheckpointStore  # noqa: E402
-
-
-class Steps(keras.callbacks.Callback):
-    def __init__(self):
-        super().__init__()
-        self.batches = 0
-
-    def on_train_batch_begin(self, batch, logs=None):
-        self.batches += 1
 
 
 def ckpt(root, **kw):
