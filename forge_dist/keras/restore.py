@@ -239,6 +239,34 @@ def _tell(comm: Any, message: str) -> None:
         print(f"[forge_dist] {message}", flush=True)
 
 
+def _finish_interrupted_epoch(
+    model: Any,
+    restored: RestoreResult,
+    x: Any,
+    y: Any,
+    epochs: int,
+    comm: Any,
+    args: dict[str, Any],
+) -> Any:
+    """The rest of the interrupted epoch: the samples its first batches did not cover,
+    with the epoch's running metric totals put back first (same world size only)."""
+    epoch, skip = restored.initial_epoch, restored.initial_batch
+    rows = skip * (args.get("batch_size") or 32)  # Keras' default batch size
+    reg = registry(model)
+    reg.batch_offset, reg.partial_fit = skip, epoch + 1 < epochs
+    rank, size = (comm.rank, comm.size) if comm is not None else (0, 1)
+    saved = values_for(restored.state.get("metric_state"), rank, size)
+    first = dict(args)
+    if saved is not None:  # the interrupted epoch's running metric totals
+        first["callbacks"] = [RestoreMetricState(saved), *(args.get("callbacks") or [])]
+    try:
+        return model.fit(
+            _skip_rows(x, rows), _skip_rows(y, rows), epochs=epoch + 1, initial_epoch=epoch, **first
+        )
+    finally:
+        reg.batch_offset, reg.partial_fit = 0, False
+
+
 def fit_resumed(
     model: Any,
     restored: RestoreResult | None,
@@ -279,22 +307,11 @@ def fit_resumed(
             "resuming mid-epoch needs the interrupted epoch's batches in their order: "
             "pass shuffle=False"
         )
-    rows = skip * (batch_size or 32)  # Keras' default batch size
-    reg = registry(model)
-    reg.batch_offset, reg.partial_fit = skip, epoch + 1 < epochs
-    rank, size = (comm.rank, comm.size) if comm is not None else (0, 1)
-    saved = values_for(restored.state.get("metric_state") if restored else None, rank, size)
-    first = dict(args)
-    if saved is not None:  # the interrupted epoch's running metric totals
-        first["callbacks"] = [RestoreMetricState(saved), *(callbacks or [])]
-    try:
-        history = model.fit(
-            _skip_rows(x, rows), _skip_rows(y, rows), epochs=epoch + 1, initial_epoch=epoch, **first
-        )
-    finally:
-        reg.batch_offset, reg.partial_fit = 0, False
+    assert restored is not None
+    history = _finish_interrupted_epoch(model, restored, x, y, epochs, comm, args)
     if model.stop_training or epoch + 1 >= epochs:
         return history
+    reg = registry(model)
     reg.keep_state = True
     try:
         return model.fit(x, y, epochs=epochs, initial_epoch=epoch + 1, **args)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, BinaryIO
@@ -17,7 +16,6 @@ from typing import Any, BinaryIO
 from forge_dist._urls import redact_url
 from forge_dist.errors import (
     ConfigurationError,
-    IntegrityError,
     ManifestError,
     NoCheckpointError,
     StorageError,
@@ -27,7 +25,7 @@ from forge_dist.storage import lease as lease_mod
 from forge_dist.storage import retention, transfer
 from forge_dist.storage._errors import storage_errors
 from forge_dist.storage.backends import Backend, make_backend, owner_is_dead, writer_id
-from forge_dist.storage.hashing import Progress, copy_hashed
+from forge_dist.storage.hashing import Progress
 from forge_dist.storage.lease import Lease
 from forge_dist.storage.manifest import (
     STAGING_RE,
@@ -37,7 +35,7 @@ from forge_dist.storage.manifest import (
 )
 from forge_dist.storage.retention import DEFAULT_GRACE_S
 from forge_dist.storage.types import CheckpointInfo, CheckpointReport, GcReport, StagingInfo
-from forge_dist.storage.verify import content_problem, load_manifest, verify_checkpoint
+from forge_dist.storage.verify import load_manifest, verify_checkpoint
 from forge_dist.storage.writer import CheckpointWriter
 
 log = logging.getLogger("forge_dist.storage")
@@ -262,60 +260,9 @@ class CheckpointStore:
         self, step: int | None, dest: str | os.PathLike[str], progress: Progress | None = None
     ) -> str:
         """Copy a committed step (newest intact one if ``step`` is None) into the local
-        folder ``dest``, hashing as it goes. ``dest`` must not exist or be empty; it
-        appears complete or not at all."""
-        info = self._downloadable(step)
-        assert info.manifest is not None
-        dest = os.path.abspath(os.fspath(dest))
-        if os.path.exists(dest) and (not os.path.isdir(dest) or os.listdir(dest)):
-            raise StorageError(f"download destination {dest} exists and is not empty")
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-        partial = f"{dest}.partial-{writer_id()}"
-        os.mkdir(partial)
-        try:
-            problems = []
-            for entry in info.manifest.files:
-                target = os.path.join(partial, *entry.path.split("/"))
-                os.makedirs(os.path.dirname(target), exist_ok=True)
-                with (
-                    self._backend.open_read(info.name, entry.path) as src,
-                    open(target, "wb") as out,
-                ):
-                    problem = content_problem(entry, *copy_hashed(src, out.write, progress))
-                if problem is not None:
-                    problems.append(problem)
-            if problems:
-                raise IntegrityError(
-                    f"{info.name} in {self.display} failed verification while downloading: "
-                    + "; ".join(f"{p.path}: {p.message}" for p in problems),
-                    problems,
-                )
-            if os.path.isdir(dest):
-                os.rmdir(dest)
-            os.rename(partial, dest)
-        except BaseException:
-            shutil.rmtree(partial, ignore_errors=True)
-            raise
-        return dest
-
-    def _downloadable(self, step: int | None) -> CheckpointInfo:
-        """The step to download, checked for presence and sizes first."""
-        if step is None:
-            info = self.newest(verify="fast")
-            if info is None:
-                raise NoCheckpointError(f"no intact committed checkpoint in {self.display}")
-        else:
-            info = self.get(step)
-        if info.manifest is None:
-            raise IntegrityError(f"{info.name} in {self.display} is corrupt: {info.error}")
-        bad = [p for p in self.verify(info.name, full=False).problems if p.fatal]
-        if bad:
-            raise IntegrityError(
-                f"{info.name} in {self.display} is corrupt: "
-                + "; ".join(f"{p.path}: {p.message}" for p in bad),
-                bad,
-            )
-        return info
+        folder ``dest``, hashing as it goes (see :func:`.transfer.download`). ``dest``
+        must not exist or be empty; it appears complete or not at all."""
+        return transfer.download(self, step, dest, progress)
 
     # -- deleting
     def take_lease(self, run: str | None = None) -> Lease:

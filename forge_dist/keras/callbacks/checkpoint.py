@@ -21,6 +21,17 @@ from forge_dist.keras.saving import save_to_store, scratch_save
 from forge_dist.keras.snapshot import HostTwin
 
 WHEN_BUSY = ("wait", "skip")
+
+
+def _check_run_arguments(run_name: Any, overwrite: Any) -> None:
+    if overwrite not in run_mod.OVERWRITE:
+        raise ConfigurationError(
+            f"overwrite must be None, 'archive' or 'delete', got {overwrite!r}"
+        )
+    if run_name is not None and (not isinstance(run_name, str) or not run_name):
+        raise ConfigurationError(f"run_name must be a non-empty string, got {run_name!r}")
+
+
 _FILE_SUFFIXES = (".keras", ".h5", ".hdf5", ".weights.h5", ".ckpt", ".tf")
 
 
@@ -83,22 +94,11 @@ class ChiefModelCheckpoint(ForgeCallback):
         from forge_dist.storage import CheckpointStore
 
         directory = check_root_url(keras_alias("directory", directory, "filepath", filepath))
-        if overwrite not in run_mod.OVERWRITE:
-            raise ConfigurationError(
-                f"overwrite must be None, 'archive' or 'delete', got {overwrite!r}"
-            )
-        if run_name is not None and (not isinstance(run_name, str) or not run_name):
-            raise ConfigurationError(f"run_name must be a non-empty string, got {run_name!r}")
+        self._check_arguments(save_freq, keep_last, keep_best, async_save, when_busy)
+        _check_run_arguments(run_name, overwrite)
         self.run_name, self.overwrite = run_name, overwrite
         self.run: dict[str, Any] | None = None  # decided by the chief at train begin
         self._lease: Any = None  # the writer generation the chief holds
-        if when_busy not in WHEN_BUSY:
-            raise ConfigurationError(f"when_busy must be 'wait' or 'skip', got {when_busy!r}")
-        if async_save and self.comm.collective_saves:
-            raise ConfigurationError(
-                "async_save is not available under MultiWorkerMirroredStrategy: every worker "
-                "takes part in each save there, so it cannot run behind the training loop"
-            )
         self.async_save = bool(async_save)
         self.when_busy = when_busy
         self.async_checkpointer = AsyncCheckpointer() if async_save else None
@@ -106,14 +106,6 @@ class ChiefModelCheckpoint(ForgeCallback):
         # The mode is resolved from the model's metrics at train begin if the name does not
         # decide it.
         self._resolved_mode = self._setup_monitor(monitor, mode)
-        if save_freq != "epoch" and (
-            isinstance(save_freq, bool) or not isinstance(save_freq, int) or save_freq < 1
-        ):
-            raise ConfigurationError(
-                f"save_freq must be 'epoch' or a positive int, got {save_freq!r}"
-            )
-        check_positive_int("keep_last", keep_last, allow_none=True)
-        check_positive_int("keep_best", keep_best, allow_none=True)
         self.save_best_only = bool(save_best_only)
         self.save_weights_only = bool(save_weights_only)
         self.save_freq = save_freq
@@ -128,6 +120,31 @@ class ChiefModelCheckpoint(ForgeCallback):
         self._batches = 0
         self.last_saved_step: int | None = None
         self.saved_steps: list[int] = []
+
+    def _check_arguments(
+        self,
+        save_freq: Any,
+        keep_last: Any,
+        keep_best: Any,
+        async_save: bool,
+        when_busy: str,
+    ) -> None:
+        """Every rank, at construction: the arguments Keras does not have, and save_freq."""
+        if when_busy not in WHEN_BUSY:
+            raise ConfigurationError(f"when_busy must be 'wait' or 'skip', got {when_busy!r}")
+        if async_save and self.comm.collective_saves:
+            raise ConfigurationError(
+                "async_save is not available under MultiWorkerMirroredStrategy: every worker "
+                "takes part in each save there, so it cannot run behind the training loop"
+            )
+        if save_freq != "epoch" and (
+            isinstance(save_freq, bool) or not isinstance(save_freq, int) or save_freq < 1
+        ):
+            raise ConfigurationError(
+                f"save_freq must be 'epoch' or a positive int, got {save_freq!r}"
+            )
+        check_positive_int("keep_last", keep_last, allow_none=True)
+        check_positive_int("keep_best", keep_best, allow_none=True)
 
     # -- the state protocol
     def get_state(self) -> dict[str, Any]:
