@@ -20,14 +20,16 @@ TRIAL_BOUND_S = 90  # retries with backoff and 1 s timeouts stay well inside thi
 pytestmark = [pytest.mark.s3, pytest.mark.slow]
 
 
-def options_via(s3, url):
+def options_via(s3, url, attempts=5):
+    """Options through ``url`` with 1 s timeouts; botocore's ``attempts`` under s3fs's own
+    five tries (a network that stays down costs about attempts x 5 round trips)."""
     return {
         **s3.options,
         "client_kwargs": {**s3.options["client_kwargs"], "endpoint_url": url},
         "config_kwargs": {
-            "connect_timeout": 2,
-            "read_timeout": 2,
-            "retries": {"max_attempts": 5, "mode": "standard"},
+            "connect_timeout": 1,
+            "read_timeout": 1,
+            "retries": {"max_attempts": attempts, "mode": "standard"},
         },
     }
 
@@ -106,7 +108,7 @@ def test_a_network_that_keeps_failing_is_one_clear_error_and_no_step(s3):
     dead = FaultProxy((target.hostname, target.port), rate=1.0, faults=("reset", "slowdown"))
     try:
         root = f"s3://{s3.bucket}/faults-dead-{os.urandom(4).hex()}"
-        faulty = CheckpointStore(root, options_via(s3, dead.url))
+        faulty = CheckpointStore(root, options_via(s3, dead.url, attempts=1))
         t0 = time.monotonic()
         with pytest.raises(ForgeDistError) as err, faulty.writer(1) as w:
             w.add_bytes("model.bin", os.urandom(50_000))
@@ -145,7 +147,7 @@ def test_under_mpirun_a_save_that_fails_on_the_network_ends_every_rank(s3, tmp_p
             "--samples",
             "1024",
             "--storage-options",
-            json.dumps(options_via(s3, proxy.url)),
+            json.dumps(options_via(s3, proxy.url, attempts=2)),
         ]
         job = Background(*mpirun_cmd(2, args, {"FORGE_DIST_TIMEOUT": "120"}))
         wait_until(lambda: bool(clean.steps()), 180, "first checkpoint", job)
