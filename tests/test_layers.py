@@ -14,6 +14,7 @@ LAYER = {
     "errors": 1,
     "_launch": 1,
     "_urls": 1,
+    "_units": 1,
     "policy": 2,
     "storage": 3,
     "preemption": 3,

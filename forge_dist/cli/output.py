@@ -10,6 +10,8 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from forge_dist._units import human_bytes
+
 
 def print_json(command: str, url: str, exit_code: int, **fields: Any) -> None:
     """One stable JSON document: ``command``, ``url`` and ``exit_code``, then ``fields``."""
@@ -29,12 +31,7 @@ def stdout_console() -> Any:
     return Console(highlight=False, soft_wrap=True)
 
 
-def human_bytes(n: int | float) -> str:
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n} B"
+__all__ = ["human_bytes"]  # (where the CLI has always found it)
 
 
 def fmt_metric(v: float) -> str:

@@ -78,15 +78,20 @@ def optimizer_variables(optimizer: Any) -> list[Any]:
     return list(v() if callable(v) else v)
 
 
+def optimizer_built(opt: Any) -> bool:
+    built = getattr(opt, "built", None)
+    return bool(getattr(opt, "_built", False) if built is None else built)  # tf_keras: _built
+
+
 def ensure_optimizer_built(model: Any) -> None:
     opt = model.optimizer
-    if opt is None:
-        return
-    built = getattr(opt, "built", None)
-    if built is None:
-        built = getattr(opt, "_built", False)  # tf_keras
-    if not built:
+    if opt is not None and not optimizer_built(opt):
         opt.build(model.trainable_variables)
+
+
+def iterations(model: Any) -> int:
+    """The optimizer's step count: what names a checkpoint and steps TensorBoard."""
+    return int(to_numpy(model.optimizer.iterations))
 
 
 def metric_direction(model: Any, monitor: str) -> str | None:

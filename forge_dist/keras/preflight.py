@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from forge_dist._units import human_bytes
 from forge_dist.errors import StorageError
 from forge_dist.keras import _compat
 
@@ -30,7 +31,7 @@ def state_bytes(model: Any) -> int:
     opt = model.optimizer
     if opt is not None:
         total += _bytes(_compat.optimizer_variables(opt))
-        if not getattr(opt, "built", getattr(opt, "_built", True)):
+        if not _compat.optimizer_built(opt):
             total += UNBUILT_SLOTS * _bytes(list(model.trainable_weights))
     return total
 
@@ -67,32 +68,29 @@ def memory_available() -> int | None:
     return None
 
 
-def human(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n} B"
-
-
 def check_room(
-    store: Any, model: Any, keep_last: int | None, keep_best: int | None, async_save: bool
+    store: Any,
+    model: Any,
+    keep_last: int | None,
+    keep_best: int | None,
+    async_save: bool,
+    infos: list[Any],
 ) -> None:
-    """Chief: the root is writable, holds what retention keeps plus one, and (async
-    saves) the host has memory for the twin. One :class:`StorageError` naming the URL,
-    the need and what is free."""
-    store.probe_writable()
+    """Chief: the root (already probed writable; ``infos`` is its listing) has room for
+    what retention keeps plus one, and (async saves) the host has memory for the twin.
+    One :class:`StorageError` naming the URL, the need and what is free."""
     one = checkpoint_bytes(model)
     n = kept_checkpoints(keep_last, keep_best)
     free = store.free_bytes()
     if free is not None:
-        present = sum(c.manifest.total_bytes for c in store.list() if c.manifest is not None)
+        present = sum(c.manifest.total_bytes for c in infos if c.manifest is not None)
         need = max(0, n * one - present)
         if free < need:
             raise StorageError(
-                f"checkpoint root {store.display} has {human(free)} free, but keeping {n - 1} "
-                f"checkpoint(s) of about {human(one)} (keep_last={keep_last}, "
-                f"keep_best={keep_best}) while writing the next needs about {human(need)} more; "
+                f"checkpoint root {store.display} has {human_bytes(free)} free, but keeping "
+                f"{n - 1} checkpoint(s) of about {human_bytes(one)} (keep_last={keep_last}, "
+                f"keep_best={keep_best}) while writing the next needs about "
+                f"{human_bytes(need)} more; "
                 "free space, keep fewer, or choose another root"
             )
     if async_save:
@@ -100,6 +98,6 @@ def check_room(
         if available is not None and available < state_bytes(model):
             raise StorageError(
                 f"async_save keeps a copy of the model and optimizer state in host memory "
-                f"(about {human(state_bytes(model))}) but only {human(available)} is "
+                f"(about {human_bytes(state_bytes(model))}) but only {human_bytes(available)} is "
                 "available; use async_save=False"
             )

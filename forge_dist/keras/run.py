@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import secrets
 from typing import Any
 
 from forge_dist.errors import ConfigurationError
-from forge_dist.keras import _compat
 
 OVERWRITE = (None, "archive", "delete")
 
@@ -34,7 +34,7 @@ def model_fingerprint(model: Any) -> str:
 
 
 def describe_model(model: Any) -> str:
-    n = sum(int(_compat.to_numpy(w).size) for w in model.weights)
+    n = sum(math.prod(int(d) for d in w.shape) for w in model.weights)
     return f"{len(model.weights)} variables, {n} parameters"
 
 

@@ -7,7 +7,6 @@ from collections.abc import Iterable
 from typing import Any
 
 from forge_dist.errors import ConfigurationError
-from forge_dist.keras._compat import keras
 from forge_dist.keras.callbacks import (
     BroadcastInitialState,
     ChiefCSVLogger,
@@ -40,16 +39,20 @@ REPLACEMENTS = {
 }
 
 
+def _replaceable(cb: Any) -> str | None:
+    """The name of Keras' own callback ``cb`` if forge_dist has a replacement for it."""
+    name = type(cb).__name__
+    own = type(cb).__module__.startswith(("keras.", "tf_keras."))
+    return name if own and name in REPLACEMENTS else None
+
+
 def check_distributed_callbacks(callbacks: Iterable[Any], size: int) -> None:
     """Refuse, on every rank, the plain Keras callbacks that break a job of ``size`` > 1
     ranks (each rank would decide or write on its own), naming the replacement."""
     if size <= 1:
         return
     for cb in callbacks:
-        name = type(cb).__name__
-        module = type(cb).__module__
-        keras_own = module.startswith(("keras.", "tf_keras.", "keras.src."))
-        if keras_own and name in REPLACEMENTS:
+        if name := _replaceable(cb):
             raise ConfigurationError(
                 f"keras.callbacks.{name} runs on every rank on its own in a job of {size} "
                 f"ranks (different decisions, the same file written twice, or one rank "
@@ -64,15 +67,12 @@ def wrap_extra(extra: Iterable[Any], communicator: Any) -> list[Any]:
     for cb in extra:
         if isinstance(cb, ForgeCallback):
             out.append(cb)
-        elif type(cb).__name__ == "TerminateOnNaN" and isinstance(cb, keras.callbacks.Callback):
+        elif (name := _replaceable(cb)) == "TerminateOnNaN":
             out.append(SyncTerminateOnNaN(communicator=communicator))
-        elif type(cb).__name__ in REPLACEMENTS and type(cb).__module__.startswith(
-            ("keras.", "tf_keras.")
-        ):
+        elif name:
             raise ConfigurationError(
-                f"production_callbacks already holds the distributed {type(cb).__name__}: "
-                f"set it through production_callbacks' arguments "
-                f"(or use {REPLACEMENTS[type(cb).__name__]})"
+                f"production_callbacks already holds the distributed {name}: set it through "
+                f"production_callbacks' arguments (or use {REPLACEMENTS[name]})"
             )
         else:
             out.append(OnChief(cb, communicator=communicator))
@@ -182,11 +182,9 @@ def production_callbacks(
         communicator=communicator,
     )
     cbs.append(checkpoint)
-    extra = list(extra)
-    if not terminate_on_nan:
-        cbs += wrap_extra(extra, communicator)
-    else:  # a TerminateOnNaN among them is the one already in the stack
-        cbs += wrap_extra([c for c in extra if type(c).__name__ != "TerminateOnNaN"], communicator)
+    for cb in wrap_extra(extra, communicator):
+        if not (terminate_on_nan and isinstance(cb, SyncTerminateOnNaN)):
+            cbs.append(cb)  # (a TerminateOnNaN in extra is the one already in the stack)
     if guard_every_n_epochs is not None:
         cbs.append(ConsistencyGuard(every_n_epochs=guard_every_n_epochs, communicator=communicator))
     if preemption_signals is not None:

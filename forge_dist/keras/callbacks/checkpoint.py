@@ -170,13 +170,14 @@ class ChiefModelCheckpoint(ForgeCallback):
 
     def _preflight(self) -> None:
         """Chief: room for the checkpoints, and this run's identity."""
-        check_room(self.store, self.model, self.keep_last, self.keep_best, self.async_save)
+        self.store.probe_writable()  # (also makes a local root, so listing it works)
+        infos = self.store.list()
+        check_room(self.store, self.model, self.keep_last, self.keep_best, self.async_save, infos)
         runs = registry(self.model).runs
         key = root_key(self.store.url)
         if self.run is None:
             self.run = runs.get(key)  # restored, or started by an earlier fit of this model
         if self.run is None:
-            infos = self.store.list()
             if infos and self.overwrite is None:
                 raise run_mod.foreign_steps_error(self.directory, infos)
             if infos:
@@ -221,7 +222,7 @@ class ChiefModelCheckpoint(ForgeCallback):
     def save_now(self, epoch: int, batch: int | None, epoch_done: bool) -> int:
         """Save whatever ``save_best_only`` says (every rank calls it, e.g. on preemption);
         return the step. A step this callback already saved is not written again."""
-        step = int(_compat.to_numpy(self.model.optimizer.iterations))
+        step = _compat.iterations(self.model)
         if self.last_saved_step != step:
             self._save(epoch, batch, {}, epoch_done=epoch_done, force=True)  # synchronous
         elif self.async_save:  # this step's save may still be in flight: let it commit
@@ -264,7 +265,7 @@ class ChiefModelCheckpoint(ForgeCallback):
         epoch_done: bool,
         force: bool = False,
     ) -> None:
-        step = int(_compat.to_numpy(self.model.optimizer.iterations))
+        step = _compat.iterations(self.model)
         name = f"ChiefModelCheckpoint(epoch {epoch}, step {step})"
         if batch is not None:  # position in the epoch, counting batches before a resume
             batch += registry(self.model).batch_offset

@@ -122,7 +122,7 @@ class ChiefTensorBoard(ForgeCallback):
         return self._writers[sub]
 
     def _iterations(self) -> int:
-        return int(_compat.to_numpy(self.model.optimizer.iterations))
+        return _compat.iterations(self.model)
 
     # -- Keras hooks
     def on_train_begin(self, logs: Any = None) -> None:
