@@ -149,13 +149,16 @@ def test_bad_paths_are_refused_by_the_writer(target):
     assert store.list_staging() == []
 
 
-def test_open_hashes_what_a_serializer_writes(target):
+@pytest.mark.parametrize("behind", [False, True], ids=["hash-inline", "hash-behind"])
+def test_open_hashes_what_a_serializer_writes(target, behind):
     store = target.store()
     big = os.urandom(20 * 1024 * 1024)  # large enough for the pipelined path
-    with store.writer(1) as w, w.open("archive.bin") as f:
+    chunks = [memoryview(big)[i : i + (1 << 20)] for i in range(0, len(big), 1 << 20)]
+    with store.writer(1) as w, w.open("archive.bin", hash_behind=behind) as f:
         assert not f.seekable()
         f.write(b"head")
-        f.write(memoryview(big))
+        for c in chunks if behind else [memoryview(big)]:  # (views of one stable buffer)
+            f.write(c)
         f.write(bytearray(b"tail"))
         assert f.tell() == len(big) + 8
     (entry,) = store.get(1).manifest.files

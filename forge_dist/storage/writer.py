@@ -118,13 +118,17 @@ class CheckpointWriter:
         return self._finish(rel, size, digest)
 
     # -- adding payload
-    def open(self, relpath: str) -> _HashingFile:
+    def open(self, relpath: str, hash_behind: bool = False) -> _HashingFile:
         """A write-only, non-seekable binary file at ``relpath``; its size and sha256 are
-        computed as it is written (for serializers that write to a file object)."""
+        computed as it is written (for serializers that write to a file object).
+
+        ``hash_behind=True`` is for callers whose buffers stay unchanged until the file
+        is closed (views of arrays): each write is hashed on a helper thread while the
+        next ones are written, instead of before the write returns."""
         rel = self._reserve(relpath)
         assert self._staging is not None
         sink = self._backend.open_write(self._staging, rel)
-        return _HashingFile(self, rel, sink)
+        return _HashingFile(self, rel, sink, hash_behind)
 
     def _finish(self, rel: str, size: int, digest: str) -> FileEntry:
         entry = FileEntry(rel, size, digest)
@@ -236,7 +240,9 @@ class _HashingFile(io.RawIOBase):
     """What :meth:`CheckpointWriter.open` returns. Closing it records the file; an error
     while writing leaves it out (and the writer's block discards the staging)."""
 
-    def __init__(self, writer: CheckpointWriter, rel: str, sink: Any) -> None:
+    def __init__(
+        self, writer: CheckpointWriter, rel: str, sink: Any, hash_behind: bool = False
+    ) -> None:
         super().__init__()
         self._writer = writer
         self._rel = rel
@@ -245,6 +251,8 @@ class _HashingFile(io.RawIOBase):
         self._size = 0
         self._failed = False
         self.entry: FileEntry | None = None
+        self._behind = ThreadPoolExecutor(1, "forge-dist-hash") if hash_behind else None
+        self._hashed: list[Any] = []
 
     def writable(self) -> bool:
         return True
@@ -261,7 +269,11 @@ class _HashingFile(io.RawIOBase):
         view = memoryview(data).cast("B")
         try:
             with storage_errors(f"cannot write {self._writer.name}/{self._rel}"):
-                write_hashed(view, self._sink.write, self._hash)
+                if self._behind is not None:  # in order: one thread
+                    self._sink.write(view)
+                    self._hashed.append(self._behind.submit(self._hash.update, view))
+                else:
+                    write_hashed(view, self._sink.write, self._hash)
         except BaseException:
             self._failed = True
             raise
@@ -271,10 +283,18 @@ class _HashingFile(io.RawIOBase):
     def tell(self) -> int:
         return self._size
 
+    def _hash_done(self) -> None:
+        if self._behind is not None:
+            self._behind.shutdown(wait=True)
+            for f in self._hashed:
+                f.result()
+            self._hashed.clear()
+
     def close(self) -> None:
         if self.closed:
             return
         try:
+            self._hash_done()
             if self._failed:
                 self._sink.discard()
                 with self._writer._lock:

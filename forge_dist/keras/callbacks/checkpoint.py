@@ -17,7 +17,7 @@ from forge_dist.keras.async_checkpoint import AsyncCheckpointer
 from forge_dist.keras.callbacks.base import ForgeCallback, check_positive_int, keras_alias
 from forge_dist.keras.metric_state import metric_values, saved_state
 from forge_dist.keras.preflight import check_room
-from forge_dist.keras.saving import save_to_store, scratch_save
+from forge_dist.keras.saving import Snapshot, StagedSaves, save_to_store, scratch_save
 from forge_dist.keras.snapshot import HostTwin
 
 WHEN_BUSY = ("wait", "skip")
@@ -102,7 +102,8 @@ class ChiefModelCheckpoint(ForgeCallback):
         self.async_save = bool(async_save)
         self.when_busy = when_busy
         self.async_checkpointer = AsyncCheckpointer() if async_save else None
-        self._twin: HostTwin | None = None
+        self._twin: HostTwin | None = None  # the async snapshot where no layout is known
+        self._staged = StagedSaves()
         # The mode is resolved from the model's metrics at train begin if the name does not
         # decide it.
         self._resolved_mode = self._setup_monitor(monitor, mode)
@@ -293,7 +294,7 @@ class ChiefModelCheckpoint(ForgeCallback):
         elif self.async_save and not force:
             self._agree(f"{name} snapshot", lambda: self._submit(step, logs, state))
         else:
-            self._agree(f"{name} commit", lambda: (self._drain(), self._write(step, logs, state)))
+            self._agree(f"{name} commit", lambda: self._commit_now(step, logs, state))
         self.last_saved_step = step
         self.saved_steps.append(step)
         self._say(f"epoch {epoch + 1}: saved step {step} to {self.directory}")
@@ -323,11 +324,24 @@ class ChiefModelCheckpoint(ForgeCallback):
         if bad:
             raise ForgeDistError(f"{name} failed on worker {bad[0][0]}: {bad[0][1]}")
 
+    def _commit_now(self, step: int, logs: dict[str, Any], state: dict[str, Any]) -> None:
+        """Chief: a synchronous save, streamed from the variables where the layout is
+        known (the loop is held until it has committed)."""
+        self._drain()
+        self._write(step, logs, state, snapshot=self._staged.live(self.model))
+
     def _submit(self, step: int, logs: dict[str, Any], state: dict[str, Any]) -> None:
-        """Chief: wait for the save in flight, copy the variables into the twin (the
-        snapshot), hand the twin to the background writer."""
+        """Chief: wait for the save in flight, copy the variables into the host buffers
+        (or, where no layout is known, the twin): the snapshot; hand it to the
+        background writer."""
         assert self.async_checkpointer is not None
         self._drain()
+        snapshot = self._staged.copy(self.model)
+        if snapshot is not None:
+            self.async_checkpointer.save(
+                lambda: self._write(step, logs, state, snapshot=snapshot), f"step {step}"
+            )
+            return
         if self._twin is None:
             self._twin = HostTwin(self.model)
         self._twin.copy_from_live()
@@ -342,9 +356,15 @@ class ChiefModelCheckpoint(ForgeCallback):
         self.async_checkpointer.save(write, f"step {step}")
 
     def _write(
-        self, step: int, logs: dict[str, Any], state: dict[str, Any], model: Any = None
+        self,
+        step: int,
+        logs: dict[str, Any],
+        state: dict[str, Any],
+        model: Any = None,
+        snapshot: Snapshot | None = None,
     ) -> None:
-        """Chief only: commit ``model`` (the live one by default), apply retention."""
+        """Chief only: commit ``snapshot`` or ``model`` (the live one by default), apply
+        retention."""
         writer = {
             "host": socket.gethostname(),
             "pid": os.getpid(),
@@ -363,6 +383,7 @@ class ChiefModelCheckpoint(ForgeCallback):
             writer=writer,
             run=self.run,
             lease=self._lease,
+            snapshot=snapshot,
         )
         if self.keep_last or self.keep_best:
             self.store.apply_retention(

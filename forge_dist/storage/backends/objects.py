@@ -51,6 +51,110 @@ class _FsspecSink(Sink):
                 pass
 
 
+#: S3 uploads: a file is sent in parts of this size, this many at once (the last part
+#: may be smaller; a file smaller than one part is one PUT).
+PART_BYTES = 16 * 1024 * 1024
+PARTS_IN_FLIGHT = 4
+
+
+class _S3PartsSink(Sink):
+    """An S3 object written as a multipart upload whose parts travel concurrently on
+    s3fs's event loop (s3fs's own file object sends one part after another). At most
+    :data:`PARTS_IN_FLIGHT` parts are in memory or on the wire; ``close`` completes the
+    upload (the object appears whole or not at all), ``discard`` aborts it."""
+
+    def __init__(self, fs: Any, path: str) -> None:
+        self.fs = fs
+        self.bucket, self.key = path.split("/", 1)
+        self._buf = bytearray()
+        self._upload_id: str | None = None
+        self._pending: list[Any] = []  # concurrent.futures of upload_part, in order
+        self._parts: list[dict[str, Any]] = []
+        self._closed = False
+
+    def _call(self, method: str, **kwargs: Any) -> Any:
+        from fsspec.asyn import sync
+
+        return sync(self.fs.loop, self.fs._call_s3, method, **kwargs)
+
+    def _submit(self, data: bytes) -> None:
+        import asyncio
+
+        if self._upload_id is None:
+            mpu = self._call("create_multipart_upload", Bucket=self.bucket, Key=self.key)
+            self._upload_id = mpu["UploadId"]
+        while len(self._pending) >= PARTS_IN_FLIGHT:
+            self._collect_oldest()
+        number = len(self._parts) + len(self._pending) + 1
+        coro = self.fs._call_s3(
+            "upload_part",
+            Bucket=self.bucket,
+            Key=self.key,
+            UploadId=self._upload_id,
+            PartNumber=number,
+            Body=data,
+        )
+        self._pending.append((number, asyncio.run_coroutine_threadsafe(coro, self.fs.loop)))
+
+    def _collect_oldest(self) -> None:
+        number, future = self._pending.pop(0)
+        out = future.result()
+        self._parts.append({"PartNumber": number, "ETag": out["ETag"]})
+
+    def write(self, data: bytes | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        while not self._buf and len(view) >= PART_BYTES:  # whole parts: one copy each
+            self._submit(bytes(view[:PART_BYTES]))
+            view = view[PART_BYTES:]
+        self._buf += view
+        while len(self._buf) >= PART_BYTES:
+            part = bytes(self._buf[:PART_BYTES])
+            del self._buf[:PART_BYTES]
+            self._submit(part)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._upload_id is None:  # smaller than one part: one PUT
+            self._call("put_object", Bucket=self.bucket, Key=self.key, Body=bytes(self._buf))
+            return
+        try:
+            if self._buf:
+                self._submit(bytes(self._buf))
+            while self._pending:
+                self._collect_oldest()
+            self._call(
+                "complete_multipart_upload",
+                Bucket=self.bucket,
+                Key=self.key,
+                UploadId=self._upload_id,
+                MultipartUpload={"Parts": self._parts},
+            )
+        except BaseException:
+            self._abort()
+            raise
+
+    def discard(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._abort()
+
+    def _abort(self) -> None:
+        for _, future in self._pending:
+            with contextlib.suppress(BaseException):
+                future.result()
+        self._pending.clear()
+        if self._upload_id is not None:
+            with contextlib.suppress(Exception):
+                self._call(
+                    "abort_multipart_upload",
+                    Bucket=self.bucket,
+                    Key=self.key,
+                    UploadId=self._upload_id,
+                )
+
+
 def _mtime(info: dict[str, Any]) -> float | None:
     for key in ("LastModified", "mtime", "updated", "created", "last_modified"):
         v = info.get(key)
@@ -182,6 +286,8 @@ class ObjectBackend(Backend):
 
     def open_write(self, staging: str, rel: str) -> Sink:
         with storage_errors(f"cannot create {rel} in {staging}"):
+            if self._s3_put is not None:
+                return _S3PartsSink(self.fs, self._p(staging, rel))
             return _FsspecSink(self.fs, self._p(staging, rel))
 
     def commit(self, staging: str, step: int, manifest: bytes, replace: bool) -> None:

@@ -1,0 +1,234 @@
+"""What a checkpoint of a 50 M parameter model costs training, measured the interleaved way.
+
+    python benchmarks/bench_save.py [--rounds 4] [--steps 10] [--block-epochs 2]
+
+One ``fit`` of the model of FACTS-sized scale (Adam: a 605 MB ``.keras``), random data,
+TensorFlow at one thread (so one host core is free for a writer, as when an accelerator
+computes). The epochs are grouped in blocks; blocks that begin with a save alternate with
+clean blocks, and the savers take turns within the same fit:
+
+    [keras save] [clean] [sync save] [clean] [async save] [clean] [keras save] ...
+
+For each saver and save:
+
+- **held**: how long the callback held the loop at the save point;
+- **lost**: the save block's time minus the mean of the clean blocks on either side of
+  it: the held time *plus* whatever the save slowed afterwards (a background write
+  competing with training, the first steps after a snapshot). A background save still
+  running at its block's end is waited for there, and that wait counts too.
+
+Medians over the rounds after the first (which warms up: the first save of each kind
+faults in its buffers). Baseline: plain Keras ``ModelCheckpoint`` in the same fit.
+Where ``orbax-checkpoint`` is installed, Keras' own asynchronous checkpointing
+(``keras.callbacks.OrbaxCheckpoint(save_on_background=True)``) takes a turn too.
+
+Writes benchmarks/out/save.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+
+def limit_threads() -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+
+
+def big_model():
+    """50.4 M parameters, Adam: a 605 MB ``.keras``."""
+    from forge_dist.keras import _compat
+
+    keras = _compat.keras
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((2048,)),
+            keras.layers.Dense(8192),
+            keras.layers.Dense(4096),
+            keras.layers.Dense(10),
+        ]
+    )
+    model.compile(optimizer="adam", loss="mse")
+    return model
+
+
+def savers(root: str) -> dict:
+    from forge_dist.comm import LocalCommunicator
+    from forge_dist.keras import ChiefModelCheckpoint, _compat
+
+    keras = _compat.keras
+    local = LocalCommunicator()
+    out = {
+        "keras": keras.callbacks.ModelCheckpoint(os.path.join(root, "keras.keras")),
+        "sync": ChiefModelCheckpoint(os.path.join(root, "sync"), communicator=local, keep_last=1),
+        "async": ChiefModelCheckpoint(
+            os.path.join(root, "async"), communicator=local, keep_last=1, async_save=True
+        ),
+    }
+    orbax = getattr(keras.callbacks, "OrbaxCheckpoint", None)
+    if orbax is not None:
+        try:
+            out["orbax"] = orbax(
+                os.path.join(root, "orbax"), save_on_background=True, max_to_keep=1
+            )
+        except Exception as e:  # orbax-checkpoint (and JAX) not installed
+            print(f"   (no OrbaxCheckpoint row: {type(e).__name__}: {str(e)[:120]})")
+    return out
+
+
+def interleaved(inner: dict, block_epochs: int):
+    """The callback that runs the schedule: which block saves with which saver, the
+    block times, the held times."""
+    from forge_dist.keras import _compat
+
+    kinds = list(inner)
+
+    class Interleave(_compat.Callback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks: list[tuple[str | None, float, float]] = []  # kind, time, held
+            self._t0 = 0.0
+            self._held = 0.0
+
+        def kind_of(self, epoch: int) -> str | None:
+            block = epoch // block_epochs
+            return None if block % 2 else kinds[(block // 2) % len(kinds)]
+
+        def set_model(self, model) -> None:
+            super().set_model(model)
+            for cb in inner.values():
+                cb.set_model(model)
+
+        def on_train_begin(self, logs=None) -> None:
+            for cb in inner.values():
+                cb.on_train_begin(logs)
+
+        def on_epoch_begin(self, epoch, logs=None) -> None:
+            if epoch % block_epochs == 0:
+                self._t0, self._held = time.perf_counter(), 0.0
+
+        def on_epoch_end(self, epoch, logs=None) -> None:
+            kind = self.kind_of(epoch)
+            if kind is not None and epoch % block_epochs == 0:
+                t = time.perf_counter()
+                inner[kind].on_epoch_end(epoch, logs)
+                self._held = time.perf_counter() - t
+            if epoch % block_epochs == block_epochs - 1:
+                if kind is not None:
+                    finish(inner[kind])  # a save still running is charged to its block
+                self.blocks.append((kind, time.perf_counter() - self._t0, self._held))
+
+        def on_train_end(self, logs=None) -> None:
+            for cb in inner.values():
+                cb.on_train_end(logs)
+
+    return Interleave()
+
+
+def finish(cb) -> None:
+    """Wait for a saver's background work, if it has any."""
+    checkpointer = getattr(cb, "async_checkpointer", None)
+    if checkpointer is not None:
+        checkpointer.wait_until_finished()
+        checkpointer.check_for_errors()
+    wait = getattr(cb, "wait_until_finished", None) or getattr(
+        getattr(cb, "checkpointer", None), "wait_until_finished", None
+    )
+    if callable(wait):
+        wait()
+
+
+def costs(blocks: list, kinds: list[str], warmup_rounds: int = 1) -> dict:
+    """Per kind: held and lost per save (medians after the warm-up rounds)."""
+    per_round = 2 * len(kinds)
+    held: dict[str, list[float]] = {k: [] for k in kinds}
+    lost: dict[str, list[float]] = {k: [] for k in kinds}
+    for i, (kind, t, h) in enumerate(blocks):
+        if kind is None or i < warmup_rounds * per_round:
+            continue
+        clean = [blocks[j][1] for j in (i - 1, i + 1) if 0 <= j < len(blocks)]
+        held[kind].append(h)
+        lost[kind].append(t - statistics.mean(clean))
+    clean_blocks = [t for k, t, _ in blocks[warmup_rounds * per_round :] if k is None]
+    return {
+        "held": {k: statistics.median(v) for k, v in held.items()},
+        "lost": {k: statistics.median(v) for k, v in lost.items()},
+        "held_all": held,
+        "lost_all": lost,
+        "clean_block_s": statistics.median(clean_blocks),
+    }
+
+
+def run(rounds: int, steps: int, block_epochs: int) -> dict:
+    limit_threads()
+    import numpy as np
+
+    model = big_model()
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(8 * steps, 2048)).astype("float32")
+    y = rng.normal(size=(8 * steps, 10)).astype("float32")
+    root = tempfile.mkdtemp(prefix="forge-bench-save-")
+    try:
+        inner = savers(root)
+        kinds = list(inner)
+        cb = interleaved(inner, block_epochs)
+        epochs = rounds * 2 * len(kinds) * block_epochs
+        model.fit(x, y, batch_size=8, epochs=epochs, verbose=0, shuffle=False, callbacks=[cb])
+        size = os.path.getsize(os.path.join(root, "keras.keras"))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    out = costs(cb.blocks, kinds)
+    k = out["held"]["keras"], out["lost"]["keras"]
+    out.update(
+        params=int(model.count_params()),
+        file_mb=size / 1e6,
+        kinds=kinds,
+        rounds=rounds,
+        steps_per_epoch=steps,
+        block_epochs=block_epochs,
+        blocks=cb.blocks,
+        ratio_held={kind: out["held"][kind] / k[0] for kind in kinds},
+        ratio_lost={kind: out["lost"][kind] / k[1] for kind in kinds},
+        machine=f"{platform.machine()}, {os.cpu_count()} cores",
+    )
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=4, help="the first one warms up")
+    ap.add_argument("--steps", type=int, default=10, help="steps an epoch")
+    ap.add_argument("--block-epochs", type=int, default=2)
+    args = ap.parse_args()
+    res = run(args.rounds, args.steps, args.block_epochs)
+    print(
+        f"checkpoint of the {res['params'] / 1e6:.0f} M-param model ({res['file_mb']:.0f} MB), "
+        f"TF at 1 thread, a clean block of {args.block_epochs} x {args.steps} steps takes "
+        f"{res['clean_block_s']:.2f} s:"
+    )
+    for kind in res["kinds"]:
+        print(
+            f"   {kind:>6}: held {res['held'][kind]:.3f} s ({res['ratio_held'][kind]:.3f}x), "
+            f"lost in all {res['lost'][kind]:.3f} s ({res['ratio_lost'][kind]:.3f}x Keras)"
+        )
+    here = os.path.dirname(os.path.abspath(__file__))
+    os.makedirs(os.path.join(here, "out"), exist_ok=True)
+    with open(os.path.join(here, "out", "save.json"), "w") as f:
+        json.dump(res, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
