@@ -28,7 +28,8 @@ def client(s3):
 
 @pytest.fixture
 def small_parts(monkeypatch):
-    """5 MiB parts (S3's smallest), two in flight: a 23 MB file is five parts."""
+    """5 MiB parts (S3's smallest), two in flight: a 23 MB file is five parts (one PUT
+    below 10 MiB)."""
     monkeypatch.setattr(objects, "PART_BYTES", 5 * 1024 * 1024)
     monkeypatch.setattr(objects, "PARTS_IN_FLIGHT", 2)
 
@@ -50,10 +51,13 @@ def test_a_large_file_goes_up_in_concurrent_parts_and_reads_back_whole(s3, small
 def test_a_failed_upload_leaves_no_object_and_no_open_multipart_upload(s3, small_parts):
     prefix = f"abort-{os.urandom(4).hex()}"
     store = CheckpointStore(f"s3://{s3.bucket}/{prefix}", s3.options)
-    with pytest.raises(RuntimeError, match="serializer"), store.writer(1) as w:
-        with w.open("model.bin") as f:
-            f.write(os.urandom(12 * 1024 * 1024))  # two parts sent, one buffered
-            raise RuntimeError("serializer crashed")
+    with (
+        pytest.raises(RuntimeError, match="serializer"),
+        store.writer(1) as w,
+        w.open("model.bin") as f,
+    ):
+        f.write(os.urandom(12 * 1024 * 1024))  # two parts sent, one buffered
+        raise RuntimeError("serializer crashed")
     c = client(s3)
     listed = c.list_objects_v2(Bucket=s3.bucket, Prefix=prefix)
     assert listed.get("KeyCount", 0) == 0

@@ -16,9 +16,10 @@ PIPELINE_MIN = 4 * CHUNK
 Progress = Callable[[int], None]
 
 
-def default_workers(n_items: int) -> int:
-    """Threads for ``n_items`` files: one a file, at most the cores, at most 8."""
-    return max(1, min(n_items, os.cpu_count() or 1, 8))
+def default_workers(n_items: int, parallel: int | None = None) -> int:
+    """Threads for ``n_items`` files: one a file, at most ``parallel`` (else the cores),
+    at most 8."""
+    return max(1, min(n_items, parallel or os.cpu_count() or 1, 8))
 
 
 def read_chunks(f: IO[bytes], chunk: int = CHUNK) -> Iterator[bytes | memoryview]:

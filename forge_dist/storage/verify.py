@@ -143,7 +143,7 @@ def _hash_entries(
             return Problem("io_error", entry.path, str(e))
         return content_problem(entry, size, digest)
 
-    n = workers or default_workers(len(entries))
+    n = workers or default_workers(len(entries), backend.parallel_files)
     ordered = sorted(entries, key=lambda e: -e.size)  # largest first keeps the pool busy
     if n <= 1:
         results = [one(e) for e in ordered]

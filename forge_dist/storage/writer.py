@@ -174,7 +174,7 @@ class CheckpointWriter:
                     raise ConfigurationError(f"refusing to store the symbolic link {full}")
                 rel = os.path.relpath(full, src_dir).replace(os.sep, "/")
                 pairs.append((prefix + rel, full))
-        workers = max_workers or default_workers(len(pairs))
+        workers = max_workers or default_workers(len(pairs), self._backend.parallel_files)
         if workers <= 1 or len(pairs) <= 1:
             return [self.add_file(r, p) for r, p in pairs]
         with ThreadPoolExecutor(workers, thread_name_prefix="forge-dist-put") as pool:

@@ -75,6 +75,9 @@ class Backend(ABC):
 
     display: str  # redacted URL of the root, for messages
     rename_commit: bool
+    #: Files moved at once by a commit or a verify: None = one a core (disk and hashing
+    #: bound); network stores wait on round trips, so more pay there.
+    parallel_files: int | None = None
 
     @abstractmethod
     def check_root(self) -> None:
