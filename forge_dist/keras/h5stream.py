@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import os
 import tempfile
-import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import IO, Any
 
 import numpy as np
+
+from forge_dist.keras.stored_zip import StoredZip
 
 #: A save writes at most this much in one call (crc32, sha256 and the write of one chunk
 #: stay in the CPU's cache, and the interpreter lock is taken once a chunk).
@@ -142,18 +143,13 @@ def write_keras_archive(
     arrays: Sequence[Any],
 ) -> None:
     """A ``.keras`` archive as Keras 3 lays it out (metadata, config, the weight file;
-    stored, not compressed) into a writable, possibly unseekable, file object."""
-    with zipfile.ZipFile(fileobj, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-        zf.writestr(METADATA_FILE, metadata_json)
-        zf.writestr(CONFIG_FILE, config_json)
-        zinfo = zipfile.ZipInfo(WEIGHTS_IN_ARCHIVE, _zip_time())
-        zinfo.compress_type = zipfile.ZIP_STORED
-        zinfo.file_size = skeleton.size
-        with zf.open(zinfo, "w") as f:  # (zip64 when file_size asks for it)
-            stream_weights(f.write, skeleton, arrays)
-
-
-def _zip_time() -> tuple[int, int, int, int, int, int]:
-    import time
-
-    return time.localtime()[:6]  # type: ignore[return-value]
+    stored, not compressed) into a writable, possibly unseekable, file object. The
+    arrays must stay unchanged until this returns (their CRC is computed behind)."""
+    with StoredZip(fileobj) as z:
+        z.add(METADATA_FILE, [metadata_json.encode()])
+        z.add(CONFIG_FILE, [config_json.encode()])
+        chunks = list(skeleton.chunks(arrays))
+        size = sum(len(c) for c in chunks)
+        if size != skeleton.size:
+            raise ValueError(f"{size} bytes for a {skeleton.size}-byte weight file")
+        z.add(WEIGHTS_IN_ARCHIVE, chunks)
