@@ -161,3 +161,31 @@ def test_agree_returns_the_chiefs_result_or_raises_its_error_everywhere():
     errors = run_ranks(2, storage_fails)
     assert isinstance(errors[0], OSError)
     assert isinstance(errors[1], ForgeDistError) and "OSError: disk full" in str(errors[1])
+
+
+def test_small_objects_cost_one_collective_and_large_ones_two():
+    """``gather_objects`` (the Horovod and MWMS backends' object path) over 3 simulated
+    ranks whose one primitive gathers equal-length int64 rows."""
+    from threadcomm import run_ranks
+
+    from forge_dist.comm.base import INLINE_BYTES, gather_objects
+
+    def run(comm, sizes):
+        calls = []
+
+        def gather_rows(row, name):
+            calls.append((name, row.dtype.str, len(row)))
+            rows = comm.allgather(row, name=name)
+            assert len({len(r) for r in rows}) == 1  # equal-length rows, as backends need
+            return np.stack(rows)
+
+        obj = {"rank": comm.rank, "blob": b"x" * sizes[comm.rank]}
+        return gather_objects(gather_rows, obj, "t"), calls
+
+    for sizes, n_calls in (([10, 200, 3], 1), ([10, INLINE_BYTES * 3, 3], 2)):
+        results = run_ranks(3, lambda c, s=sizes: run(c, s))
+        for got, calls in results:
+            assert [o["rank"] for o in got] == [0, 1, 2]
+            assert [len(o["blob"]) for o in got] == sizes
+            assert len(calls) == n_calls
+            assert all(dtype == "<i8" for _, dtype, _ in calls)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from forge_dist.errors import ConfigurationError
@@ -37,6 +38,32 @@ def resolve_timeout(timeout: float | None = None) -> float:
     if not math.isfinite(timeout) or timeout <= 0:
         raise ConfigurationError(f"timeout must be a positive number of seconds, got {timeout!r}")
     return float(timeout)
+
+
+#: A pickled object up to this size travels in one collective (a fixed-width row per
+#: rank); when any rank's is larger, a second collective sized to the largest follows.
+INLINE_BYTES = 4096
+
+
+def gather_objects(gather_rows: Callable[[Any, str], Any], obj: Any, name: str) -> list[Any]:
+    """Every rank's ``obj``, in rank order, over a backend whose one primitive is
+    ``gather_rows(int64 row, name) -> rows`` (equal-length rows, rank order). Small
+    objects (metrics, decisions) cost one collective, not a size exchange and a payload."""
+    import numpy as np
+
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    row = np.zeros(1 + INLINE_BYTES // 8, dtype=np.int64)
+    row[0] = len(data)
+    if len(data) <= INLINE_BYTES:
+        row.view(np.uint8)[8 : 8 + len(data)] = np.frombuffer(data, dtype=np.uint8)
+    rows = np.asarray(gather_rows(row, name))
+    lengths = [int(n) for n in rows[:, 0]]
+    if max(lengths) <= INLINE_BYTES:
+        return [pickle.loads(rows[r].tobytes()[8 : 8 + n]) for r, n in enumerate(lengths)]
+    padded = np.zeros(-(-max(lengths) // 8) * 8, dtype=np.uint8)
+    padded[: len(data)] = np.frombuffer(data, dtype=np.uint8)
+    rows = np.asarray(gather_rows(padded.view(np.int64), f"{name}/large"))
+    return [pickle.loads(rows[r].tobytes()[:n]) for r, n in enumerate(lengths)]
 
 
 def check_op(op: str) -> str:

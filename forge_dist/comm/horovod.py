@@ -18,7 +18,7 @@ import re
 import threading
 from typing import Any
 
-from forge_dist.comm.base import Communicator, check_op
+from forge_dist.comm.base import Communicator, check_op, gather_objects
 from forge_dist.errors import BackendNotInstalledError, CollectiveTimeoutError, ConfigurationError
 
 log = logging.getLogger("forge_dist.comm")
@@ -106,9 +106,18 @@ class HorovodCommunicator(Communicator):
         )
 
     def broadcast(self, obj: Any, root: int = 0, name: str = "broadcast") -> Any:
+        """One all-gather of a small row (Horovod's ``broadcast_object`` sends the size
+        and the payload: two collectives)."""
         if not 0 <= root < self.size:
             raise ConfigurationError(f"root {root} does not exist in a job of size {self.size}")
-        return self._call(name, lambda n: self._hvd.broadcast_object(obj, root_rank=root, name=n))
+        return self.allgather(obj if self.rank == root else None, name)[root]
 
     def allgather(self, obj: Any, name: str = "allgather") -> list[Any]:
-        return list(self._call(name, lambda n: self._hvd.allgather_object(obj, name=n)))
+        return gather_objects(self._gather_rows, obj, name)
+
+    def _gather_rows(self, row: Any, name: str) -> Any:
+        import tensorflow as tf
+
+        return self._call(
+            name, lambda n: self._hvd.allgather(tf.constant(row[None]), name=n).numpy()
+        )

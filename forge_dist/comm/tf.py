@@ -11,11 +11,16 @@
 
 from __future__ import annotations
 
-import pickle
 import threading
 from typing import Any
 
-from forge_dist.comm.base import Communicator, LocalCommunicator, check_op, reduce_rows
+from forge_dist.comm.base import (
+    Communicator,
+    LocalCommunicator,
+    check_op,
+    gather_objects,
+    reduce_rows,
+)
 from forge_dist.errors import CollectiveTimeoutError, ConfigurationError
 
 
@@ -138,16 +143,8 @@ class MultiWorkerCommunicator(Communicator):
         return reduce_rows(list(rows), op)
 
     def allgather(self, obj: Any, name: str = "allgather") -> list[Any]:
-        import numpy as np
-
-        data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
         with self._lock:
-            lengths = self._gather(np.array([len(data)], dtype=np.int64), f"{name}/lengths")
-            width = -(-int(lengths.max()) // 8)  # bytes packed into int64 words
-            padded = np.zeros(width * 8, dtype=np.uint8)
-            padded[: len(data)] = np.frombuffer(data, dtype=np.uint8)
-            rows = self._gather(padded.view(np.int64), name)
-        return [pickle.loads(rows[r].tobytes()[: int(lengths[r, 0])]) for r in range(self._size)]
+            return gather_objects(self._gather, obj, name)
 
     def broadcast(self, obj: Any, root: int = 0, name: str = "broadcast") -> Any:
         if not 0 <= root < self._size:

@@ -141,11 +141,13 @@ def write_keras_archive(
     metadata_json: str,
     skeleton: Skeleton,
     arrays: Sequence[Any],
+    crc_behind: bool = True,
 ) -> None:
     """A ``.keras`` archive as Keras 3 lays it out (metadata, config, the weight file;
     stored, not compressed) into a writable, possibly unseekable, file object. The
-    arrays must stay unchanged until this returns (their CRC is computed behind)."""
-    with StoredZip(fileobj) as z:
+    arrays must stay unchanged until this returns (with ``crc_behind`` their CRC is
+    computed on a helper thread behind the writes)."""
+    with StoredZip(fileobj, crc_behind) as z:
         z.add(METADATA_FILE, [metadata_json.encode()])
         z.add(CONFIG_FILE, [config_json.encode()])
         chunks = list(skeleton.chunks(arrays))

@@ -48,17 +48,22 @@ def scratch_save(model: Any, weights_only: bool, prefix: str) -> Iterator[str]:
 @dataclass
 class Snapshot:
     """What a save writes when the layout is known: the variables' bytes (views of the
-    live variables, or host buffers) and the archive's config at the save point."""
+    live variables, or host buffers) and the archive's config at the save point.
+
+    ``parallel``: hash and CRC on helper threads behind the writes (a synchronous save,
+    with the loop held and every core free); else all on the writing thread (a
+    background save, which should take no more than the one core training leaves)."""
 
     layout: staged.StagedLayout
     arrays: Sequence[Any]
     config: tuple[str, str]
+    parallel: bool = True
 
     def write(self, f: Any, weights_only: bool) -> None:
         if weights_only:
             staged.write_weights(f, self.layout, self.arrays)
         else:
-            staged.write_model(f, self.layout, self.arrays, self.config)
+            staged.write_model(f, self.layout, self.arrays, self.config, self.parallel)
 
 
 class StagedSaves:
@@ -102,7 +107,8 @@ class StagedSaves:
         if self._buffers is None:
             self._buffers = staged.HostBuffers(layout)
         self._buffers.copy_from(layout)
-        return Snapshot(layout, self._buffers.arrays, staged.config_and_metadata(model))
+        config = staged.config_and_metadata(model)
+        return Snapshot(layout, self._buffers.arrays, config, parallel=False)
 
 
 def save_to_store(
@@ -125,7 +131,7 @@ def save_to_store(
             store.writer(
                 step, metrics=metrics, state=state, writer=writer, run=run, lease=lease
             ) as w,
-            w.open(payload_name(weights_only), hash_behind=True) as f,
+            w.open(payload_name(weights_only), hash_behind=snapshot.parallel) as f,
         ):
             snapshot.write(f, weights_only)  # (the arrays stay as they are until closed)
         return

@@ -232,10 +232,17 @@ def config_and_metadata(model: Any) -> tuple[str, str]:
     return _saving_lib()._serialize_model_as_json(model)
 
 
-def write_model(fileobj: Any, layout: StagedLayout, arrays: Sequence[Any], config: tuple) -> None:
-    """A ``.keras`` archive of ``arrays`` (the layout's sources) into ``fileobj``."""
+def write_model(
+    fileobj: Any,
+    layout: StagedLayout,
+    arrays: Sequence[Any],
+    config: tuple[str, str],
+    parallel: bool = True,
+) -> None:
+    """A ``.keras`` archive of ``arrays`` (the layout's sources) into ``fileobj``; with
+    ``parallel`` the CRC is computed on a helper thread behind the writes."""
     config_json, metadata_json = config
-    write_keras_archive(fileobj, config_json, metadata_json, layout.skeleton, arrays)
+    write_keras_archive(fileobj, config_json, metadata_json, layout.skeleton, arrays, parallel)
 
 
 def write_weights(fileobj: Any, layout: StagedLayout, arrays: Sequence[Any]) -> None:

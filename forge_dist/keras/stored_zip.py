@@ -37,15 +37,39 @@ def _dos_time(t: float) -> tuple[int, int]:
     )
 
 
+class _Running:
+    """A CRC-32 over chunks in order: on the calling thread, or on ``thread`` (one
+    worker, so its tasks run in order and each finds the previous one's value)."""
+
+    def __init__(self, thread: ThreadPoolExecutor | None) -> None:
+        self._thread = thread
+        self._value = 0
+        self._last: Any = None
+
+    def update(self, view: memoryview) -> None:
+        if self._thread is None:
+            self._value = zlib.crc32(view, self._value)
+        else:
+            self._last = self._thread.submit(self._step, view)
+
+    def _step(self, view: memoryview) -> None:
+        self._value = zlib.crc32(view, self._value)
+
+    def value(self) -> int:
+        if self._last is not None:
+            self._last.result()  # the last task ran after every earlier one
+        return self._value
+
+
 class StoredZip:
     """``with StoredZip(f) as z: z.add(name, chunks)``; closing writes the directory."""
 
-    def __init__(self, fileobj: IO[bytes]) -> None:
+    def __init__(self, fileobj: IO[bytes], crc_behind: bool = True) -> None:
         self._f = fileobj
         self._offset = 0
         self._entries: list[tuple[bytes, int, int, int, int]] = []  # name, flags, crc, size, at
         self._time = _dos_time(time.time())
-        self._crc_thread = ThreadPoolExecutor(1, "forge-dist-crc")
+        self._crc_thread = ThreadPoolExecutor(1, "forge-dist-crc") if crc_behind else None
 
     def __enter__(self) -> StoredZip:
         return self
@@ -55,7 +79,8 @@ class StoredZip:
             if exc_type is None:
                 self._directory()
         finally:
-            self._crc_thread.shutdown(wait=True)
+            if self._crc_thread is not None:
+                self._crc_thread.shutdown(wait=True)
 
     def _write(self, data: Any) -> None:
         self._f.write(data)
@@ -75,14 +100,14 @@ class StoredZip:
             + encoded
             + extra
         )
-        crc = self._crc_thread.submit(lambda: 0)
         size = 0
+        crc = _Running(self._crc_thread)
         for chunk in chunks:
             view = memoryview(chunk).cast("B")
             self._write(view)
             size += len(view)
-            crc = self._crc_thread.submit(lambda v=view, prev=crc: zlib.crc32(v, prev.result()))
-        value = crc.result()
+            crc.update(view)
+        value = crc.value()
         self._write(struct.pack("<IIQQ", _DESCRIPTOR, value, size, size))
         self._entries.append((encoded, flags, value, size, at))
 
@@ -115,9 +140,7 @@ class StoredZip:
             )
         end = self._offset
         n = len(self._entries)
-        self._write(
-            struct.pack("<IQHHIIQQQQ", _END64, 44, 45, 45, 0, 0, n, n, end - start, start)
-        )
+        self._write(struct.pack("<IQHHIIQQQQ", _END64, 44, 45, 45, 0, 0, n, n, end - start, start))
         self._write(struct.pack("<IIQI", _LOCATOR64, 0, end, 1))
         self._write(
             struct.pack("<IHHHHIIH", _END, 0, 0, min(n, 0xFFFF), min(n, 0xFFFF), _LIMIT, _LIMIT, 0)
