@@ -30,6 +30,7 @@ lint: setup
 # then benchmarks/report.py writes benchmarks/results.{json,md,png}.
 bench: setup
 	$(PY) benchmarks/bench_store.py
+	$(PY) benchmarks/bench_save.py
 	$(PY) benchmarks/bench_keras.py
 	$(PY) benchmarks/report.py
 
