@@ -11,6 +11,8 @@
    Strategy, and tf_keras step time with forge_dist's vs Horovod's optimizer.
 7. Bytes written per save at 2 ranks: ``ChiefModelCheckpoint`` vs plain Keras 3
    ``ModelCheckpoint`` (every rank writes).
+9. The per-epoch overhead of 1. at 2, 4 and 8 ranks under ``mpirun`` (8 oversubscribe
+   this box's 2 cores), against log2 of the rank count.
 8. Per-epoch cost of ``ChiefTensorBoard`` (synced scalars, the chief writes and flushes
    each epoch) vs plain Keras ``TensorBoard`` (every rank writes its own), 2 ranks.
 
@@ -35,9 +37,9 @@ WORKER = os.path.join(HERE, "_keras_worker.py")
 BIN = os.path.dirname(sys.executable)
 
 
-def mpirun() -> list[str]:
+def mpirun(ranks: int = 2) -> list[str]:
     path = os.path.join(BIN, "mpirun")
-    return [path if os.path.exists(path) else "mpirun", "-np", "2", "--oversubscribe"]
+    return [path if os.path.exists(path) else "mpirun", "-np", str(ranks), "--oversubscribe"]
 
 
 def env() -> dict[str, str]:
@@ -201,6 +203,16 @@ def main() -> int:
     print(
         f"8. TensorBoard per epoch, 2 ranks: ChiefTensorBoard {tb['forge_ms']:.2f} ms vs plain "
         f"Keras TensorBoard {tb['plain_ms']:.2f} ms = {tb['forge_ms'] / tb['plain_ms']:.2f}x"
+    )
+
+    scale = {n: worker(["epoch", "mpi"], False, mpirun(n))["forge_ms"] for n in (2, 4, 8)}
+    growth = {n: scale[n] / scale[2] for n in scale}
+    results["epoch_overhead_scaling"] = {"forge_ms": scale, "vs_2_ranks": growth}
+    print(
+        "9. SyncMetrics+SyncEarlyStopping per epoch under mpirun at 2/4/8 ranks: "
+        + " / ".join(f"{scale[n]:.2f}" for n in scale)
+        + f" ms; x{growth[4]:.2f} at 4 and x{growth[8]:.2f} at 8 vs 2 ranks (log2 N grows "
+        "x2 and x3)"
     )
 
     mwms = mwms_epoch()

@@ -1,6 +1,6 @@
 """What a checkpoint of a 50 M parameter model costs training, measured the interleaved way.
 
-    python benchmarks/bench_save.py [--rounds 4] [--steps 10] [--block-epochs 2]
+    python benchmarks/bench_save.py [--rounds 9] [--steps 10] [--block-epochs 2]
 
 One ``fit`` of the model of FACTS-sized scale (Adam: a 605 MB ``.keras``), random data,
 TensorFlow at one thread (so one host core is free for a writer, as when an accelerator
@@ -208,7 +208,7 @@ def run(rounds: int, steps: int, block_epochs: int) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=4, help="the first one warms up")
+    ap.add_argument("--rounds", type=int, default=9, help="the first one warms up")
     ap.add_argument("--steps", type=int, default=10, help="steps an epoch")
     ap.add_argument("--block-epochs", type=int, default=2)
     args = ap.parse_args()

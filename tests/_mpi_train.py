@@ -24,6 +24,7 @@ ap.add_argument("--epochs", type=int, default=6)
 ap.add_argument("--patience", type=int, default=1)
 ap.add_argument("--kill-rank0-after-epoch", type=int, default=None)
 ap.add_argument("--kill-rank1-at-epoch", type=int, default=None)
+ap.add_argument("--kill-rank", type=int, default=1, help="which rank --kill-rank1-at-epoch kills")
 ap.add_argument("--stop-rank1-at-epoch", type=int, default=None, help="SIGSTOP: a hung rank")
 ap.add_argument("--resume", action="store_true")
 ap.add_argument("--bad", default=None, help="a misconfiguration to construct")
@@ -128,7 +129,7 @@ class Recorder(keras.callbacks.Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
     def on_epoch_begin(self, epoch, logs=None):
-        if args.kill_rank1_at_epoch == epoch and rank == 1:
+        if args.kill_rank1_at_epoch == epoch and rank == args.kill_rank:
             os.kill(os.getpid(), signal.SIGKILL)
         if args.stop_rank1_at_epoch == epoch and rank == 1:
             os.kill(os.getpid(), signal.SIGSTOP)
