@@ -18,13 +18,15 @@ RANKS = 8
 
 def test_eight_ranks_agree_on_every_decision_with_one_writer(tmp_path):
     root, out = tmp_path / "run", tmp_path / "out"
-    args = [TRAIN, "--root", str(root), "--out", str(out), "--patience", "2", "--epochs", "8"]
+    epochs = 8  # (the odd ranks validate on flipped labels, as rank 1 does among 2)
+    args = [TRAIN, "--root", str(root), "--out", str(out), "--patience", "2"]
+    args += ["--epochs", str(epochs)]
     run = mpirun(RANKS, args, bound_s=600)
     assert run.returncode == 0, run.output[-4000:]
     reports = read_rank_reports(str(out / "rank-{rank}.json"), ranks=RANKS)
     r0 = reports[0]
     assert [r["size"] for r in reports] == [RANKS] * RANKS
-    assert r0["epochs_run"] < 8 and r0["stopped_epoch"] > 0, "it stopped early"
+    assert r0["epochs_run"] < epochs and r0["stopped_epoch"] > 0, r0["val_losses"]
     for r in reports[1:]:
         assert r["epochs_run"] == r0["epochs_run"] and r["stopped_epoch"] == r0["stopped_epoch"]
         assert r["fingerprints"] == r0["fingerprints"], f"rank {r['rank']}'s weights differ"
