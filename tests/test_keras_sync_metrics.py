@@ -42,3 +42,68 @@ def test_sync_metrics_with_different_keys_is_an_error_on_every_rank():
     results = run_ranks(2, rank_fn)
     assert all(isinstance(e, CollectiveMismatchError) for e in results), results
     assert all("val_acc" in str(e) and "rank 1" in str(e) for e in results)
+
+
+class Counting:
+    """Wraps a communicator and counts its collectives by kind."""
+
+    def __init__(self, comm):
+        self.comm, self.calls = comm, []
+
+    def __getattr__(self, name):
+        attr = getattr(self.comm, name)
+        if name in ("allgather", "broadcast", "allreduce"):
+
+            def counted(*a, **k):
+                self.calls.append(name)
+                return attr(*a, **k)
+
+            return counted
+        return attr
+
+
+def epochs_with(comm, order, patience=(1, 1), losses=(3.0, 2.0, 2.5, 2.6, 2.7)):
+    """Three callbacks over a model for a few epochs; the collectives and decisions."""
+    counting = Counting(comm)
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    made = {
+        "sync": fk.SyncMetrics(communicator=counting),
+        "rlr": fk.SyncReduceLROnPlateau(patience=1, communicator=counting),
+        "es": fk.SyncEarlyStopping(patience=patience[comm.rank], communicator=counting),
+    }
+    cbs = [made[k] for k in order]
+    for cb in cbs:
+        cb.set_model(model)
+        cb.on_train_begin()
+    stopped = None
+    for epoch, loss in enumerate(losses):
+        counting.calls.clear()
+        logs = {"loss": loss + comm.rank, "val_loss": loss - comm.rank}  # means: loss
+        for cb in cbs:
+            cb.on_epoch_end(epoch, logs)
+        if model.stop_training:
+            stopped = epoch
+            break
+    return counting.calls, stopped, float(model.optimizer.learning_rate.numpy())
+
+
+def test_decisions_after_synced_metrics_need_no_collective_of_their_own():
+    r0, r1 = run_ranks(2, lambda c: epochs_with(c, ["sync", "rlr", "es"]))
+    assert r0 == r1
+    calls, stopped, lr = r0
+    assert stopped == 2 and lr < 0.1  # the decisions were taken (and taken alike)
+    assert calls == ["allgather"]  # the metric sync alone, in the stopping epoch too
+
+
+def test_decisions_before_the_metric_sync_are_agreed_by_the_chief():
+    r0, r1 = run_ranks(2, lambda c: epochs_with(c, ["es", "sync", "rlr"]))
+    assert r0[1:] == r1[1:]
+    assert r0[0].count("broadcast") == 1  # early stopping decided on the chief
+
+
+def test_ranks_whose_deciding_state_differs_fail_together_before_deciding():
+    results = run_ranks(2, lambda c: epochs_with(c, ["sync", "rlr", "es"], patience=(1, 3)))
+    for r in results:
+        assert isinstance(r, CollectiveMismatchError), r
+        assert "rank(s) 1 differs" in str(r)

@@ -48,6 +48,9 @@ class Registry:
     directions: dict[str, str] = field(default_factory=dict)
     #: The run each checkpoint root of this model belongs to (restored or started).
     runs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: The epoch whose logs SyncMetrics synced, having checked that every rank's deciding
+    #: state agrees (see ForgeCallback._decide); None: not this fit.
+    synced_epoch: int | None = None
     # Set by fit_resumed around the fit that finishes an interrupted epoch:
     batch_offset: int = 0  # batches of this epoch done before this fit began
     partial_fit: bool = False  # another fit follows: training does not end here
@@ -79,6 +82,26 @@ def register(model: Any, callback: Any) -> str:
 def collect_state(model: Any) -> dict[str, Any]:
     """``{name: state}`` of every registered callback that keeps state."""
     return {cb.state_name: s for cb in registered(model) if (s := cb.get_state()) is not None}
+
+
+def deciding_digest(model: Any) -> str:
+    """A digest of what the locally deciding callbacks decide from, besides the synced
+    logs: their states and the optimizer's learning rate. Equal on every rank, or the
+    ranks would decide differently."""
+    import hashlib
+    import json
+
+    from forge_dist.keras import _compat
+
+    states = [
+        (cb.state_name, cb.decision_inputs()) for cb in registered(model) if cb.decides_locally
+    ]
+    lr = None
+    opt = getattr(model, "optimizer", None)
+    if opt is not None:
+        lr = _compat.to_float(getattr(opt, "learning_rate", None))
+    text = json.dumps([states, lr], sort_keys=True, default=repr)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def registered(model: Any) -> list[Any]:

@@ -73,6 +73,9 @@ class ForgeCallback(Callback):
 
     #: The name this callback's state is stored under (made unique per model).
     state_key = "callback"
+    #: Decides from the synced logs and its own state alone (no file, clock or chief
+    #: fact): every rank can take the decision itself (see :meth:`_decide`).
+    decides_locally = False
 
     def __init__(self, communicator: Communicator | None = None, verbose: int = 0) -> None:
         super().__init__()
@@ -96,6 +99,11 @@ class ForgeCallback(Callback):
     def reset_state(self) -> None:
         """Start afresh (a new fit with nothing restored)."""
 
+    def decision_inputs(self) -> Any:
+        """What this callback's decisions read besides the synced logs (compared across
+        ranks for those that decide locally)."""
+        return self.get_state()
+
     def on_preemption(self) -> None:
         """Called on every rank just before a preemption save (then the job stops)."""
 
@@ -111,6 +119,18 @@ class ForgeCallback(Callback):
             self.set_state(restored.state, restored.weights)
 
     # -- agreeing and telling
+    def _decide(self, epoch: int, name: str, decide: Callable[[], T]) -> T:
+        """A decision from this epoch's synced logs and this callback's state.
+
+        Where :class:`SyncMetrics` synced this epoch's logs and, in the same collective,
+        found every rank's deciding state equal (:func:`~forge_dist.keras._state.
+        deciding_digest`), the inputs are bit-identical on every rank and ``decide`` is
+        pure, so every rank takes it itself: no collective (an error is raised alike on
+        every rank). Otherwise the chief decides and broadcasts (:meth:`_agree`)."""
+        if registry(self.model).synced_epoch == epoch:
+            return decide()
+        return self._agree(name, decide)
+
     def _agree(self, name: str, decide: Callable[[], T]) -> T:
         """``decide`` on the chief; its result, or its error, on every rank."""
         return agree(self.comm, name, decide)
@@ -191,3 +211,7 @@ class PolicyState:
 
     def get_state(self) -> dict[str, Any]:
         return {"mode": self.config.mode, **self.state.to_json()}
+
+    def decision_inputs(self) -> Any:
+        """The config and the state: what a decision reads besides the synced logs."""
+        return [repr(self.config), self.get_state()]

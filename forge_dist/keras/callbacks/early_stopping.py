@@ -19,6 +19,7 @@ class SyncEarlyStopping(PolicyState, ForgeCallback):
     """
 
     state_key = "early_stopping"
+    decides_locally = True
 
     def __init__(
         self,
@@ -88,7 +89,7 @@ class SyncEarlyStopping(PolicyState, ForgeCallback):
                 raise missing_monitor(self.monitor, logs, "SyncEarlyStopping")
             return policy.early_stop_step(self.config, self.state, epoch, current)
 
-        decision = self._agree(f"SyncEarlyStopping(epoch {epoch})", decide)
+        decision = self._decide(epoch, f"SyncEarlyStopping(epoch {epoch})", decide)
         self.state = decision.state
         # Where reading variables needs every rank (MWMS), every rank takes the snapshot.
         if decision.snapshot_weights and (self.comm.is_chief or self.comm.collective_saves):

@@ -16,6 +16,7 @@ class SyncReduceLROnPlateau(PolicyState, ForgeCallback):
     epoch (the chief's), and ``logs["learning_rate"]`` shows it."""
 
     state_key = "reduce_lr"
+    decides_locally = True
 
     def __init__(
         self,
@@ -69,7 +70,7 @@ class SyncReduceLROnPlateau(PolicyState, ForgeCallback):
             lr = _compat.get_lr(self.model.optimizer)
             return policy.plateau_step(self.config, self.state, epoch, current, lr), lr
 
-        decision, chief_lr = self._agree(f"SyncReduceLROnPlateau(epoch {epoch})", decide)
+        decision, chief_lr = self._decide(epoch, f"SyncReduceLROnPlateau(epoch {epoch})", decide)
         self.state = decision.state
         lr = decision.new_lr if decision.new_lr is not None else chief_lr
         if _compat.get_lr(self.model.optimizer) != lr:

@@ -9,6 +9,7 @@ from forge_dist import policy
 from forge_dist.comm import Communicator
 from forge_dist.errors import CollectiveMismatchError, ConfigurationError
 from forge_dist.keras._compat import to_float
+from forge_dist.keras._state import deciding_digest, registry
 from forge_dist.keras.callbacks.base import ForgeCallback
 
 
@@ -46,13 +47,27 @@ class SyncMetrics(ForgeCallback):
 
     def on_train_begin(self, logs: Any = None) -> None:
         self._in_fit = True
+        registry(self.model).synced_epoch = None
 
     def on_train_end(self, logs: Any = None) -> None:
         self._in_fit = False
+        registry(self.model).synced_epoch = None
 
     def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+        reg = registry(self.model)
+        reg.synced_epoch = None
         if logs is not None:
-            self.sync(logs, f"SyncMetrics(epoch {epoch})", weight_all=False)
+            # With the metrics, each rank's deciding state: equal everywhere, the
+            # decisions that follow are taken on every rank without another collective.
+            sync_logs(
+                self.comm,
+                logs,
+                f"SyncMetrics(epoch {epoch})",
+                self._weight(),
+                weight_all=False,
+                check=deciding_digest(self.model),
+            )
+            reg.synced_epoch = epoch
 
     def on_test_end(self, logs: Any = None) -> None:
         if logs is not None and not self._in_fit:
@@ -69,13 +84,25 @@ def sync_logs(
     name: str,
     weight: float | None = None,
     weight_all: bool = False,
+    check: str | None = None,
 ) -> None:
     """Replace every number in ``logs`` by its mean across ranks, in place (every rank
     calls it; keys in sorted order). ``val_*`` values, or all with ``weight_all``, are
-    weighted by each rank's ``weight`` when every rank gave one."""
+    weighted by each rank's ``weight`` when every rank gave one. ``check`` (a digest of
+    the state decisions are taken from) must be equal on every rank, else every rank
+    raises."""
     numeric = {k: f for k in sorted(logs) if (f := to_float(logs[k])) is not None}
     keys = tuple(numeric)
-    rows = comm.allgather((keys, [numeric[k] for k in keys], weight), name=name)
+    rows = comm.allgather((keys, [numeric[k] for k in keys], weight, check), name=name)
+    checks = [row[3] for row in rows]
+    if len(set(checks)) > 1:
+        bad = [r for r, c in enumerate(checks) if c != checks[0]]
+        raise CollectiveMismatchError(
+            f"{name}: the early-stopping / learning-rate state of rank(s) "
+            f"{', '.join(map(str, bad))} differs from rank 0's, so the ranks would decide "
+            "differently (were the callbacks built with other arguments, or restored from "
+            "other checkpoints, on some ranks?)"
+        )
     key_sets = {r: row[0] for r, row in enumerate(rows)}
     if len(set(key_sets.values())) > 1:
         ref = key_sets[0]
