@@ -170,5 +170,5 @@ def test_a_skeleton_refuses_arrays_of_another_size(tmp_path):
     with h5py.File(io.BytesIO(out.getvalue())) as f:
         np.testing.assert_array_equal(f["vars/0"][()], [0, 1, 2])
         assert f["vars"].attrs["name"] == "x"
-    with pytest.raises(ValueError, match="bytes of a"):
+    with pytest.raises(ValueError, match="16 bytes of a 12-byte dataset"):
         stream_weights(io.BytesIO().write, skeleton, [np.arange(4, dtype="<f4")])

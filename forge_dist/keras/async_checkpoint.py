@@ -38,8 +38,7 @@ def lower_priority() -> None:
 class AsyncCheckpointer:
     """Runs ``save(fn)`` on one background thread at a time and keeps its error."""
 
-    def __init__(self, nice: bool = True) -> None:
-        self.nice = nice
+    def __init__(self) -> None:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._what = ""
@@ -58,8 +57,7 @@ class AsyncCheckpointer:
 
         def run() -> None:
             try:
-                if self.nice:
-                    lower_priority()
+                lower_priority()
                 fn()
             except BaseException as e:  # kept for the training loop to raise
                 self._error = e

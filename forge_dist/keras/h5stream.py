@@ -45,10 +45,10 @@ class DatasetSpec:
 
 @dataclass(frozen=True)
 class Skeleton:
-    """An HDF5 file as pieces in file order: ``bytes`` (the skeleton's own) or an ``int``
-    (the raw bytes of that source array)."""
+    """An HDF5 file as pieces in file order: ``bytes`` (the skeleton's own) or
+    ``(source, nbytes)`` (the raw bytes of that source array)."""
 
-    pieces: tuple[bytes | int, ...]
+    pieces: tuple[bytes | tuple[int, int], ...]
     size: int
 
     @classmethod
@@ -56,13 +56,12 @@ class Skeleton:
         cls,
         groups: Sequence[tuple[str, dict[str, Any]]],
         datasets: Sequence[DatasetSpec],
-        scratch_dir: str | None = None,
     ) -> Skeleton:
         """Make the file once (sparse: the data regions are never written) and keep
         everything but the data regions."""
         import h5py
 
-        fd, path = tempfile.mkstemp(prefix="forge-dist-skeleton-", suffix=".h5", dir=scratch_dir)
+        fd, path = tempfile.mkstemp(prefix="forge-dist-skeleton-", suffix=".h5")
         os.close(fd)
         try:
             with h5py.File(path, "w") as f:
@@ -97,7 +96,7 @@ class Skeleton:
     @classmethod
     def _from_file(cls, path: str, regions: list[tuple[int, int, int]]) -> Skeleton:
         size = os.path.getsize(path)
-        pieces: list[bytes | int] = []
+        pieces: list[bytes | tuple[int, int]] = []
         pos = 0
         with open(path, "rb") as f:
             for offset, nbytes, source in regions:
@@ -106,7 +105,7 @@ class Skeleton:
                 f.seek(pos)
                 if offset > pos:
                     pieces.append(f.read(offset - pos))
-                pieces.append(source)
+                pieces.append((source, nbytes))
                 pos = offset + nbytes
             f.seek(pos)
             if size > pos:
@@ -114,25 +113,31 @@ class Skeleton:
         return cls(tuple(pieces), size)
 
     def chunks(self, arrays: Sequence[np.ndarray]) -> Iterator[memoryview]:
-        """The file's bytes in order, as views (no copy) of at most :data:`CHUNK`."""
+        """The file's bytes in order, as views (no copy) of at most :data:`CHUNK`; an
+        array of another size than its dataset's is refused before anything is yielded."""
+        flats = {}
+        for piece in self.pieces:
+            if isinstance(piece, tuple):
+                source, nbytes = piece
+                flat = np.ascontiguousarray(arrays[source]).reshape(-1).view(np.uint8)
+                if flat.nbytes != nbytes:
+                    raise ValueError(
+                        f"array {source} has {flat.nbytes} bytes of a {nbytes}-byte dataset"
+                    )
+                flats[source] = memoryview(flat)
         for piece in self.pieces:
             if isinstance(piece, bytes):
                 yield memoryview(piece)
                 continue
-            flat = memoryview(np.ascontiguousarray(arrays[piece]).reshape(-1).view(np.uint8))
+            flat = flats[piece[0]]
             for start in range(0, len(flat), CHUNK):
                 yield flat[start : start + CHUNK]
 
 
-def stream_weights(write: Callable[[Any], Any], skeleton: Skeleton, arrays: Sequence[Any]) -> int:
-    """Write the HDF5 weight file through ``write``; return its size."""
-    total = 0
+def stream_weights(write: Callable[[Any], Any], skeleton: Skeleton, arrays: Sequence[Any]) -> None:
+    """Write the HDF5 weight file through ``write``."""
     for view in skeleton.chunks(arrays):
         write(view)
-        total += len(view)
-    if total != skeleton.size:  # an array of another size than the skeleton's
-        raise ValueError(f"wrote {total} bytes of a {skeleton.size}-byte weight file")
-    return total
 
 
 def write_keras_archive(
@@ -150,8 +155,4 @@ def write_keras_archive(
     with StoredZip(fileobj, crc_behind) as z:
         z.add(METADATA_FILE, [metadata_json.encode()])
         z.add(CONFIG_FILE, [config_json.encode()])
-        chunks = list(skeleton.chunks(arrays))
-        size = sum(len(c) for c in chunks)
-        if size != skeleton.size:
-            raise ValueError(f"{size} bytes for a {skeleton.size}-byte weight file")
-        z.add(WEIGHTS_IN_ARCHIVE, chunks)
+        z.add(WEIGHTS_IN_ARCHIVE, skeleton.chunks(arrays))

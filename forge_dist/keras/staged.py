@@ -173,8 +173,6 @@ class StagedLayout:
             if name not in _DTYPES:
                 raise NotStageable(f"{group}/{key} has dtype {name}")
             dtype = np.dtype(name)
-            if dtype.name not in _DTYPES:
-                raise NotStageable(f"{group}/{key} has dtype {dtype.name}")
             if id(var) not in index:
                 index[id(var)] = len(variables)
                 variables.append(var)
@@ -189,14 +187,6 @@ class StagedLayout:
     def views(self) -> list[np.ndarray]:
         """Read-only views of the variables' current values (no copy)."""
         return [_view(v) for v in self.variables]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(_nbytes(v) for v in self.variables)
-
-
-def _nbytes(var: Any) -> int:
-    return int(np.prod(tuple(var.shape), dtype=np.int64)) * np.dtype(_dtype_name(var)).itemsize
 
 
 def _dtype_name(var: Any) -> str:

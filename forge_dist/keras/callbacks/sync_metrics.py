@@ -51,7 +51,6 @@ class SyncMetrics(ForgeCallback):
 
     def on_train_end(self, logs: Any = None) -> None:
         self._in_fit = False
-        registry(self.model).synced_epoch = None
 
     def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
         reg = registry(self.model)
