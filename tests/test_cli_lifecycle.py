@@ -55,6 +55,14 @@ def test_inspect_shows_position_run_writer_and_state(cli_target):
     assert missing.returncode == 3 and "no committed step-00000009" in one_clear_line(missing)
 
 
+def test_a_mid_epoch_position_shows_its_global_sample_offset():
+    from forge_dist.cli.commands.inspect import position
+
+    state = {"epoch": 1, "epoch_done": False, "batch": 3}
+    assert position(state) == "epoch 2, batch 4"
+    assert position({**state, "samples": 64}) == "epoch 2, batch 4 (sample 64 of the epoch)"
+
+
 def test_ls_marks_the_best_step_and_shows_epoch_and_run(cli_target):
     keras_root(cli_target)
     out = run(

@@ -53,6 +53,10 @@ class Registry:
     synced_epoch: int | None = None
     # Set by fit_resumed around the fit that finishes an interrupted epoch:
     batch_offset: int = 0  # batches of this epoch done before this fit began
+    #: Set by fit_resumed(shard=True) for its fits: ``(samples in an epoch, batch_size,
+    #: world size)``, and the global samples of this epoch done before this fit began.
+    shard: tuple[int, int, int] | None = None
+    sample_offset: int = 0
     partial_fit: bool = False  # another fit follows: training does not end here
     keep_state: bool = False  # a fit that continues the previous one: keep state
 

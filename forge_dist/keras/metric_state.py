@@ -30,19 +30,30 @@ def saved_state(ranks: list[list[list[float]]]) -> dict[str, Any]:
 
 
 def values_for(state: Any, rank: int, size: int) -> list[list[float]] | None:
-    """This rank's saved values, or None (none saved, or saved by another world size,
-    where the interrupted epoch's values cannot be exact: said in the log)."""
+    """This rank's saved values, or None (none saved).
+
+    Saved by another world size (a resume with ``fit_resumed(shard=True)`` on a
+    different number of ranks), every variable is summed over the saved ranks and
+    shared evenly among this job's: Keras' means, sums and confusion counts keep sums
+    and counts, so the interrupted epoch's totals carry over whole, and with equal step
+    counts per rank the mean across ranks of each rank's epoch value is the whole
+    epoch's."""
     if not isinstance(state, dict) or "ranks" not in state:
         return None
-    if state.get("world_size") != size:
-        log.warning(
-            "the checkpoint holds the interrupted epoch's metric state of %s ranks, this job "
-            "has %s: that epoch's training metrics cover the resumed batches only",
-            state.get("world_size"),
-            size,
-        )
+    ranks = state["ranks"]
+    if state.get("world_size") == size:
+        return ranks[rank]
+    if not ranks:
         return None
-    return state["ranks"][rank]
+    log.info(
+        "the interrupted epoch's metric totals of %s ranks are shared among %s",
+        len(ranks),
+        size,
+    )
+    return [
+        (np.sum([np.asarray(r[i], dtype=float) for r in ranks], axis=0) / size).tolist()
+        for i in range(len(ranks[0]))
+    ]
 
 
 class RestoreMetricState(_compat.Callback):

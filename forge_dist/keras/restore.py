@@ -8,6 +8,7 @@ forge_dist's callbacks pick up in ``on_train_begin``. Pass the returned
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -15,6 +16,9 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
+from forge_dist import policy
 from forge_dist._urls import redact_url
 from forge_dist.comm import Communicator, agree, get_communicator
 from forge_dist.errors import ConfigurationError
@@ -40,6 +44,10 @@ class RestoreResult:
     state: dict[str, Any] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)  # corrupt steps passed over
     run: dict[str, Any] = field(default_factory=dict)  # the run it continues (id, name, ...)
+    #: Mid-epoch, from a run that used ``fit_resumed(shard=True)``: global samples of
+    #: ``initial_epoch`` already trained (a position valid at any number of ranks).
+    initial_sample: int | None = None
+    world_size: int | None = None  # ranks of the job that saved it (None: not recorded)
 
 
 def _load_payload(path: str, weights_only: bool, model: Any, custom_objects: Any) -> tuple:
@@ -201,31 +209,115 @@ def restore_latest(
     if verbose:
         epoch = state.get("epoch")
         where = "its end" if state.get("epoch_done", True) else f"batch {initial_batch}"
+        if not state.get("epoch_done", True) and state.get("samples") is not None:
+            where = f"sample {state['samples']}"
         note = f"; skipped corrupt: {', '.join(skipped)}" if skipped else ""
         _tell(
             comm,
             f"resumed from step {step} in {redact_url(directory)}: epoch {epoch + 1} at {where}"
             f" (weights, optimizer state, learning rate and callback state restored){note}",
         )
+    mid_epoch = initial_batch > 0
     return RestoreResult(
-        True, step, state.get("epoch"), initial, initial_batch, state, skipped, run
+        True,
+        step,
+        state.get("epoch"),
+        initial,
+        initial_batch,
+        state,
+        skipped,
+        run,
+        initial_sample=state.get("samples") if mid_epoch else None,
+        world_size=state.get("world_size"),
     )
 
 
-def _skip_rows(data: Any, rows: int) -> Any:
-    """``data`` without its first ``rows`` samples: arrays, or lists/tuples/dicts of them."""
+def _select(data: Any, rows: Any) -> Any:
+    """The samples ``rows`` (a slice or an index array) of ``data``: arrays, or
+    lists/tuples/dicts of them."""
     if data is None:
         return None
     if isinstance(data, dict):
-        return {k: _skip_rows(v, rows) for k, v in data.items()}
+        return {k: _select(v, rows) for k, v in data.items()}
     if isinstance(data, (list, tuple)):
-        return type(data)(_skip_rows(v, rows) for v in data)
+        return type(data)(_select(v, rows) for v in data)
     if not hasattr(data, "shape") or not hasattr(data, "__getitem__"):
         raise ConfigurationError(
-            "fit_resumed resumes mid-epoch only for array inputs (NumPy arrays, or lists or "
-            f"dicts of them), got {type(data).__name__}; save at epoch ends instead"
+            "fit_resumed resumes mid-epoch and shards only array inputs (NumPy arrays, or "
+            f"lists or dicts of them), got {type(data).__name__}; save at epoch ends instead"
         )
-    return data[rows:]
+    return data[rows]
+
+
+def _leaves(data: Any) -> list[Any]:
+    if data is None:
+        return []
+    if isinstance(data, dict):
+        return [leaf for k in sorted(data) for leaf in _leaves(data[k])]
+    if isinstance(data, (list, tuple)):
+        return [leaf for v in data for leaf in _leaves(v)]
+    return [data]
+
+
+class _ShardPlan:
+    """``fit_resumed(shard=True)``: every rank holds the whole dataset and trains on its
+    part of each global batch (see :mod:`forge_dist.policy.shards`)."""
+
+    def __init__(self, comm: Any, data: list[Any], batch_size: int) -> None:
+        if comm.backend == "tf":
+            raise ConfigurationError(
+                "shard=True is for one process per rank (mpirun, horovodrun, srun): under a "
+                "tf.distribute strategy the strategy splits each batch across replicas "
+                "itself; pass the whole dataset without shard="
+            )
+        leaves = [leaf for d in data for leaf in _leaves(d)]
+        for leaf in leaves:
+            if not hasattr(leaf, "shape") or not getattr(leaf, "shape", ()):
+                raise ConfigurationError(
+                    "shard=True needs array inputs (NumPy arrays, or lists or dicts of "
+                    f"them) holding the whole dataset, got {type(leaf).__name__}"
+                )
+        lengths = {int(leaf.shape[0]) for leaf in leaves}
+        if len(lengths) != 1:
+            raise ConfigurationError(
+                f"shard=True: the inputs hold different numbers of samples {sorted(lengths)}"
+            )
+        self.n, self.batch_size = lengths.pop(), batch_size
+        self.rank, self.size = comm.rank, comm.size
+        if self.size > 1:
+            self._check_same_everywhere(comm, leaves)
+        policy.check_shardable(self.n, 0, batch_size, self.size)
+
+    def _check_same_everywhere(self, comm: Any, leaves: list[Any]) -> None:
+        """Every rank must pass the same dataset (one all-gather of a digest: shapes,
+        dtypes and up to 64 evenly spaced samples of each array)."""
+        digest = hashlib.sha256()
+        for leaf in leaves:
+            arr = np.asarray(leaf)
+            digest.update(repr((arr.shape, arr.dtype.str)).encode())
+            picks = np.linspace(0, len(arr) - 1, num=min(len(arr), 64)).astype(np.int64)
+            digest.update(np.ascontiguousarray(arr[picks]).tobytes())
+        seen = comm.allgather(digest.hexdigest(), name="fit_resumed(shard=True) data")
+        other = [r for r, d in enumerate(seen) if d != seen[0]]
+        if other:
+            raise ConfigurationError(
+                "shard=True needs the whole dataset, the same on every rank; rank(s) "
+                f"{', '.join(map(str, other))} passed other data than rank 0 (each rank's own "
+                "shard? then leave shard= out)"
+            )
+
+    def fit(self, model: Any, x: Any, y: Any, offset: int, **fit_args: Any) -> Any:
+        """``model.fit`` on this rank's part of ``samples[offset:]`` (then whole epochs)."""
+        ranges = policy.shard_rows(self.n, offset, self.batch_size, self.size, self.rank)
+        rows = np.concatenate([np.arange(r.start, r.stop) for r in ranges])
+        if fit_args.get("sample_weight") is not None:
+            fit_args["sample_weight"] = _select(fit_args["sample_weight"], rows)
+        reg = registry(model)
+        reg.shard, reg.sample_offset = (self.n, self.batch_size, self.size), offset
+        try:
+            return model.fit(_select(x, rows), _select(y, rows), **fit_args)
+        finally:
+            reg.shard, reg.sample_offset = None, 0
 
 
 def _communicator_of(callbacks: list[Any] | None) -> Any:
@@ -239,6 +331,34 @@ def _tell(comm: Any, message: str) -> None:
         print(f"[forge_dist] {message}", flush=True)
 
 
+def _check_resumable(restored: RestoreResult, plan: _ShardPlan | None, size: int) -> None:
+    """A mid-epoch position carries over only the way it was saved: a global sample
+    offset (``shard=True``, any rank count), or each rank's batch count in its own data
+    (the same rank count)."""
+    where = f"step {restored.step} was saved mid-epoch"
+    if restored.initial_sample is not None and plan is None:
+        raise ConfigurationError(
+            f"{where} by a run that trained with shard=True (at sample "
+            f"{restored.initial_sample} of the epoch): pass the whole dataset with "
+            "shard=True to continue it"
+        )
+    if restored.initial_sample is None and plan is not None:
+        raise ConfigurationError(
+            f"{where} by a run whose ranks each trained on their own data (at batch "
+            f"{restored.initial_batch} of each rank's): continue it the same way, without "
+            "shard=True"
+        )
+    saved = restored.world_size
+    if plan is None and saved is not None and saved != size:
+        raise ConfigurationError(
+            f"{where} by {saved} rank(s), each on its own data, and this job has {size}: a "
+            f"rank's position in its own data does not carry over to another rank count. "
+            f"Resume on {saved} rank(s), or from a checkpoint taken at an epoch end; with "
+            "fit_resumed(shard=True) (every rank passing the whole dataset) the position is "
+            "a global sample offset that any rank count continues from"
+        )
+
+
 def _finish_interrupted_epoch(
     model: Any,
     restored: RestoreResult,
@@ -246,23 +366,30 @@ def _finish_interrupted_epoch(
     y: Any,
     epochs: int,
     comm: Any,
+    plan: _ShardPlan | None,
     args: dict[str, Any],
 ) -> Any:
     """The rest of the interrupted epoch: the samples its first batches did not cover,
-    with the epoch's running metric totals put back first (same world size only)."""
+    with the epoch's running metric totals put back first."""
     epoch, skip = restored.initial_epoch, restored.initial_batch
-    rows = skip * (args.get("batch_size") or 32)  # Keras' default batch size
+    batch_size = args.get("batch_size") or 32  # Keras' default batch size
     reg = registry(model)
-    reg.batch_offset, reg.partial_fit = skip, epoch + 1 < epochs
     rank, size = (comm.rank, comm.size) if comm is not None else (0, 1)
+    offset = restored.initial_sample or 0
+    # Batches counted in this epoch before the fit: at this job's size when sharded.
+    before = offset // (batch_size * size) if plan is not None else skip
+    reg.batch_offset, reg.partial_fit = before, epoch + 1 < epochs
     saved = values_for(restored.state.get("metric_state"), rank, size)
-    first = dict(args)
+    first = dict(args, epochs=epoch + 1, initial_epoch=epoch)
     if saved is not None:  # the interrupted epoch's running metric totals
         first["callbacks"] = [RestoreMetricState(saved), *(args.get("callbacks") or [])]
     try:
-        return model.fit(
-            _skip_rows(x, rows), _skip_rows(y, rows), epochs=epoch + 1, initial_epoch=epoch, **first
-        )
+        if plan is not None:
+            return plan.fit(model, x, y, offset, **first)
+        rows = slice(skip * batch_size, None)
+        if first.get("sample_weight") is not None:
+            first["sample_weight"] = _select(first["sample_weight"], rows)
+        return model.fit(_select(x, rows), _select(y, rows), **first)
     finally:
         reg.batch_offset, reg.partial_fit = 0, False
 
@@ -277,6 +404,8 @@ def fit_resumed(
     epochs: int = 1,
     callbacks: list[Any] | None = None,
     shuffle: bool = False,
+    shard: bool = False,
+    communicator: Communicator | None = None,
     **fit_kwargs: Any,
 ) -> Any:
     """``model.fit`` that continues exactly where ``restored`` stopped.
@@ -288,11 +417,21 @@ def fit_resumed(
     same callback objects and their state carried between the two fits, so the result is
     the one an uninterrupted run would have reached. That needs the same batches in the
     same order: array inputs with ``shuffle=False``. Returns the last fit's History.
+
+    With ``shard=True`` every rank passes the whole dataset (the same arrays) and trains
+    on its part of each global batch of ``batch_size × ranks`` samples
+    (:mod:`forge_dist.policy.shards`); a mid-epoch position is then a global sample
+    offset, so a checkpoint continues on any number of ranks with every sample of the
+    interrupted epoch trained on exactly once. The ranks come from ``communicator``, else
+    from the first forge_dist callback, else from the launcher.
     """
     epoch = restored.initial_epoch if restored is not None else 0
     skip = restored.initial_batch if restored is not None else 0
-    comm = _communicator_of(callbacks)
-    check_distributed_callbacks(callbacks or [], comm.size if comm is not None else 1)
+    comm = communicator if communicator is not None else _communicator_of(callbacks)
+    if shard and comm is None:
+        comm = get_communicator("auto")
+    size = comm.size if comm is not None else 1
+    check_distributed_callbacks(callbacks or [], size)
     if epoch >= epochs and restored is not None and restored.restored:
         _tell(
             comm,
@@ -300,20 +439,31 @@ def fit_resumed(
             f"{epoch}, and epochs={epochs}; pass a larger epochs to train on",
         )
     args = dict(fit_kwargs, batch_size=batch_size, callbacks=callbacks, shuffle=shuffle)
+    plan = None
+    if shard:
+        data = [x, y, fit_kwargs.get("sample_weight")]
+        plan = _ShardPlan(comm, data, batch_size or 32)
+
+    def fit(first_epoch: int) -> Any:
+        if plan is not None:
+            return plan.fit(model, x, y, 0, epochs=epochs, initial_epoch=first_epoch, **args)
+        return model.fit(x, y, epochs=epochs, initial_epoch=first_epoch, **args)
+
     if skip == 0 or epoch >= epochs:
-        return model.fit(x, y, epochs=epochs, initial_epoch=epoch, **args)
+        return fit(epoch)
+    assert restored is not None
+    _check_resumable(restored, plan, size)
     if shuffle:
         raise ConfigurationError(
             "resuming mid-epoch needs the interrupted epoch's batches in their order: "
             "pass shuffle=False"
         )
-    assert restored is not None
-    history = _finish_interrupted_epoch(model, restored, x, y, epochs, comm, args)
+    history = _finish_interrupted_epoch(model, restored, x, y, epochs, comm, plan, args)
     if model.stop_training or epoch + 1 >= epochs:
         return history
     reg = registry(model)
     reg.keep_state = True
     try:
-        return model.fit(x, y, epochs=epochs, initial_epoch=epoch + 1, **args)
+        return fit(epoch + 1)
     finally:
         reg.keep_state = False

@@ -17,7 +17,10 @@ def position(state: dict[str, Any]) -> str:
         return "-"
     if state.get("epoch_done", True) or state.get("batch") is None:
         return f"epoch {epoch + 1} end"
-    return f"epoch {epoch + 1}, batch {state['batch'] + 1}"
+    where = f"epoch {epoch + 1}, batch {state['batch'] + 1}"
+    if state.get("samples") is not None:  # fit_resumed(shard=True): valid at any rank count
+        where += f" (sample {state['samples']} of the epoch)"
+    return where
 
 
 def run_label(run: Any) -> str:

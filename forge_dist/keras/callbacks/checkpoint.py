@@ -268,8 +268,15 @@ class ChiefModelCheckpoint(ForgeCallback):
     ) -> None:
         step = _compat.iterations(self.model)
         name = f"ChiefModelCheckpoint(epoch {epoch}, step {step})"
+        reg = registry(self.model)
+        samples = None
+        if batch is not None and not epoch_done and reg.shard is not None:
+            # Every rank holds the whole dataset: the position is a global sample offset,
+            # which a job of any size can continue from.
+            n, batch_size, size = reg.shard
+            samples = policy.samples_done(n, reg.sample_offset, batch_size, size, batch + 1)
         if batch is not None:  # position in the epoch, counting batches before a resume
-            batch += registry(self.model).batch_offset
+            batch += reg.batch_offset
         decision = self._agree(name, lambda: self._decide(logs, force))
         self.best = decision.best
         if not decision.save:
@@ -280,10 +287,13 @@ class ChiefModelCheckpoint(ForgeCallback):
             "epoch": epoch,
             "epoch_done": epoch_done,
             "batch": batch,
+            "world_size": self.comm.size,
             "step": step,
             "learning_rate": _compat.get_lr(self.model.optimizer),
             "callbacks": collect_state(self.model),
         }
+        if samples is not None:
+            state["samples"] = samples
         if not epoch_done and not self.comm.collective_saves:
             # Mid-epoch: every rank's running metric totals, so the resumed epoch's
             # training metrics come out as an uninterrupted run's.

@@ -1,0 +1,190 @@
+"""Training program for the resume-on-another-rank-count tests (``mpirun -np N``).
+
+Every rank holds the whole dataset and trains with ``fit_resumed(shard=True)``. Column 0
+of ``x`` is each sample's id; the model's first layer strips it, and, in training steps
+only, records the ids that reached the model (the model runs eagerly), so a test sees
+exactly which samples every rank trained on. ``--signal-at E:B`` makes ``--signal-rank``
+send itself SIGUSR1 after batch B of epoch E: every rank saves once and exits 75.
+``--mode plain --from STEPDIR --offset O --epoch E`` is the reference without forge_dist:
+one process loads the step's ``model.keras`` with Keras and trains on from sample O of
+epoch E with plain ``model.fit``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--mode", choices=["forge", "plain"], default="forge")
+ap.add_argument("--root", required=True)
+ap.add_argument("--out", required=True, help="report path; {rank} is replaced")
+ap.add_argument("--epochs", type=int, default=3)
+ap.add_argument("--samples", type=int, default=200)
+ap.add_argument("--batch-size", type=int, default=8)
+ap.add_argument("--signal-at", default=None, metavar="E:B")
+ap.add_argument("--signal-rank", type=int, default=0)
+ap.add_argument("--resume", action="store_true")
+ap.add_argument("--from", dest="step_dir", default=None)
+ap.add_argument("--offset", type=int, default=0)
+ap.add_argument("--epoch", type=int, default=0)
+args = ap.parse_args()
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+tf.config.threading.set_intra_op_parallelism_threads(1)
+tf.config.threading.set_inter_op_parallelism_threads(1)
+tf.config.experimental.enable_op_determinism()
+
+from forge_dist.keras import _compat  # noqa: E402
+
+keras = _compat.keras
+seen: dict[int, list[int]] = {}
+current = {"epoch": 0}
+
+
+@keras.saving.register_keras_serializable(package="forge_dist_tests")
+class SampleIds(keras.layers.Layer):
+    """Strips column 0 (the sample id); records the ids of every training batch."""
+
+    def call(self, inputs, training=None):
+        if training and not isinstance(inputs, keras.KerasTensor):
+            ids = np.asarray(inputs[:, 0]).astype(np.int64).tolist()
+            seen.setdefault(current["epoch"], []).extend(ids)
+        return inputs[:, 1:]
+
+    def compute_output_shape(self, shape):
+        return (shape[0], shape[1] - 1)
+
+
+class EpochOf(keras.callbacks.Callback):
+    def __init__(self, record):
+        super().__init__()
+        self.record = record
+
+    def on_epoch_begin(self, epoch, logs=None):
+        current["epoch"] = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        # Keras' running mean of this rank's epoch so far, and the samples behind it.
+        self.record["running_loss"][str(current["epoch"])] = float(logs["loss"])
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.record["fingerprints"][str(epoch)] = _compat.weights_fingerprint(
+            self.model.get_weights()
+        )
+        self.record["lrs"][str(epoch)] = float(_compat.get_lr(self.model.optimizer))
+        self.record["loss"][str(epoch)] = float(logs["loss"])
+
+
+def dataset(n: int) -> tuple:
+    rng = np.random.default_rng(7)
+    feats = rng.normal(size=(n, 8)).astype("float32")
+    y = np.tanh(feats @ np.linspace(-1, 1, 8).astype("float32"))[:, None]
+    ids = np.arange(n, dtype="float32")[:, None]
+    return np.concatenate([ids, feats], axis=1), y.astype("float32")
+
+
+x, y = dataset(args.samples)
+xv, yv = x[:64], y[:64]
+
+
+def report(rank: int, record: dict) -> None:
+    record["ids"] = {str(e): ids for e, ids in seen.items()}
+    with open(args.out.replace("{rank}", str(rank)), "w") as f:
+        json.dump(record, f)
+
+
+if args.mode == "plain":
+    model = keras.models.load_model(os.path.join(args.step_dir, "model.keras"))
+    model.run_eagerly = True
+    record = {"rank": 0, "size": 1, "fingerprints": {}, "lrs": {}, "loss": {}, "running_loss": {}}
+    common = dict(batch_size=args.batch_size, shuffle=False, verbose=0)
+    cbs = [EpochOf(record)]
+    model.fit(
+        x[args.offset :],
+        y[args.offset :],
+        epochs=args.epoch + 1,
+        initial_epoch=args.epoch,
+        callbacks=cbs,
+        **common,
+    )
+    model.fit(x, y, epochs=args.epochs, initial_epoch=args.epoch + 1, callbacks=cbs, **common)
+    record["fingerprint"] = _compat.weights_fingerprint(model.get_weights())
+    report(0, record)
+    sys.exit(0)
+
+from forge_dist import keras as fk  # noqa: E402
+from forge_dist.comm import get_communicator  # noqa: E402
+from forge_dist.preemption import Preempted  # noqa: E402
+
+comm = get_communicator("auto")
+rank, size = comm.rank, comm.size
+keras.utils.set_random_seed(11 + rank)  # the chief's initial weights are broadcast
+model = keras.Sequential(
+    [
+        keras.Input((9,)),
+        SampleIds(),
+        keras.layers.Dense(8, activation="tanh"),
+        keras.layers.Dense(1),
+    ]
+)
+model.compile(optimizer=fk.DistributedOptimizer(keras.optimizers.Adam(0.01)), loss="mse")
+model.run_eagerly = True
+record = {"rank": rank, "size": size, "fingerprints": {}, "lrs": {}, "loss": {}, "running_loss": {}}
+restored = fk.restore_latest(model, args.root, communicator=comm) if args.resume else None
+if restored is not None:
+    record["resumed"] = {
+        "step": restored.step,
+        "epoch": restored.initial_epoch,
+        "sample": restored.initial_sample,
+        "world_size": restored.world_size,
+    }
+mine = [EpochOf(record)]  # every rank's own (extra=[...] would run them on the chief only)
+if args.signal_at and rank == args.signal_rank:
+    at_epoch, at_batch = map(int, args.signal_at.split(":"))
+
+    class SignalAt(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if current["epoch"] == at_epoch and batch == at_batch:
+                os.kill(os.getpid(), signal.SIGUSR1)
+
+    mine.append(SignalAt())
+callbacks = fk.production_callbacks(
+    args.root,
+    monitor="val_loss",
+    patience=100,
+    reduce_lr_patience=None,
+    keep_last=None,
+    keep_best=None,
+    preemption_check_every_n_batches=1,
+    communicator=comm,
+    verbose=0,
+)
+callbacks[-1:-1] = mine  # before PreemptionCheckpoint, which is last
+code = 0
+try:
+    fk.fit_resumed(
+        model,
+        restored,
+        x,
+        y,
+        validation_data=(xv, yv),
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        callbacks=callbacks,
+        shard=True,
+        verbose=0,
+    )
+except Preempted as stop:
+    record["preempted"] = {"step": stop.step, "epoch": stop.epoch, "batch": stop.batch}
+    code = int(stop.code)
+record["fingerprint"] = _compat.weights_fingerprint(model.get_weights())
+report(rank, record)
+sys.exit(code)

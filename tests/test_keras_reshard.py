@@ -1,0 +1,179 @@
+"""Resuming on a different number of ranks: ``fit_resumed(shard=True)`` keeps a
+mid-epoch position as a global sample offset.
+
+Under ``mpirun``, runs at one rank count are preempted mid-epoch and resumed at another
+(2→1, 1→2, 2→4); every rank records the ids of the samples that reached the model in
+training steps, and every epoch, across the interruption, must hold every sample
+exactly once. At 2→1 the resumed weights must equal, bit for bit, plain Keras loading
+the checkpoint's ``model.keras`` and training on from the same sample.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import shutil
+import sys
+
+import pytest
+
+pytest.importorskip("tensorflow")
+
+import numpy as np  # noqa: E402
+from kerashelp import LOCAL, X, Y, keras  # noqa: E402
+
+from forge_dist import keras as fk  # noqa: E402
+from forge_dist.errors import ConfigurationError  # noqa: E402
+from forge_dist.keras import _compat  # noqa: E402
+from forge_dist.preemption import PREEMPTED_EXIT_CODE  # noqa: E402
+from forge_dist.storage import CheckpointStore  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TRAIN = os.path.join(HERE, "_reshard_train.py")
+SAMPLES, BATCH, EPOCHS = 200, 8, 3
+
+
+def _model():
+    keras.utils.set_random_seed(5)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3), keras.layers.Dense(1)])
+    model.compile(optimizer="adam", loss="mse")
+    return model
+
+
+# ------------------------------------------------------------------- one process
+@pytest.mark.keras
+def test_shard_on_one_rank_is_a_plain_fit():
+    plain, sharded = _model(), _model()
+    plain.fit(X, Y, batch_size=16, epochs=2, shuffle=False, verbose=0)
+    fk.fit_resumed(sharded, None, X, Y, batch_size=16, epochs=2, shard=True, communicator=LOCAL,
+                   verbose=0)  # fmt: skip
+    fingerprint = _compat.weights_fingerprint
+    assert fingerprint(sharded.get_weights()) == fingerprint(plain.get_weights())
+
+
+@pytest.mark.keras
+@pytest.mark.parametrize(
+    "restored, shard, match",
+    [
+        # saved by a shard=True run: its position is a sample offset, not each rank's batch
+        (fk.RestoreResult(True, 9, 0, 0, 2, initial_sample=32, world_size=2), False,
+         "trained with shard=True"),
+        # saved by ranks on their own data: no global offset to continue from
+        (fk.RestoreResult(True, 9, 0, 0, 2, world_size=1), True, "each trained on their own"),
+        # each rank's own data, saved by 2 ranks, resumed on 1
+        (fk.RestoreResult(True, 9, 0, 0, 2, world_size=2), False,
+         "by 2 rank\\(s\\), each on its own data, and this job has 1"),
+    ],
+)  # fmt: skip
+def test_a_mid_epoch_position_carries_over_only_the_way_it_was_saved(restored, shard, match):
+    model = _model()
+    before = _compat.weights_fingerprint(model.get_weights())
+    with pytest.raises(ConfigurationError, match=match):
+        fk.fit_resumed(model, restored, X, Y, batch_size=16, epochs=2, shard=shard,
+                       communicator=LOCAL)  # fmt: skip
+    assert _compat.weights_fingerprint(model.get_weights()) == before  # nothing trained
+
+
+@pytest.mark.keras
+def test_shard_refuses_inputs_it_cannot_split():
+    model = _model()
+    with pytest.raises(ConfigurationError, match="different numbers of samples"):
+        fk.fit_resumed(model, None, X, Y[:-1], batch_size=16, shard=True, communicator=LOCAL)
+    with pytest.raises(ConfigurationError, match="array inputs"):
+        fk.fit_resumed(model, None, list(X.tolist()), Y, shard=True, communicator=LOCAL)
+
+
+@pytest.mark.keras
+def test_shard_refuses_an_epoch_that_leaves_a_rank_without_samples():
+    from threadcomm import run_ranks
+
+    x, y = np.zeros((33, 4), "float32"), np.zeros((33, 1), "float32")  # 32 + 1 for 2 ranks
+
+    def rank(comm):
+        with pytest.raises(ConfigurationError, match="1 sample\\(s\\) for 2 ranks"):
+            fk.fit_resumed(_model(), None, x, y, batch_size=16, shard=True, communicator=comm)
+        return True
+
+    assert run_ranks(2, rank) == [True, True]
+
+
+@pytest.mark.keras
+def test_ranks_that_pass_different_data_fail_together():
+    from threadcomm import run_ranks
+
+    def rank(comm):
+        x = X + comm.rank  # each rank its own shard: not what shard=True means
+        with pytest.raises(ConfigurationError, match="rank\\(s\\) 1 passed other data"):
+            fk.fit_resumed(_model(), None, x, Y, batch_size=16, shard=True, communicator=comm)
+        return True
+
+    assert run_ranks(2, rank) == [True, True]
+
+
+# ------------------------------------------------------------------- mpirun
+def _run(ranks, root, out, *extra):
+    from multiproc import mpirun
+
+    args = [TRAIN, "--root", str(root), "--out", str(out), "--samples", str(SAMPLES)]
+    args += ["--batch-size", str(BATCH), "--epochs", str(EPOCHS), *extra]
+    return mpirun(ranks, args, bound_s=240)
+
+
+@pytest.mark.mpi
+@pytest.mark.slow
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2), (2, 4)])
+def test_a_mid_epoch_resume_on_another_rank_count_trains_every_sample_once(tmp_path, before, after):
+    from multiproc import read_rank_reports
+
+    root = tmp_path / "root"
+    # The last rank signals itself after batch 3 of epoch 1: every rank saves once, exits 75.
+    run = _run(before, root, tmp_path / "a{rank}.json", "--signal-at", "1:3",
+               "--signal-rank", str(before - 1))  # fmt: skip
+    assert run.returncode == PREEMPTED_EXIT_CODE, run.output[-3000:]
+    first = read_rank_reports(str(tmp_path / "a{rank}.json"), ranks=before)
+    step = first[0]["preempted"]["step"]
+    assert {r["preempted"]["step"] for r in first} == {step}
+    shutil.copytree(root, tmp_path / "saved")  # the checkpoint as the resume found it
+
+    run = _run(after, root, tmp_path / "b{rank}.json", "--resume")
+    assert run.returncode == 0, run.output[-3000:]
+    offset = (3 + 1) * BATCH * before  # 4 steps at `before` ranks
+    assert f"epoch 2 at sample {offset}" in run.output  # what the chief says it restored
+    second = read_rank_reports(str(tmp_path / "b{rank}.json"), ranks=after)
+    for r in second:
+        assert r["resumed"] == {"step": step, "epoch": 1, "sample": offset, "world_size": before}
+    # Every epoch, across the interruption and both rank counts: each sample once.
+    for epoch in map(str, range(EPOCHS)):
+        seen = collections.Counter(i for r in first + second for i in r["ids"].get(epoch, []))
+        assert sorted(seen) == list(range(SAMPLES)), f"epoch {epoch}: samples missing"
+        assert set(seen.values()) == {1}, f"epoch {epoch}: samples trained twice"
+    # The new rank count agrees on everything (the epoch losses are SyncMetrics' means).
+    for r in second[1:]:
+        for key in ("fingerprints", "lrs", "loss", "fingerprint"):
+            assert r[key] == second[0][key], f"rank {r['rank']}'s {key} differ"
+    if after == 1:
+        # The first ranks' summed loss over the samples they trained in epoch 1 (Keras
+        # weighs each batch by its samples), which the resumed epoch must carry.
+        done = sum(r["running_loss"]["1"] * offset / before for r in first)
+        _check_against_plain_keras(tmp_path, step, offset, second[0], done)
+
+
+def _check_against_plain_keras(tmp_path, step, offset, resumed, done):
+    """Plain Keras, loading the step's model.keras and training from ``offset`` on: the
+    same weights after every epoch, bit for bit, and the same whole-epoch loss."""
+    from multiproc import run_bounded
+
+    store = CheckpointStore(str(tmp_path / "saved"))
+    step_dir = os.path.join(str(tmp_path / "saved"), store.get(step).name)
+    out = tmp_path / "plain.json"
+    args = ["--mode", "plain", "--root", "-", "--out", str(out), "--from", step_dir]
+    args += ["--offset", str(offset), "--epoch", "1", "--epochs", str(EPOCHS)]
+    args += ["--samples", str(SAMPLES), "--batch-size", str(BATCH)]
+    run = run_bounded([sys.executable, TRAIN, *args], dict(os.environ), bound_s=180)
+    assert run.returncode == 0, run.output[-3000:]
+    plain = json.loads(out.read_text())
+    assert plain["fingerprints"] == resumed["fingerprints"]
+    whole = (done + plain["loss"]["1"] * (SAMPLES - offset)) / SAMPLES
+    assert resumed["loss"]["1"] == pytest.approx(whole, rel=1e-5)
+    assert resumed["loss"]["1"] != pytest.approx(plain["loss"]["1"], rel=1e-3)
