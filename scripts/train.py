@@ -5,7 +5,9 @@
     mpirun -np 2 python scripts/train.py --backend mpi --checkpoint-dir s3://bucket/exp1
     scripts/launch_horovod.sh --checkpoint-dir ./runs/exp1               # horovodrun --gloo
 
-Synthetic regression data by default (each rank gets its own shard). ``--resume``
+Synthetic regression data by default (each rank gets its own shard; with ``--shard``
+every rank holds the same data and trains on its part, so a mid-epoch checkpoint resumes
+on any number of ranks). ``--resume``
 restores the newest checkpoint that verifies and continues exactly where it stopped,
 mid-epoch included. SIGUSR1 or SIGTERM to any rank makes every rank save once and exit
 with 75 (forge_dist.preemption.PREEMPTED_EXIT_CODE); slurm/*.sbatch requeue on it.
@@ -48,6 +50,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "own (tf_keras only: Horovod's is broken on Keras 3)",
     )
     ap.add_argument("--samples", type=int, default=512, help="training samples per rank")
+    ap.add_argument(
+        "--shard",
+        action="store_true",
+        help="every rank holds the same --samples samples and trains on its part of each "
+        "global batch (fit_resumed(shard=True)): a mid-epoch checkpoint then resumes on "
+        "any number of ranks",
+    )
     ap.add_argument("--storage-options", default=None, help="fsspec options as JSON")
     ap.add_argument("--report", default=None, help="write this rank's summary JSON here")
     ap.add_argument("--seed", type=int, default=42)
@@ -175,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     rank, size = comm.rank, comm.size
     options = json.loads(args.storage_options) if args.storage_options else None
 
-    rng = np.random.default_rng(args.seed + rank)
+    rng = np.random.default_rng(args.seed + (0 if args.shard else rank))
     w = np.linspace(-1, 1, 16).astype("float32")[:, None]
 
     def shard(n: int, drift: float) -> tuple:
@@ -184,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         return x, (y + drift * x[:, :1] ** 2).astype("float32")
 
     x_train, y_train = shard(args.samples, 0.0)
+    if args.shard:  # the whole training set on every rank; each its own validation set
+        rng = np.random.default_rng(args.seed + 1000 + rank)
     if args.poison_rank == rank:
         y_train[3 * args.batch_size + 1, 0] = np.inf  # in the 4th batch of the 1st epoch
     # Each rank validates on its own shard; the last rank's drifts from the task.
@@ -250,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
             shuffle=False,  # the same batches in the same order: resumable mid-epoch
             verbose=2 if rank == 0 else 0,
             callbacks=callbacks,
+            shard=args.shard,
         )
     except Preempted as stop:  # every rank: the checkpoint is committed
         preempted = stop
