@@ -33,6 +33,7 @@ class FaultProxy:
         self.upstream, self.rate, self.faults = upstream, rate, faults
         self.random = random.Random(seed)
         self.counts: Counter[str] = Counter()
+        self.methods: Counter[str] = Counter()  # requests seen, by HTTP method
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._server = socket.create_server(("127.0.0.1", 0))
@@ -40,9 +41,10 @@ class FaultProxy:
         self.url = f"http://127.0.0.1:{self.port}"
         threading.Thread(target=self._accept, daemon=True).start()
 
-    def _draw(self) -> str | None:
+    def _draw(self, method: str) -> str | None:
         with self._lock:
             self.counts["requests"] += 1
+            self.methods[method] += 1
             if self.random.random() >= self.rate:
                 return None
             fault = self.random.choice(self.faults)
@@ -70,7 +72,8 @@ class FaultProxy:
                 data = client.recv(65536)
                 if not data:
                     break
-                fault = self._draw() if data.startswith(METHODS) else None
+                starts = data.startswith(METHODS)
+                fault = self._draw(data.split(b" ", 1)[0].decode()) if starts else None
                 if fault == "reset":
                     client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
                     break

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+from urllib.parse import urlparse
 
 import pytest
+from faultproxy import FaultProxy
 
 from forge_dist.storage import CheckpointStore
 from forge_dist.storage.backends import objects
@@ -75,3 +77,38 @@ def test_a_file_smaller_than_a_part_is_one_put(s3, small_parts):
     obj = client(s3).head_object(Bucket=s3.bucket, Key=f"{prefix}/step-00000001/small.bin")
     assert "-" not in obj["ETag"]  # a plain PUT's ETag, no part count
     assert store.verify(1).ok
+
+
+def test_commit_and_verify_make_no_request_a_plain_upload_and_read_would_not(s3):
+    """Counted on the wire (a proxy in front of moto): a commit is one LIST of the step's
+    prefix (bucket there, step not committed, no leftovers) and a PUT per file and the
+    manifest; a verify is one LIST (the sizes) and a GET per object; committing does not
+    list the root or read other steps' manifests."""
+    target = urlparse(s3.url)
+    proxy = FaultProxy((target.hostname, target.port), rate=0.0)
+    try:
+        options = {**s3.options, "client_kwargs": {**s3.options["client_kwargs"],
+                                                   "endpoint_url": proxy.url}}  # fmt: skip
+        store = CheckpointStore(f"s3://{s3.bucket}/count-{os.urandom(4).hex()}", options)
+        files = {"a.bin": os.urandom(1 << 20), "b.bin": os.urandom(3 << 20), "c.json": b"{}"}
+        for step in (1, 2, 3):  # later commits cost the same as the first
+            proxy.methods.clear()
+            with store.writer(step) as w:
+                for name, data in files.items():
+                    w.add_bytes(name, data)
+            assert dict(proxy.methods) == {"GET": 1, "PUT": 4}, step
+        proxy.methods.clear()
+        assert store.verify(3).ok
+        assert dict(proxy.methods) == {"GET": 5}
+    finally:
+        proxy.close()
+
+
+def test_a_commit_into_a_missing_bucket_says_so(s3, tmp_path):
+    from forge_dist.errors import StorageError
+
+    src = tmp_path / "model.bin"
+    src.write_bytes(b"x" * 100)
+    store = CheckpointStore("s3://no-such-bucket-here/run", s3.options)
+    with pytest.raises(StorageError, match="bucket 'no-such-bucket-here' of .* does not exist"):
+        store.put(src, 1)

@@ -364,5 +364,12 @@ class CheckpointStore:
         )
 
     def cleanup_dead_writers(self) -> list[str]:
-        """Remove staging whose writer is known dead (same host, pid gone) or was a delete."""
+        """Remove staging whose writer is known dead (same host, pid gone) or was a delete.
+
+        Run after every commit. Object stores have neither: the payload goes straight
+        under ``step-N/``, whose writer is never known dead (``gc`` removes such a prefix
+        once it is stale), so there it costs nothing instead of a LIST of the root and
+        a manifest read per step."""
+        if not self._backend.rename_commit:
+            return []
         return retention.remove_staging(self, lambda st: False, dry_run=False)[0]

@@ -206,6 +206,19 @@ class _S3RangeReader(io.RawIOBase):
         super().close()
 
 
+async def _get_small(call: Any, bucket: str, key: str, limit: int) -> tuple[bytes, Any]:
+    """One GET of an object of at most ``limit`` bytes: ``(data, ETag)``; a missing
+    object raises FileNotFoundError (s3fs's translation of NoSuchKey)."""
+    resp = await call("get_object", Bucket=bucket, Key=key)
+    body = resp["Body"]
+    try:
+        if int(resp.get("ContentLength") or 0) > limit:
+            raise ManifestError(f"{key.rsplit('/', 1)[-1]} is larger than {limit} bytes")
+        return await body.read(), resp.get("ETag")
+    finally:
+        body.close()
+
+
 def _mtime(info: dict[str, Any]) -> float | None:
     for key in ("LastModified", "mtime", "updated", "created", "last_modified"):
         v = info.get(key)
@@ -270,9 +283,27 @@ class ObjectBackend(Backend):
             out.append((name, e.get("type") == "directory"))
         return out
 
+    def _s3(self, method: str, **kwargs: Any) -> Any:
+        from fsspec.asyn import sync
+
+        return sync(self.fs.loop, self._s3_call, method, **kwargs)
+
+    def _get_small(self, path: str, limit: int) -> tuple[bytes, Any] | None:
+        """S3: one GET (a HEAD and a GET through fsspec); None when it is missing."""
+        from fsspec.asyn import sync
+
+        bucket, key = path.split("/", 1)
+        try:
+            return sync(self.fs.loop, _get_small, self._s3_call, bucket, key, limit)
+        except FileNotFoundError:
+            return None
+
     def read_manifest(self, name: str) -> bytes | None:
         path = self._p(name, MANIFEST_NAME)
         with storage_errors(f"cannot read {name}/{MANIFEST_NAME}"):
+            if self._s3_call is not None:
+                got = self._get_small(path, MAX_MANIFEST_BYTES)
+                return None if got is None else got[0]
             try:
                 info = self.fs.info(path)
             except FileNotFoundError:
@@ -315,7 +346,7 @@ class ObjectBackend(Backend):
     def open_read(self, name: str, rel: str) -> BinaryIO:
         path = self._p(name, rel)
         with storage_errors(f"cannot open {name}/{rel}"):
-            if self._s3_put is not None:
+            if self._s3_call is not None:
                 size = int(self.fs.info(path).get("size") or 0)
                 return _S3RangeReader(self.fs, path, size)  # type: ignore[return-value]
             return self.fs.open(path, "rb")
@@ -324,25 +355,51 @@ class ObjectBackend(Backend):
         times = [t for info in self._find(name).values() if (t := _mtime(info)) is not None]
         return max(times) if times else None
 
+    def _list_step_s3(self, name: str) -> list[str]:
+        """S3: the keys under ``name/``, relative to it, in one LIST per 1000 keys (a
+        missing bucket said clearly)."""
+        bucket, prefix = self._p(name).split("/", 1)
+        keys: list[str] = []
+        token: dict[str, Any] = {}
+        with storage_errors(f"cannot list {name} in {self.display}"):
+            while True:
+                try:
+                    page = self._s3("list_objects_v2", Bucket=bucket, Prefix=prefix + "/", **token)
+                except FileNotFoundError:
+                    raise StorageError(
+                        f"bucket {bucket!r} of {self.display} does not exist"
+                    ) from None
+                keys += [c["Key"][len(prefix) + 1 :] for c in page.get("Contents", [])]
+                if not page.get("IsTruncated"):
+                    return keys
+                token = {"ContinuationToken": page["NextContinuationToken"]}
+
     def begin(self, step: int, replace: bool) -> str:
         name = step_dirname(step)
-        self.list_root()  # fails clearly on a missing bucket or unreachable endpoint
-        existing = self.read_manifest(name)
-        if existing is not None:
+        if self._s3_call is not None:
+            # One LIST of the step's prefix says all three things begin needs: the
+            # bucket is there, whether the step is committed, and leftovers.
+            keys = self._list_step_s3(name)
+            committed, leftovers = MANIFEST_NAME in keys, bool(keys)
+        else:
+            self.list_root()  # fails clearly on a missing bucket or unreachable endpoint
+            committed = self.read_manifest(name) is not None
+            leftovers = not committed and bool(self.walk(name))
+        if committed:
             if not replace:
                 raise CheckpointExistsError(
                     f"{name} is already committed in {self.display}; "
                     "pass replace=True to overwrite it"
                 )
             self.delete_committed(name)
-        elif self.walk(name):
+        elif leftovers:
             # An uncommitted prefix left by a writer that died: this step is ours now.
             self.remove_uncommitted(name)
         return name
 
     def open_write(self, staging: str, rel: str) -> Sink:
         with storage_errors(f"cannot create {rel} in {staging}"):
-            if self._s3_put is not None:
+            if self._s3_call is not None:
                 return _S3PartsSink(self.fs, self._p(staging, rel))
             return _FsspecSink(self.fs, self._p(staging, rel))
 
@@ -366,6 +423,8 @@ class ObjectBackend(Backend):
         path = f"{self.root}/{LEASE_NAME}"
         with storage_errors(f"cannot read the writer lease of {self.display}"):
             self._fresh(path)
+            if self._s3_call is not None:  # the body and the ETag in one GET
+                return self._get_small(path, MAX_MANIFEST_BYTES) or (None, None)
             try:
                 info = self.fs.info(path)
             except FileNotFoundError:
@@ -375,34 +434,24 @@ class ObjectBackend(Backend):
     @property
     def conditional_writes(self) -> bool:  # type: ignore[override]
         """S3's conditional PUT (If-Match / If-None-Match), which moto and AWS honour."""
-        return self._s3_put is not None
+        return self._s3_call is not None
 
     @property
-    def _s3_put(self) -> Any:
+    def _s3_call(self) -> Any:
         call = getattr(self.fs, "_call_s3", None)
         return call if self.protocol in ("s3", "s3a") and call is not None else None
 
     def write_lease(self, data: bytes, token: Any) -> bool:
         path = f"{self.root}/{LEASE_NAME}"
         with storage_errors(f"cannot write the writer lease of {self.display}"):
-            if self._s3_put is None:  # no compare-and-swap here: checked before and after
+            if self._s3_call is None:  # no compare-and-swap here: checked before and after
                 self.fs.pipe_file(path, data)
                 self._fresh(path)
                 return True
-            from fsspec.asyn import sync
-
             bucket, key = path.split("/", 1)
             match = {"IfMatch": token} if token else {"IfNoneMatch": "*"}
             try:
-                sync(
-                    self.fs.loop,
-                    self._s3_put,
-                    "put_object",
-                    Bucket=bucket,
-                    Key=key,
-                    Body=data,
-                    **match,
-                )
+                self._s3("put_object", Bucket=bucket, Key=key, Body=data, **match)
             except FileExistsError:  # s3fs's translation of 412 PreconditionFailed
                 return False
             except Exception as e:
