@@ -160,6 +160,8 @@ class _S3PartsSink(Sink):
 #: whole object for each ranged GET, as moto does.)
 RANGE_BYTES = 64 * 1024 * 1024
 RANGES_AHEAD = 2
+#: The most one read of a response body returns (it returns what has arrived).
+READ_CHUNK = 4 * 1024 * 1024
 
 
 class _S3RangeReader(io.RawIOBase):
@@ -170,7 +172,8 @@ class _S3RangeReader(io.RawIOBase):
         super().__init__()
         self.fs, self.path, self.size = fs, path, size
         self._next = 0  # the next offset to ask for
-        self._ahead: list[Any] = []
+        self._ahead: list[Any] = []  # futures of the ranges ahead: lists of chunks
+        self._chunks: list[bytes] = []  # the current range's chunks not yet read
         self._chunk = memoryview(b"")
 
     def readable(self) -> bool:
@@ -181,19 +184,19 @@ class _S3RangeReader(io.RawIOBase):
 
         while len(self._ahead) < RANGES_AHEAD and self._next < self.size:
             end = min(self.size, self._next + RANGE_BYTES)
-            whole = self._next == 0 and end == self.size
-            span = {} if whole else {"start": self._next, "end": end}
-            coro = self.fs._cat_file(self.path, **span)
+            coro = _retried(self.fs, _get_chunks, self.fs, self.path, self._next, end)
             self._ahead.append(asyncio.run_coroutine_threadsafe(coro, self.fs.loop))
             self._next = end
 
     def readinto(self, b: Any) -> int:
         if not self._chunk:
-            self._fill()
-            if not self._ahead:
-                return 0
-            self._chunk = memoryview(self._ahead.pop(0).result())
-            self._fill()
+            if not self._chunks:
+                self._fill()
+                if not self._ahead:
+                    return 0
+                self._chunks = self._ahead.pop(0).result()
+                self._fill()
+            self._chunk = memoryview(self._chunks.pop(0))
         n = min(len(b), len(self._chunk))
         memoryview(b).cast("B")[:n] = self._chunk[:n]
         self._chunk = self._chunk[n:]
@@ -204,6 +207,37 @@ class _S3RangeReader(io.RawIOBase):
             future.cancel()
         self._ahead.clear()
         super().close()
+
+
+async def _get_chunks(fs: Any, path: str, start: int, end: int) -> list[bytes]:
+    """Bytes ``[start, end)`` of an S3 object as the chunks the connection delivered:
+    joining them (what s3fs's ``cat_file`` does) cost the event loop a copy of every
+    byte, and the event loop is what a verify waits for."""
+    import aiohttp
+
+    bucket, key = path.split("/", 1)
+    resp = await fs._call_s3("get_object", Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}")
+    body = resp["Body"]
+    chunks: list[bytes] = []
+    got = 0
+    try:
+        while chunk := await body.read(READ_CHUNK):
+            chunks.append(chunk)
+            got += len(chunk)
+    finally:
+        body.close()
+    if got != end - start:  # (retried, as a connection cut short is)
+        raise aiohttp.ClientPayloadError(f"{path}: {got} bytes of {end - start} arrived")
+    return chunks
+
+
+async def _retried(fs: Any, func: Any, *args: Any) -> Any:
+    """``func(*args)`` with s3fs's own retries of transient errors, where it has them."""
+    try:
+        from s3fs.core import _error_wrapper
+    except ImportError:  # pragma: no cover - another s3fs
+        return await func(*args)
+    return await _error_wrapper(func, args=args, retries=getattr(fs, "retries", 5))
 
 
 async def _get_small(call: Any, bucket: str, key: str, limit: int) -> tuple[bytes, Any]:
