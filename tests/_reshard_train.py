@@ -5,9 +5,10 @@ of ``x`` is each sample's id; the model's first layer strips it, and, in trainin
 only, records the ids that reached the model (the model runs eagerly), so a test sees
 exactly which samples every rank trained on. ``--signal-at E:B`` makes ``--signal-rank``
 send itself SIGUSR1 after batch B of epoch E: every rank saves once and exits 75.
-``--mode plain --from STEPDIR --offset O --epoch E`` is the reference without forge_dist:
-one process loads the step's ``model.keras`` with Keras and trains on from sample O of
-epoch E with plain ``model.fit``.
+``--mode plain --from STEPDIR --offset O --epoch E`` is the reference: every rank loads
+the step's ``model.keras`` with Keras, takes its part of the data by its own reading of
+the layout, and trains on from sample O of epoch E with plain ``model.fit`` (gradients
+averaged by ``DistributedOptimizer`` when there are several ranks).
 """
 
 from __future__ import annotations
@@ -101,23 +102,73 @@ def report(rank: int, record: dict) -> None:
         json.dump(record, f)
 
 
+def build(rank_seed: int):
+    keras.utils.set_random_seed(rank_seed)
+    return keras.Sequential(
+        [
+            keras.Input((9,)),
+            SampleIds(),
+            keras.layers.Dense(8, activation="tanh"),
+            keras.layers.Dense(1),
+        ]
+    )
+
+
+def my_part(n: int, offset: int, rank: int, size: int) -> np.ndarray:
+    """The reference's own reading of the layout: in order, global batches of
+    batch_size x size, rank r the r-th batch_size of each; a short last one in
+    contiguous pieces, the first (rest % size) ranks one longer."""
+    b, rows, start = args.batch_size, [], offset
+    while n - start >= b * size:
+        rows.extend(range(start + rank * b, start + (rank + 1) * b))
+        start += b * size
+    rest = n - start
+    lengths = [rest // size + (1 if r < rest % size else 0) for r in range(size)]
+    first = start + sum(lengths[:rank])
+    rows.extend(range(first, first + lengths[rank]))
+    return np.asarray(rows, dtype=np.int64)
+
+
 if args.mode == "plain":
-    model = keras.models.load_model(os.path.join(args.step_dir, "model.keras"))
+    # No restore_latest, no fit_resumed, no shard=: Keras loads the step's file; with
+    # several ranks gradients are averaged by DistributedOptimizer and nothing else.
+    from forge_dist.comm import get_communicator
+
+    comm = get_communicator("auto")
+    rank, size = comm.rank, comm.size
+    loaded = keras.models.load_model(os.path.join(args.step_dir, "model.keras"))
+    if size == 1:
+        model = loaded
+    else:
+        from forge_dist import keras as fk
+
+        model = build(0)
+        opt = fk.DistributedOptimizer(keras.optimizers.Adam(0.01), communicator=comm)
+        model.compile(optimizer=opt, loss="mse")
+        model.set_weights(loaded.get_weights())
+        model.optimizer.build(model.trainable_variables)
+        for mine, saved in zip(model.optimizer.variables, loaded.optimizer.variables, strict=True):
+            mine.assign(saved)
     model.run_eagerly = True
-    record = {"rank": 0, "size": 1, "fingerprints": {}, "lrs": {}, "loss": {}, "running_loss": {}}
+    record = {"rank": rank, "size": size, "fingerprints": {}, "lrs": {}, "loss": {}}
+    record["running_loss"] = {}
     common = dict(batch_size=args.batch_size, shuffle=False, verbose=0)
     cbs = [EpochOf(record)]
+    rest, whole = my_part(len(x), args.offset, rank, size), my_part(len(x), 0, rank, size)
+    record["rest_samples"] = len(rest)
     model.fit(
-        x[args.offset :],
-        y[args.offset :],
-        epochs=args.epoch + 1,
-        initial_epoch=args.epoch,
+        x[rest], y[rest], epochs=args.epoch + 1, initial_epoch=args.epoch, callbacks=cbs, **common
+    )
+    model.fit(
+        x[whole],
+        y[whole],
+        epochs=args.epochs,
+        initial_epoch=args.epoch + 1,
         callbacks=cbs,
         **common,
     )
-    model.fit(x, y, epochs=args.epochs, initial_epoch=args.epoch + 1, callbacks=cbs, **common)
     record["fingerprint"] = _compat.weights_fingerprint(model.get_weights())
-    report(0, record)
+    report(rank, record)
     sys.exit(0)
 
 from forge_dist import keras as fk  # noqa: E402
@@ -126,15 +177,7 @@ from forge_dist.preemption import Preempted  # noqa: E402
 
 comm = get_communicator("auto")
 rank, size = comm.rank, comm.size
-keras.utils.set_random_seed(11 + rank)  # the chief's initial weights are broadcast
-model = keras.Sequential(
-    [
-        keras.Input((9,)),
-        SampleIds(),
-        keras.layers.Dense(8, activation="tanh"),
-        keras.layers.Dense(1),
-    ]
-)
+model = build(11 + rank)  # the chief's initial weights are broadcast
 model.compile(optimizer=fk.DistributedOptimizer(keras.optimizers.Adam(0.01)), loss="mse")
 model.run_eagerly = True
 record = {"rank": rank, "size": size, "fingerprints": {}, "lrs": {}, "loss": {}, "running_loss": {}}
