@@ -75,12 +75,32 @@ def test_a_mid_epoch_position_carries_over_only_the_way_it_was_saved(restored, s
 
 
 @pytest.mark.keras
+@pytest.mark.parametrize("shard", [False, True])
+def test_a_checkpoint_after_the_epochs_last_batch_goes_on_with_the_next_epoch(shard, capsys):
+    # save_freq=N can land on the last batch (128 samples = 8 batches of 16).
+    restored = fk.RestoreResult(True, 8, 0, 0, 8, initial_sample=128 if shard else None,
+                                world_size=1)  # fmt: skip
+    seen = []
+
+    class Epochs(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            seen.append(epoch)
+
+    fk.fit_resumed(_model(), restored, X, Y, batch_size=16, epochs=3, shard=shard,
+                   communicator=LOCAL, callbacks=[Epochs()], verbose=0)  # fmt: skip
+    assert seen == [1, 2]
+    assert "saved after the last batch of epoch 1: going on with epoch 2" in capsys.readouterr().out
+
+
+@pytest.mark.keras
 def test_shard_refuses_inputs_it_cannot_split():
     model = _model()
     with pytest.raises(ConfigurationError, match="different numbers of samples"):
         fk.fit_resumed(model, None, X, Y[:-1], batch_size=16, shard=True, communicator=LOCAL)
     with pytest.raises(ConfigurationError, match="array inputs"):
         fk.fit_resumed(model, None, list(X.tolist()), Y, shard=True, communicator=LOCAL)
+    with pytest.raises(ConfigurationError, match="leave steps_per_epoch out"):
+        fk.fit_resumed(model, None, X, Y, shard=True, steps_per_epoch=2, communicator=LOCAL)
 
 
 @pytest.mark.keras

@@ -359,6 +359,17 @@ def _check_resumable(restored: RestoreResult, plan: _ShardPlan | None, size: int
         )
 
 
+def _nothing_left(
+    restored: RestoreResult, plan: _ShardPlan | None, x: Any, batch_size: int
+) -> bool:
+    """Whether the interrupted epoch has no sample left to train on."""
+    if plan is not None:
+        return (restored.initial_sample or 0) >= plan.n
+    leaves = _leaves(x)
+    n = int(leaves[0].shape[0]) if leaves and getattr(leaves[0], "shape", ()) else None
+    return n is not None and restored.initial_batch * batch_size >= n
+
+
 def _finish_interrupted_epoch(
     model: Any,
     restored: RestoreResult,
@@ -441,6 +452,11 @@ def fit_resumed(
     args = dict(fit_kwargs, batch_size=batch_size, callbacks=callbacks, shuffle=shuffle)
     plan = None
     if shard:
+        if fit_kwargs.get("steps_per_epoch") is not None:
+            raise ConfigurationError(
+                "shard=True cuts every epoch into global batches of the whole dataset: "
+                "leave steps_per_epoch out"
+            )
         data = [x, y, fit_kwargs.get("sample_weight")]
         plan = _ShardPlan(comm, data, batch_size or 32)
 
@@ -453,6 +469,17 @@ def fit_resumed(
         return fit(epoch)
     assert restored is not None
     _check_resumable(restored, plan, size)
+    if _nothing_left(restored, plan, x, batch_size or 32):
+        # Saved after the epoch's last batch, before its end (save_freq=N): Keras cannot
+        # run an epoch of no steps, so that epoch's end (validation, its decisions) is
+        # not run again; training goes on with the next epoch.
+        _tell(
+            comm,
+            f"step {restored.step} was saved after the last batch of epoch {epoch + 1}: "
+            f"going on with epoch {epoch + 2} (epoch {epoch + 1}'s validation and "
+            "end-of-epoch decisions are not repeated)",
+        )
+        return fit(epoch + 1) if epoch + 1 < epochs else None
     if shuffle:
         raise ConfigurationError(
             "resuming mid-epoch needs the interrupted epoch's batches in their order: "

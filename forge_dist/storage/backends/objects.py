@@ -326,7 +326,8 @@ class ObjectBackend(Backend):
         return sync(self.fs.loop, self._s3_call, method, **kwargs)
 
     def _get_small(self, path: str, limit: int) -> tuple[bytes, Any] | None:
-        """S3: one GET (a HEAD and a GET through fsspec); None when it is missing."""
+        """S3: a small object in one GET (fsspec's info + cat_file make a HEAD and a
+        GET); None when it is missing."""
         from fsspec.asyn import sync
 
         bucket, key = path.split("/", 1)
