@@ -31,6 +31,11 @@ ap.add_argument("--batch-size", type=int, default=8)
 ap.add_argument("--signal-at", default=None, metavar="E:B")
 ap.add_argument("--signal-rank", type=int, default=0)
 ap.add_argument("--resume", action="store_true")
+ap.add_argument(
+    "--last-rank-alert",
+    action="store_true",
+    help="(a mistake) only the last rank passes its own alert callback in extra=[...]",
+)
 ap.add_argument("--from", dest="step_dir", default=None)
 ap.add_argument("--offset", type=int, default=0)
 ap.add_argument("--epoch", type=int, default=0)
@@ -199,8 +204,10 @@ if args.signal_at and rank == args.signal_rank:
                 os.kill(os.getpid(), signal.SIGUSR1)
 
     mine.append(SignalAt())
+alert = [EpochOf({})] if args.last_rank_alert and rank == size - 1 else []
 callbacks = fk.production_callbacks(
     args.root,
+    extra=alert,
     monitor="val_loss",
     patience=100,
     reduce_lr_patience=None,

@@ -130,7 +130,39 @@ def test_ranks_that_pass_different_data_fail_together():
     assert run_ranks(2, rank) == [True, True]
 
 
+@pytest.mark.keras
+def test_ranks_that_would_run_different_fits_fail_together_at_once():
+    from threadcomm import run_ranks
+
+    def rank(comm, extra_on_rank_1=True, epochs=(2, 2)):
+        cbs = [fk.SyncMetrics(communicator=comm)]
+        if extra_on_rank_1 and comm.rank == 1:
+            cbs.append(fk.SyncTerminateOnNaN(communicator=comm))
+        model = _model()
+        with pytest.raises(ConfigurationError, match="rank 1's (callbacks|settings) differ"):
+            fk.fit_resumed(model, None, X, Y, batch_size=16, epochs=epochs[comm.rank],
+                           callbacks=cbs, verbose=0)  # fmt: skip
+        assert int(model.optimizer.iterations.numpy()) == 0  # nothing trained
+        return True
+
+    assert run_ranks(2, rank) == [True, True]
+    assert run_ranks(2, lambda c: rank(c, extra_on_rank_1=False, epochs=(2, 3))) == [True] * 2
+
+
 # ------------------------------------------------------------------- mpirun
+@pytest.mark.mpi
+@pytest.mark.slow
+def test_under_mpirun_one_rank_with_its_own_extra_callback_ends_every_rank_at_once(tmp_path):
+    """The mistake of a rank-dependent ``extra=[...]``: each rank's collectives would
+    wait for the others' in different places until the deadline (600 s; the run is
+    bounded at 240 s); instead every rank fails before the first step, saying why."""
+    run = _run(2, tmp_path / "root", tmp_path / "r{rank}.json", "--last-rank-alert")
+    assert run.returncode != 0
+    assert run.output.count("every rank must run the same fit") >= 2, run.output[-3000:]
+    assert "rank 1's callbacks differ from rank 0's" in run.output
+    assert not (tmp_path / "root").exists() or not any((tmp_path / "root").iterdir())
+
+
 def _run(ranks, root, out, *extra):
     from multiproc import mpirun
 

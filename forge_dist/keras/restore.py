@@ -29,7 +29,7 @@ from forge_dist.keras.callbacks.broadcast import assign_optimizer_variables, opt
 from forge_dist.keras.metric_state import RestoreMetricState, values_for
 from forge_dist.keras.run import check_same_model
 from forge_dist.keras.saving import MODEL_FILE, WEIGHTS_FILE
-from forge_dist.keras.stack import check_distributed_callbacks
+from forge_dist.keras.stack import check_distributed_callbacks, check_same_fit
 
 log = logging.getLogger("forge_dist.keras")
 
@@ -264,7 +264,7 @@ class _ShardPlan:
     part of each global batch (see :mod:`forge_dist.policy.shards`)."""
 
     def __init__(self, comm: Any, data: list[Any], batch_size: int) -> None:
-        if comm.backend == "tf":
+        if comm.averages_gradients:  # a tf.distribute strategy splits the batches itself
             raise ConfigurationError(
                 "shard=True is for one process per rank (mpirun, horovodrun, srun): under a "
                 "tf.distribute strategy the strategy splits each batch across replicas "
@@ -443,6 +443,9 @@ def fit_resumed(
         comm = get_communicator("auto")
     size = comm.size if comm is not None else 1
     check_distributed_callbacks(callbacks or [], size)
+    settings = {"epochs": epochs, "batch_size": batch_size, "shuffle": shuffle, "shard": shard}
+    settings["resume_from"] = restored.step if restored is not None else None
+    check_same_fit(comm, callbacks or [], settings)
     if epoch >= epochs and restored is not None and restored.restored:
         _tell(
             comm,

@@ -60,6 +60,36 @@ def check_distributed_callbacks(callbacks: Iterable[Any], size: int) -> None:
             )
 
 
+def _describe(cb: Any) -> str:
+    name = type(cb).__name__
+    inner = getattr(cb, "name", None) if isinstance(cb, OnChief) else None
+    return f"{name}({inner})" if inner else name
+
+
+def check_same_fit(comm: Any, callbacks: Iterable[Any], settings: dict[str, Any]) -> None:
+    """Every rank must run the same fit: the same forge_dist callbacks in the same order
+    (each one's collectives must line up with the other ranks') and the same settings
+    (epochs, batch size, ...). One all-gather, before anything else collective; a
+    difference is an error on every rank at once instead of ranks waiting for each
+    other in different collectives until the deadline."""
+    if comm is None or comm.size <= 1:
+        return
+    mine = {
+        "callbacks": [_describe(cb) for cb in callbacks if isinstance(cb, ForgeCallback)],
+        "settings": {k: repr(v) for k, v in sorted(settings.items())},
+    }
+    seen = comm.allgather(mine, name="fit_resumed(the fit every rank runs)")
+    for rank, theirs in enumerate(seen):
+        if theirs == seen[0]:
+            continue
+        for part in ("callbacks", "settings"):
+            if theirs[part] != seen[0][part]:
+                raise ConfigurationError(
+                    f"every rank must run the same fit, but rank {rank}'s {part} differ from "
+                    f"rank 0's: {theirs[part]} vs {seen[0][part]}"
+                )
+
+
 def wrap_extra(extra: Iterable[Any], communicator: Any) -> list[Any]:
     """The user's own callbacks: forge_dist ones as they are, Keras' TerminateOnNaN as
     SyncTerminateOnNaN, every other Keras callback once, on the chief (:class:`OnChief`)."""
