@@ -11,7 +11,7 @@ import pytest
 from faultproxy import FaultProxy
 
 from forge_dist.storage import CheckpointStore
-from forge_dist.storage.backends import objects
+from forge_dist.storage.backends import s3 as s3io
 
 pytestmark = pytest.mark.s3
 
@@ -32,8 +32,8 @@ def client(s3):
 def small_parts(monkeypatch):
     """5 MiB parts (S3's smallest), two in flight: a 23 MB file is five parts (one PUT
     below 10 MiB)."""
-    monkeypatch.setattr(objects, "PART_BYTES", 5 * 1024 * 1024)
-    monkeypatch.setattr(objects, "PARTS_IN_FLIGHT", 2)
+    monkeypatch.setattr(s3io, "PART_BYTES", 5 * 1024 * 1024)
+    monkeypatch.setattr(s3io, "PARTS_IN_FLIGHT", 2)
 
 
 def test_a_large_file_goes_up_in_concurrent_parts_and_reads_back_whole(s3, small_parts):
@@ -117,14 +117,14 @@ def test_a_commit_into_a_missing_bucket_says_so(s3, tmp_path):
 def test_a_large_object_reads_back_in_ranges_ahead_byte_for_byte(s3, tmp_path, monkeypatch):
     """A 5.5 MB file read in 1 MiB ranges (two ahead), each in 64 KiB chunks, comes back
     byte for byte: opened, downloaded and verified."""
-    monkeypatch.setattr(objects, "RANGE_BYTES", 1 << 20)
-    monkeypatch.setattr(objects, "READ_CHUNK", 64 << 10)
+    monkeypatch.setattr(s3io, "RANGE_BYTES", 1 << 20)
+    monkeypatch.setattr(s3io, "READ_CHUNK", 64 << 10)
     store = CheckpointStore(f"s3://{s3.bucket}/ranges-{os.urandom(4).hex()}", s3.options)
     data = os.urandom(5_500_000)
     with store.writer(1) as w:
         w.add_bytes("model.bin", data)
     with store.open_file(1, "model.bin") as f:
-        assert isinstance(f, objects._S3RangeReader)
+        assert isinstance(f, s3io.RangeReader)
         assert f.read() == data
     dest = store.download(1, tmp_path / "dl")
     assert (tmp_path / "dl" / "model.bin").read_bytes() == data, dest

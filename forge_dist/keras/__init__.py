@@ -25,7 +25,8 @@ from forge_dist.keras.callbacks import (
     SyncTerminateOnNaN,
 )
 from forge_dist.keras.optimizer import DistributedOptimizer
-from forge_dist.keras.restore import RestoreResult, fit_resumed, restore_latest
+from forge_dist.keras.restore import RestoreResult, restore_latest
+from forge_dist.keras.resume import fit_resumed
 from forge_dist.keras.stack import production_callbacks
 
 __all__ = [
