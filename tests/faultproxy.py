@@ -34,6 +34,7 @@ class FaultProxy:
         self.random = random.Random(seed)
         self.counts: Counter[str] = Counter()
         self.methods: Counter[str] = Counter()  # requests seen, by HTTP method
+        self.heads: list[str] = []  # each request's line and headers, as sent
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._server = socket.create_server(("127.0.0.1", 0))
@@ -74,6 +75,9 @@ class FaultProxy:
                     break
                 starts = data.startswith(METHODS)
                 fault = self._draw(data.split(b" ", 1)[0].decode()) if starts else None
+                if starts:
+                    with self._lock:
+                        self.heads.append(data.split(b"\r\n\r\n", 1)[0].decode("latin-1"))
                 if fault == "reset":
                     client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
                     break

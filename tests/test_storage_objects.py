@@ -79,6 +79,98 @@ def test_a_file_smaller_than_a_part_is_one_put(s3, small_parts):
     assert store.verify(1).ok
 
 
+def _stored_sha256(s3, key: str) -> str | None:
+    """The sha256 S3 recorded for an object from its upload's checksum header (hex)."""
+    import base64
+
+    head = client(s3).head_object(Bucket=s3.bucket, Key=key, ChecksumMode="ENABLED")
+    value = head.get("ChecksumSHA256")
+    return None if value is None else base64.b64decode(value).hex()
+
+
+def test_a_whole_file_goes_up_with_the_manifest_sha256_for_s3_to_check(s3, tmp_path):
+    """Each file sent in one PUT carries its manifest sha256 as x-amz-checksum-sha256
+    (S3 refuses a body that does not match it): a local file, a stream, and a file a
+    serializer wrote through ``open``."""
+    prefix = f"sum-{os.urandom(4).hex()}"
+    store = CheckpointStore(f"s3://{s3.bucket}/{prefix}", s3.options)
+    src = tmp_path / "weights.bin"
+    src.write_bytes(os.urandom(3 << 20))
+    with store.writer(1) as w:
+        w.add_file("weights.bin", src)
+        w.add_bytes("state.json", b'{"epoch": 3}')
+        with w.open("model.keras") as f:
+            f.write(os.urandom(1 << 20))
+            f.write(b"tail")
+    manifest = store.get(1).manifest
+    assert manifest is not None
+    for entry in manifest.files:
+        key = f"{prefix}/step-00000001/{entry.path}"
+        assert _stored_sha256(s3, key) == entry.sha256, entry.path
+    assert store.verify(1).ok
+
+
+def _headers(head: str) -> dict[str, str]:
+    lines = head.split("\r\n")[1:]
+    return {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines)}
+
+
+def test_on_the_wire_a_file_carries_only_its_sha256_and_reads_ask_for_no_checksum(s3):
+    """Through a proxy that records the requests: a whole file's PUT carries the
+    manifest's sha256 and no CRC-32 of botocore's; the store's GETs do not ask S3 for
+    a stored checksum to check again (the store hashes every byte against the
+    manifest); options that choose botocore's response check keep it."""
+    target = urlparse(s3.url)
+    proxy = FaultProxy((target.hostname, target.port), rate=0.0)
+    try:
+        endpoint = {**s3.options["client_kwargs"], "endpoint_url": proxy.url}
+        root = f"s3://{s3.bucket}/wire-{os.urandom(4).hex()}"
+        store = CheckpointStore(root, {**s3.options, "client_kwargs": endpoint})
+        with store.writer(1) as w:
+            w.add_bytes("model.bin", os.urandom(1 << 20))
+        puts = [_headers(h) for h in proxy.heads if h.startswith("PUT ") and "model.bin" in h]
+        assert len(puts) == 1
+        assert "x-amz-checksum-sha256" in puts[0] and "x-amz-checksum-crc32" not in puts[0]
+        proxy.heads.clear()
+        assert store.verify(1).ok
+        gets = [_headers(h) for h in proxy.heads if h.startswith("GET ") and "model.bin" in h]
+        assert len(gets) == 1 and "x-amz-checksum-mode" not in gets[0]
+
+        chosen = {"response_checksum_validation": "when_supported"}
+        store = CheckpointStore(
+            root, {**s3.options, "client_kwargs": endpoint, "config_kwargs": chosen}
+        )
+        proxy.heads.clear()
+        assert store.verify(1).ok
+        gets = [_headers(h) for h in proxy.heads if h.startswith("GET ") and "model.bin" in h]
+        assert gets[0].get("x-amz-checksum-mode") == "ENABLED"
+    finally:
+        proxy.close()
+
+
+def test_an_endpoint_configured_without_checksums_gets_no_checksum_header(s3, tmp_path):
+    """``request_checksum_calculation="when_required"`` (for endpoints that refuse S3's
+    checksum headers): the commit adds none of its own and still verifies."""
+    prefix = f"nosum-{os.urandom(4).hex()}"
+    options = {**s3.options, "config_kwargs": {"request_checksum_calculation": "when_required"}}
+    store = CheckpointStore(f"s3://{s3.bucket}/{prefix}", options)
+    with store.writer(1) as w:
+        w.add_bytes("state.json", b'{"epoch": 3}')
+    assert _stored_sha256(s3, f"{prefix}/step-00000001/state.json") is None
+    assert store.verify(1).ok
+
+
+def test_a_whole_file_handed_over_as_bytes_is_kept_not_copied():
+    """What a one-PUT file costs the writer: a ``bytes`` handed over is the body sent;
+    a view of a reused buffer is copied (it changes after the call)."""
+    sink = s3io.PartsSink(object(), "bucket/key")
+    data = os.urandom(1000)
+    sink.write(data)
+    assert sink._whole is data
+    sink.write(memoryview(b"more"))
+    assert sink._whole is None and bytes(sink._buf) == data + b"more"
+
+
 def test_commit_and_verify_make_no_request_a_plain_upload_and_read_would_not(s3):
     """Counted on the wire (a proxy in front of moto): a commit is one LIST of the step's
     prefix (bucket there, step not committed, no leftovers) and a PUT per file and the

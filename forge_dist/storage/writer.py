@@ -103,13 +103,20 @@ class CheckpointWriter:
             self._entries[rel] = FileEntry(rel, -1, "")
         return rel
 
-    def _copy(self, rel: str, src: IO[bytes]) -> FileEntry:
+    def _copy(self, rel: str, src: IO[bytes], size: int | None = None) -> FileEntry:
+        """``src`` into ``rel``; ``size``, when known, lets a file the sink sends in one
+        request be read in one piece and handed over without a copy."""
         assert self._staging is not None
         sink = self._backend.open_write(self._staging, rel)
         try:
             with storage_errors(f"cannot write {self.name}/{rel} in {self.display}"):
-                size, digest = copy_hashed(src, sink.write)
-                sink.close()
+                if size is not None and size < sink.whole_below:
+                    data = src.read()
+                    size, digest = len(data), hashlib.sha256(data).hexdigest()
+                    sink.write(data)
+                else:
+                    size, digest = copy_hashed(src, sink.write)
+                sink.close(digest)
         except BaseException:
             sink.discard()
             with self._lock:
@@ -154,7 +161,7 @@ class CheckpointWriter:
                 self._entries.pop(rel, None)
             raise StorageError(f"cannot read {src_path}: {describe(e)}") from e
         with f:
-            return self._copy(rel, f)
+            return self._copy(rel, f, os.fstat(f.fileno()).st_size)
 
     def add_tree(
         self, src_dir: str | os.PathLike[str], prefix: str = "", max_workers: int | None = None
@@ -300,9 +307,10 @@ class _HashingFile(io.RawIOBase):
                 with self._writer._lock:
                     self._writer._entries.pop(self._rel, None)
             else:
+                digest = self._hash.hexdigest()
                 with storage_errors(f"cannot write {self._writer.name}/{self._rel}"):
-                    self._sink.close()
-                self.entry = self._writer._finish(self._rel, self._size, self._hash.hexdigest())
+                    self._sink.close(digest)
+                self.entry = self._writer._finish(self._rel, self._size, digest)
         finally:
             super().close()
 

@@ -27,11 +27,17 @@ class FileStat:
 class Sink(ABC):
     """A file being written: ``write`` bytes, then ``close`` makes it durable."""
 
+    #: A file smaller than this goes out in one request; handed over as one ``bytes``
+    #: (immutable: the sink keeps it instead of copying it), it costs no copy at all.
+    whole_below = 0
+
     @abstractmethod
     def write(self, data: bytes | memoryview) -> None: ...
 
     @abstractmethod
-    def close(self) -> None: ...
+    def close(self, sha256: str | None = None) -> None:
+        """Make the file durable. ``sha256``: the hex digest of everything written, when
+        the caller has it (a store that checks uploads end to end is given it)."""
 
     @abstractmethod
     def discard(self) -> None: ...

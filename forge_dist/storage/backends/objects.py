@@ -36,7 +36,7 @@ class _FsspecSink(Sink):
         assert self.f is not None
         self.f.write(bytes(data) if isinstance(data, memoryview) else data)
 
-    def close(self) -> None:
+    def close(self, sha256: str | None = None) -> None:
         if self.f is not None:
             f, self.f = self.f, None
             f.close()

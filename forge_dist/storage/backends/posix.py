@@ -76,7 +76,7 @@ class _PosixSink(Sink):
             _start_writeback(self.fd, self.flushed, self.offset - self.flushed)
             self.flushed = self.offset
 
-    def close(self) -> None:
+    def close(self, sha256: str | None = None) -> None:
         if self.fd is None:
             return
         fd, self.fd = self.fd, None
