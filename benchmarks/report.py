@@ -224,6 +224,16 @@ def markdown(table: list[Row], machine: str, date: str, faults: dict | None = No
             "block's end is waited for, and that counts). Medians over the rounds after "
             "the first.",
         ]
+    if any(r.group.startswith("3. sync") for r in table):
+        lines += [
+            "",
+            "**Sync rows (3.)** time one epoch end on the chief, every epoch started "
+            "together after a barrier; the synced callbacks and plain Keras take turns in "
+            "blocks of 25 epochs (medians after the first two blocks: plain Keras runs a "
+            "TensorFlow op every epoch, whose aftermath landed in the next synced epoch "
+            "when they alternated epoch by epoch). Rank counts are run in three rounds of "
+            "2, 4 and 8 ranks; each figure is the median of its three jobs.",
+        ]
     lines += ["", "![ratios](results.png)", ""]
     if faults:
         injected = sum(faults["faults"].values())

@@ -107,3 +107,21 @@ def test_ranks_whose_deciding_state_differs_fail_together_before_deciding():
     for r in results:
         assert isinstance(r, CollectiveMismatchError), r
         assert "rank(s) 1 differs" in str(r)
+
+
+def test_ranks_whose_learning_rate_differs_fail_together_before_reducing_it():
+    """The learning rate is part of what SyncReduceLROnPlateau decides from."""
+
+    def run(comm):
+        model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+        model.compile(optimizer=keras.optimizers.SGD(0.1 * (1 + comm.rank)), loss="mse")
+        cbs = [fk.SyncMetrics(communicator=comm), fk.SyncReduceLROnPlateau(communicator=comm)]
+        for cb in cbs:
+            cb.set_model(model)
+            cb.on_train_begin()
+        for cb in cbs:
+            cb.on_epoch_end(0, {"loss": 1.0, "val_loss": 1.0})
+
+    for r in run_ranks(2, run):
+        assert isinstance(r, CollectiveMismatchError), r
+        assert "rank(s) 1 differs" in str(r)

@@ -54,6 +54,11 @@ class SyncReduceLROnPlateau(PolicyState, ForgeCallback):
     def reset_state(self) -> None:
         self.state = policy.PlateauState()
 
+    def decision_inputs(self) -> Any:
+        """Config, state and the learning rate: its decision compares the rate with
+        ``min_lr``, so ranks holding different rates would decide differently."""
+        return [*super().decision_inputs(), float(_compat.get_lr(self.model.optimizer))]
+
     # -- Keras hooks
     def on_train_begin(self, logs: Any = None) -> None:
         self._finish_mode()
