@@ -95,31 +95,40 @@ class MultiWorkerCommunicator(Communicator):
     def size(self) -> int:
         return self._size
 
-    def _gather_fn(self, dtype: Any) -> Any:
-        """One compiled all-gather per dtype (tracing one per call costs ~60 ms)."""
+    def _gather_fn(self) -> Any:
+        """The compiled all-gather (tracing one per call costs ~60 ms): each worker's
+        row in its own row of a zero matrix, summed in one all-reduce. TensorFlow's
+        ``all_gather`` is two collectives (the shapes, then the padded data): ~0.4 ms
+        more of a ~4.5 ms MWMS exchange here. Rows travel as int64, so the sum with
+        zeros is exact for any bits (a float's -0.0 and NaN payloads included)."""
         tf = self._tf
-        key = tf.as_dtype(dtype).name
-        fns = self.__dict__.setdefault("_gather_fns", {})
-        if key not in fns:
+        if "_gather_rows" not in self.__dict__:
             options = self._options
 
             def replica_fn(t: Any) -> Any:
                 ctx = tf.distribute.get_replica_context()
-                return ctx.all_gather(t[None], axis=0, options=options)
+                shape = tf.stack([ctx.num_replicas_in_sync, tf.shape(t, out_type=tf.int32)[0]])
+                rows = tf.scatter_nd([[ctx.replica_id_in_sync_group]], t[None], shape)
+                return ctx.all_reduce(tf.distribute.ReduceOp.SUM, rows, options=options)
 
-            @tf.function(input_signature=[tf.TensorSpec([None], tf.as_dtype(dtype))])
+            @tf.function(input_signature=[tf.TensorSpec([None], tf.int64)])
             def gather(t: Any) -> Any:
                 return self.strategy.run(replica_fn, args=(t,))
 
-            fns[key] = gather
-        return fns[key]
+            self.__dict__["_gather_rows"] = gather
+        return self.__dict__["_gather_rows"]
 
     def _gather(self, row: Any, name: str) -> Any:
-        """All-gather one equal-length row per worker; rows in rank order."""
+        """All-gather one equal-length row per worker; rows in rank order, of the dtype
+        sent (its bits carried as int64)."""
+        import numpy as np
+
         tf = self._tf
+        row = np.ascontiguousarray(row)
         try:
-            out = self._gather_fn(row.dtype)(tf.constant(row))
-            return self.strategy.experimental_local_results(out)[0].numpy()
+            out = self._gather_fn()(tf.constant(row.view(np.int64)))
+            rows = self.strategy.experimental_local_results(out)[0].numpy()
+            return rows.view(row.dtype)
         except (
             tf.errors.DeadlineExceededError,
             tf.errors.UnavailableError,
