@@ -196,6 +196,35 @@ def rows(store: dict, keras: dict, save: dict | None = None) -> list[Row]:
     return out
 
 
+#: What the rows of a group include, said under the table when the group is there.
+NOTES = (
+    (
+        "1. checkpoint",
+        (
+            "**Checkpoint rows (1.)** come from one `fit` of the model at one TensorFlow "
+            "thread in which the savers take turns: blocks of epochs that begin with a save "
+            "alternate with clean blocks (`benchmarks/bench_save.py`). *Held* is how long "
+            "the callback held the loop at the save point; *lost* is a save block's time "
+            "minus the mean of the clean blocks on either side: the held time plus every "
+            "step the save slowed afterwards (a background save still running at its "
+            "block's end is waited for, and that counts). Medians over the rounds after "
+            "the first."
+        ),
+    ),
+    (
+        "3. sync",
+        (
+            "**Sync rows (3.)** time one epoch end on the chief, every epoch started "
+            "together after a barrier; the synced callbacks and plain Keras take turns in "
+            "blocks of 25 epochs (medians after the first two blocks: plain Keras runs a "
+            "TensorFlow op every epoch, whose aftermath landed in the next synced epoch "
+            "when they alternated epoch by epoch). Rank counts are run in three rounds of "
+            "2, 4 and 8 ranks; each figure is the median of its three jobs."
+        ),
+    ),
+)
+
+
 def markdown(table: list[Row], machine: str, date: str, faults: dict | None = None) -> str:
     lines = [
         "# forge_dist benchmark report",
@@ -212,28 +241,9 @@ def markdown(table: list[Row], machine: str, date: str, faults: dict | None = No
             f"| {r.group} | {r.measure} | {r.baseline} | {r.ours} | {r.theirs} | "
             f"**{r.ratio:.3g}×** | {r.target} |"
         )
-    if any(r.group.startswith("1. checkpoint") for r in table):
-        lines += [
-            "",
-            "**Checkpoint rows (1.)** come from one `fit` of the model at one TensorFlow "
-            "thread in which the savers take turns: blocks of epochs that begin with a save "
-            "alternate with clean blocks (`benchmarks/bench_save.py`). *Held* is how long "
-            "the callback held the loop at the save point; *lost* is a save block's time "
-            "minus the mean of the clean blocks on either side: the held time plus every "
-            "step the save slowed afterwards (a background save still running at its "
-            "block's end is waited for, and that counts). Medians over the rounds after "
-            "the first.",
-        ]
-    if any(r.group.startswith("3. sync") for r in table):
-        lines += [
-            "",
-            "**Sync rows (3.)** time one epoch end on the chief, every epoch started "
-            "together after a barrier; the synced callbacks and plain Keras take turns in "
-            "blocks of 25 epochs (medians after the first two blocks: plain Keras runs a "
-            "TensorFlow op every epoch, whose aftermath landed in the next synced epoch "
-            "when they alternated epoch by epoch). Rank counts are run in three rounds of "
-            "2, 4 and 8 ranks; each figure is the median of its three jobs.",
-        ]
+    for prefix, note in NOTES:
+        if any(r.group.startswith(prefix) for r in table):
+            lines += ["", note]
     lines += ["", "![ratios](results.png)", ""]
     if faults:
         injected = sum(faults["faults"].values())
