@@ -28,6 +28,7 @@ from forge_dist.storage.backends.base import (
     Sink,
     writer_id,
 )
+from forge_dist.storage.backends.direct import DirectWriter, open_direct
 from forge_dist.storage.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, step_dirname
 
 
@@ -59,14 +60,28 @@ WRITEBACK_WINDOW = 16 * 1024 * 1024
 
 
 class _PosixSink(Sink):
-    def __init__(self, path: str) -> None:
+    """A file written front to back and fsynced at close; ``direct`` (payload files)
+    writes it around the page cache where the filesystem allows (:mod:`.direct`)."""
+
+    def __init__(self, path: str, direct: bool = False) -> None:
         self.path = path
-        self.fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+        self.fd: int | None
+        self._direct: DirectWriter | None = None
+        if direct:
+            self.fd, on = open_direct(path, flags, 0o644)
+            if on:
+                self._direct = DirectWriter(self.fd)
+        else:
+            self.fd = os.open(path, flags, 0o644)
         self.offset = 0
         self.flushed = 0
 
     def write(self, data: bytes | memoryview) -> None:
         assert self.fd is not None
+        if self._direct is not None:
+            self._direct.write(data)
+            return
         view = memoryview(data)
         while view:
             n = os.write(self.fd, view)
@@ -81,14 +96,23 @@ class _PosixSink(Sink):
             return
         fd, self.fd = self.fd, None
         try:
+            if self._direct is not None:
+                self._direct.finish()
             os.fsync(fd)
         finally:
             os.close(fd)
+            self._release()
 
     def discard(self) -> None:
         if self.fd is not None:
             fd, self.fd = self.fd, None
             os.close(fd)
+        self._release()
+
+    def _release(self) -> None:
+        if self._direct is not None:
+            self._direct.release()
+            self._direct = None
 
 
 def _fsync_dir(path: str) -> None:
@@ -210,7 +234,7 @@ class PosixBackend(Backend):
         path = self._p(staging, rel)
         with storage_errors(f"cannot create {rel} in {staging}"):
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            return _PosixSink(path)
+            return _PosixSink(path, direct=True)
 
     def commit(self, staging: str, step: int, manifest: bytes, replace: bool) -> None:
         final = step_dirname(step)
