@@ -202,13 +202,20 @@ NOTES = (
         "1. checkpoint",
         (
             "**Checkpoint rows (1.)** come from one `fit` of the model at one TensorFlow "
-            "thread in which the savers take turns: blocks of epochs that begin with a save "
-            "alternate with clean blocks (`benchmarks/bench_save.py`). *Held* is how long "
-            "the callback held the loop at the save point; *lost* is a save block's time "
-            "minus the mean of the clean blocks on either side: the held time plus every "
-            "step the save slowed afterwards (a background save still running at its "
-            "block's end is waited for, and that counts). Medians over the rounds after "
-            "the first."
+            "thread in which the savers take turns: blocks of two epochs that begin with a "
+            "save alternate with clean blocks (`benchmarks/bench_save.py`). *Held* is how "
+            "long the callback held the loop at the save point; *lost* is a save block's "
+            "time minus the mean of the clean blocks on either side: the held time plus "
+            "every step the save slowed in the two epochs after it (a background save still "
+            "running at its "
+            "block's end is waited for, and that counts). Between blocks, untimed, all "
+            "dirty pages are written out, so plain Keras' unsynced file is not written back "
+            "during a later block (nobody is charged for it). Medians over the rounds after "
+            "the first. Plain Keras writes each save into memory taken afresh (h5py's "
+            "in-memory file, then the page cache), which this VM hands back to its host "
+            "between saves (virtio-balloon free page reporting), so its time per save swings "
+            "about 2× within one fit; ours copies into host buffers allocated once and "
+            "writes around the page cache (`O_DIRECT`), so its time is the device's."
         ),
     ),
     (
