@@ -6,16 +6,16 @@ memory, and retention frees the previous checkpoint's pages each save. Where the
 hypervisor takes freed guest memory back (virtio-balloon free page reporting, as on the
 Firecracker VMs this project is measured on), every one of those fresh pages costs a
 host fault: measured here, writing and fsyncing one 605 MB file went from 0.33 s to
-2.4 s within eight saves three seconds apart (see docs/DESIGN.md). ``O_DIRECT`` sends the bytes from
-the process' own buffer to the device instead: the buffer is allocated and touched
-once, no dirty pages are left for the kernel to write back later (the fsync finds
-nothing to do), and the time stays that of the device (0.22-0.29 s for the same file).
+2.4 s within eight saves three seconds apart (see docs/DESIGN.md). ``O_DIRECT`` sends
+the bytes from the process' own buffer to the device instead: the buffer is allocated
+and touched once, no dirty pages are left for the kernel to write back later (the fsync
+finds nothing to do), and the time stays the device's (0.22-0.29 s for the same file).
 
-:class:`DirectWriter` collects the sink's writes in an aligned buffer and writes it whole
-(``O_DIRECT`` needs aligned memory, offsets and lengths); the unaligned tail goes through
-the page cache after clearing the flag. A filesystem that refuses ``O_DIRECT`` (tmpfs, many
-FUSE mounts) at open or at the first write gets ordinary writes, with nothing lost.
-``FORGE_DIST_DIRECT_IO=0`` turns it off.
+:class:`DirectWriter` collects the sink's writes in an aligned buffer and writes it
+whole (``O_DIRECT`` needs aligned memory, offsets and lengths); the unaligned tail goes
+through the page cache after clearing the flag. A filesystem that refuses ``O_DIRECT``
+(tmpfs before Linux 6.6, many FUSE mounts) at open or at the first write gets ordinary
+writes, with nothing lost. ``FORGE_DIST_DIRECT_IO=0`` turns it off.
 """
 
 from __future__ import annotations
