@@ -214,7 +214,7 @@ NOTES = (
             "the first. Plain Keras writes each save into memory taken afresh (h5py's "
             "in-memory file, then the page cache), which this VM hands back to its host "
             "between saves (virtio-balloon free page reporting), so its time per save swings "
-            "about 2× within one fit; ours copies into host buffers allocated once and "
+            "2–3× within one fit; ours copies into host buffers allocated once and "
             "writes around the page cache (`O_DIRECT`), so its time is the device's."
         ),
     ),

@@ -95,25 +95,25 @@ class DirectWriter:
         view = memoryview(data).cast("B")
         while view:
             if not self.direct:
-                _write_all(self.fd, view)
+                write_all(self.fd, view)
                 return
             n = min(len(view), BUFFER_BYTES - self._fill)
             self._view[self._fill : self._fill + n] = view[:n]
             self._fill += n
             view = view[n:]
             if self._fill == BUFFER_BYTES:
-                self._flush(BUFFER_BYTES)
+                self._fill = 0
+                self._put(self._view)
 
     def finish(self) -> None:
         """Write what is buffered: the aligned part directly, the rest buffered."""
         try:
             aligned = self._fill - self._fill % ALIGN
-            if self.direct and aligned:
-                self._flush(aligned)
-            if self._fill:
+            self._put(self._view[:aligned])
+            if self._fill > aligned:
                 self._buffered()
-                _write_all(self.fd, self._view[: self._fill])
-                self._fill = 0
+                write_all(self.fd, self._view[aligned : self._fill])
+            self._fill = 0
         finally:
             self.release()
 
@@ -124,27 +124,21 @@ class DirectWriter:
             buf, self._buf = self._buf, None
             _pool.give(buf)
 
-    def _flush(self, n: int) -> None:
-        """Write the buffer's first ``n`` (aligned) bytes and keep the rest at its start."""
-        done = 0
-        try:
-            while done < n:
-                written = os.write(self.fd, self._view[done:n])
-                if written <= 0:  # pragma: no cover - a direct write either writes or raises
-                    raise OSError(errno.EIO, "a direct write wrote nothing")
-                done += written
-                if written % ALIGN:  # a short write left an unaligned offset
-                    self._buffered()
-                    _write_all(self.fd, self._view[done:n])
-                    done = n
-        except OSError as e:
-            if e.errno != errno.EINVAL or done % ALIGN:
-                raise
-            self._buffered()  # opened with O_DIRECT, but these writes are refused
-            _write_all(self.fd, self._view[done:n])
-        rest = self._fill - n
-        self._view[:rest] = self._view[n : self._fill]
-        self._fill = rest
+    def _put(self, view: memoryview) -> None:
+        """Write ``view`` (aligned, at an aligned offset) directly while the filesystem
+        takes it; what it refuses, or what follows a short write, buffered."""
+        while view and self.direct:
+            try:
+                written = os.write(self.fd, view)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                self._buffered()  # opened with O_DIRECT, but these writes are refused
+                break
+            view = view[written:]
+            if not written or written % ALIGN:  # the offset is no longer aligned
+                self._buffered()
+        write_all(self.fd, view)
 
     def _buffered(self) -> None:
         if self.direct:
@@ -154,6 +148,7 @@ class DirectWriter:
             self.direct = False
 
 
-def _write_all(fd: int, view: memoryview) -> None:
+def write_all(fd: int, view: memoryview) -> None:
+    """``os.write`` until all of ``view`` is written."""
     while view:
         view = view[os.write(fd, view) :]

@@ -28,7 +28,7 @@ from forge_dist.storage.backends.base import (
     Sink,
     writer_id,
 )
-from forge_dist.storage.backends.direct import DirectWriter, open_direct
+from forge_dist.storage.backends.direct import DirectWriter, open_direct, write_all
 from forge_dist.storage.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, step_dirname
 
 
@@ -82,11 +82,9 @@ class _PosixSink(Sink):
         if self._direct is not None:
             self._direct.write(data)
             return
-        view = memoryview(data)
-        while view:
-            n = os.write(self.fd, view)
-            view = view[n:]
-            self.offset += n
+        view = memoryview(data).cast("B")
+        write_all(self.fd, view)
+        self.offset += len(view)
         if _start_writeback is not None and self.offset - self.flushed >= WRITEBACK_WINDOW:
             _start_writeback(self.fd, self.flushed, self.offset - self.flushed)
             self.flushed = self.offset
