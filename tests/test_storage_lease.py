@@ -30,7 +30,7 @@ def root(request, tmp_path):
 class Writer:
     """``_lease_writer.py`` in its own process, driven line by line."""
 
-    def __init__(self, url, options, env, step, action="commit"):
+    def __init__(self, url, options, env, step, action="commit", pause_at=None):
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -39,6 +39,7 @@ class Writer:
                 json.dumps(options or {}),
                 str(step),
                 action,
+                *([pause_at] if pause_at else []),
             ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -50,6 +51,10 @@ class Writer:
         line = self.proc.stdout.readline().strip()  # bounded by communicate() below
         assert line.startswith(word), line
         return line
+
+    def send(self, line):
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
 
     def go(self):
         out, _ = self.proc.communicate("go\n", timeout=BOUND_S)
@@ -73,6 +78,30 @@ def test_an_older_writer_cannot_commit_after_a_newer_one_took_over(root):
     assert store.list_staging() == []  # the stale writer's staging is gone
     assert store.lease().generation == 2
     assert store.get(2).manifest.writer["generation"] == 2
+
+
+def test_a_commit_that_raced_a_takeover_is_withdrawn_on_s3(s3):
+    """The takeover lands between the old writer's lease check and its manifest PUT (the
+    window S3 has no transaction over): the old writer's commit is withdrawn at once and
+    it is told so; the newer writer's step is intact."""
+    url, options = f"s3://{s3.bucket}/race-{os.urandom(4).hex()}", s3.options
+    old = Writer(url, options, s3.env(), 1, pause_at="before-manifest")
+    assert old.expect("LEASED") == "LEASED 1"
+    old.expect("STAGED")
+    old.send("go")
+    old.expect("POINT before-manifest")  # checked the lease: still its own
+    new = Writer(url, options, s3.env(), 2)
+    assert new.expect("LEASED") == "LEASED 2"
+    new.expect("STAGED")
+    assert new.go() == "DONE"
+    said = old.go()  # its manifest PUT goes through, then the check after it
+    assert said.startswith("STALE a newer writer took over") and "generation 2" in said
+    store = CheckpointStore(url, options)
+    assert store.steps() == [2] and store.verify(2).ok
+    assert store.get(2).manifest.writer["generation"] == 2
+    fs = store._backend.fs
+    assert not fs.exists(f"{url}/step-00000001"), "the withdrawn step left files behind"
+    assert store.lease().generation == 2
 
 
 def test_an_older_writer_cannot_delete_the_newer_ones_steps(root):
