@@ -66,6 +66,10 @@ def test_a_resumed_run_ends_like_an_uninterrupted_one(tmp_path):
     a0, a1 = results(out_a)
     b0, b1 = results(out_b)
     assert b0["resumed_from_step"] == b1["resumed_from_step"] == 8
+    # The resumed run too has one reader and writer: rank 1 never touched the root,
+    # restore_latest included.
+    assert b1["touched"] == [], b1["touched"][:5]
+    assert any("step-00000008" in t for t in b0["touched"]), "the chief read the step"
     # Epochs after the resume match the uninterrupted run bit for bit.
     assert b0["fingerprints"] == b1["fingerprints"] == a0["fingerprints"][1:]
     assert b0["stopped_epoch"] == a0["stopped_epoch"]
