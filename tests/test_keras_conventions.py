@@ -9,7 +9,7 @@ import pytest
 pytestmark = pytest.mark.keras
 keras = pytest.importorskip("keras", reason="Keras is in the [tf] extra")
 
-from kerashelp import LOCAL, X, Y, fit, make_model  # noqa: E402
+from kerashelp import LOCAL, Steps, X, Y, fit, make_model  # noqa: E402
 from threadcomm import run_ranks  # noqa: E402
 
 from forge_dist import keras as fk  # noqa: E402
@@ -38,18 +38,77 @@ def test_a_mode_that_contradicts_the_metric_is_a_warning(tmp_path, capsys):
     assert "'val_accuracy' is normally maximised" in out and "mode='auto'" in out
 
 
-def test_plain_keras_callbacks_are_refused_in_a_distributed_fit_on_every_rank():
+#: Keras' own callbacks that go wrong on every rank, built as a tutorial builds them,
+#: and the replacement the refusal must name.
+KERAS_REFUSED = {
+    "EarlyStopping": (
+        lambda d: keras.callbacks.EarlyStopping(patience=2),
+        "forge_dist.keras.SyncEarlyStopping",
+    ),
+    "ReduceLROnPlateau": (
+        lambda d: keras.callbacks.ReduceLROnPlateau(),
+        "forge_dist.keras.SyncReduceLROnPlateau",
+    ),
+    "ModelCheckpoint": (
+        lambda d: keras.callbacks.ModelCheckpoint(str(d / "best.keras"), save_best_only=True),
+        "forge_dist.keras.ChiefModelCheckpoint",
+    ),
+    "BackupAndRestore": (
+        lambda d: keras.callbacks.BackupAndRestore(str(d / "backup")),
+        "forge_dist.keras.restore_latest with ChiefModelCheckpoint",
+    ),
+    "CSVLogger": (
+        lambda d: keras.callbacks.CSVLogger(str(d / "log.csv")),
+        "forge_dist.keras.ChiefCSVLogger",
+    ),
+    "TensorBoard": (
+        lambda d: keras.callbacks.TensorBoard(str(d / "tb")),
+        "forge_dist.keras.ChiefTensorBoard",
+    ),
+    "TerminateOnNaN": (
+        lambda d: keras.callbacks.TerminateOnNaN(),
+        "forge_dist.keras.SyncTerminateOnNaN",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(KERAS_REFUSED))
+def test_fit_resumed_refuses_kerass_callback_on_every_rank_naming_the_replacement(tmp_path, name):
+    make, replacement = KERAS_REFUSED[name]
+    steps = [Steps(), Steps()]
+
     def rank_fn(comm):
-        callbacks = [fk.SyncMetrics(communicator=comm), keras.callbacks.TerminateOnNaN()]
-        fk.fit_resumed(make_model(), None, callbacks=callbacks)
+        callbacks = [fk.SyncMetrics(communicator=comm), make(tmp_path / str(comm.rank))]
+        fk.fit_resumed(
+            make_model(), None, X, Y, epochs=1, verbose=0, callbacks=[*callbacks, steps[comm.rank]]
+        )
 
     results = run_ranks(2, rank_fn, timeout=30)
     assert all(isinstance(e, ConfigurationError) for e in results), results
-    assert all("use forge_dist.keras.SyncTerminateOnNaN" in str(e) for e in results)
+    for e in results:
+        assert f"keras.callbacks.{name} runs on every rank" in str(e)
+        assert str(e).endswith(f"use {replacement}")
+    assert [s.batches for s in steps] == [0, 0], "refused before the first step"
+    assert not any((tmp_path / r).exists() for r in ("0", "1")), "nothing written"
 
 
-def test_in_one_process_plain_keras_callbacks_are_fine():
-    fit(make_model(), [keras.callbacks.TerminateOnNaN()], epochs=1)
+def test_in_one_process_fit_resumed_takes_kerass_own_callbacks(tmp_path):
+    callbacks = [make(tmp_path) for make, _ in KERAS_REFUSED.values()]
+    history = fk.fit_resumed(
+        make_model(),
+        None,
+        X,
+        Y,
+        validation_data=(X[:32], Y[:32]),
+        epochs=2,
+        verbose=0,
+        callbacks=callbacks,
+        communicator=LOCAL,
+    )
+    assert len(history.history["loss"]) == 2
+    assert (tmp_path / "best.keras").exists()  # Keras' own ModelCheckpoint ran
+    assert (tmp_path / "log.csv").read_text().count("\n") == 3  # Keras' own CSVLogger ran
+    assert any((tmp_path / "tb").iterdir())  # and Keras' own TensorBoard
 
 
 def test_production_callbacks_wraps_extra_and_puts_them_before_the_preemption(tmp_path):
