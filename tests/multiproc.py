@@ -144,6 +144,15 @@ def pids_with(marker: str, env_item: str) -> list[int]:
     return found
 
 
+def rank_output(output: str, rank: int) -> str:
+    """What one rank printed, from a job run with ``mpirun --output tag`` (lines
+    ``[job,rank]<stdout>: ...``)."""
+    import re
+
+    tag = re.compile(rf"^\[\d+,{rank}\]<std(?:out|err)>: ?(.*)$")
+    return "\n".join(m.group(1) for ln in output.splitlines() if (m := tag.match(ln)))
+
+
 def mpirun_cmd(
     np_: int,
     args: list[str],

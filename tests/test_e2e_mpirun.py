@@ -13,7 +13,7 @@ import subprocess
 import sys
 
 import pytest
-from multiproc import HERE, assert_ranks_consistent, mpirun, read_rank_reports
+from multiproc import HERE, assert_ranks_consistent, mpirun, rank_output, read_rank_reports
 
 from forge_dist.storage import CheckpointStore
 
@@ -148,3 +148,35 @@ def test_collectives_reduce_across_real_ranks(tmp_path):
     assert r0["max"] == [2.0, 0.0] and r0["min"] == [1.0, -1.0]
     assert r0["any"] == [True, False] and r0["all"] == [False, True]
     assert r0["broadcast"] == {"from": 1} and r0["allgather"] == [0, 10]
+
+
+LATE = """
+import os, signal, time
+from forge_dist import get_communicator
+c = get_communicator("mpi")
+c.allreduce([1.0], name="warm")
+if c.rank == 2:
+    os.kill(os.getpid(), signal.SIGKILL)  # dead
+if c.rank == 1:
+    time.sleep(float(os.environ["LATE_S"]))  # busy: enters after rank 0 has given up
+c.allreduce([1.0], name="after")
+"""
+
+
+def test_every_survivor_says_its_own_error_before_the_job_is_aborted(tmp_path):
+    """Rank 2 dies; rank 0 times out, holds its roll call and aborts the job at exit.
+    Rank 1, busy until after rank 0's deadline (it answers the roll call), must still end
+    with its own error, not be killed by the abort before it says anything."""
+    script = tmp_path / "late.py"
+    script.write_text(LATE)
+    deadline = 3
+    env = {"FORGE_DIST_TIMEOUT": str(deadline), "LATE_S": str(deadline + 1.5)}
+    run = mpirun(
+        3, [str(script)], env, bound_s=90, mpi_flags=["--enable-recovery", "--output", "tag"]
+    )
+    first, late = rank_output(run.output, 0), rank_output(run.output, 1)
+    assert f"collective 'after' timed out after {deadline}." in first, run.output[-3000:]
+    assert "rank(s) 2 did not answer" in first
+    assert "CollectiveTimeoutError: collective 'after' given up on rank 1" in late, late
+    assert "rank 0 timed out" in late and "rank(s) 2 did not answer" in late
+    assert "MPI_ABORT" in run.output

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from multiproc import HERE, assert_chief_tensorboard, mpirun, read_rank_reports
+from multiproc import HERE, assert_chief_tensorboard, mpirun, rank_output, read_rank_reports
 
 from forge_dist.storage import CheckpointStore
 
@@ -65,10 +65,13 @@ def test_a_dead_rank_among_eight_is_a_clear_error_on_every_survivor(tmp_path):
         + ["--kill-rank", "5"],
         {"FORGE_DIST_TIMEOUT": str(deadline)},
         bound_s=300,
-        mpi_flags=["--enable-recovery"],  # survivors live on: forge_dist's deadline acts
+        # Survivors live on (forge_dist's deadline acts); each line tagged with its rank.
+        mpi_flags=["--enable-recovery", "--output", "tag"],
     )
-    assert "CollectiveTimeoutError" in run.output, run.output[-4000:]
-    assert "rank(s) 5 did not answer" in run.output
-    assert f"timed out after {deadline}." in run.output
+    assert f"timed out after {deadline}." in run.output, run.output[-4000:]
+    for rank in set(range(RANKS)) - {5}:
+        said = rank_output(run.output, rank)
+        assert "CollectiveTimeoutError" in said, f"rank {rank} said:\n{said[-2000:]}"
+        assert "rank(s) 5 did not answer" in said
     survivors = read_rank_reports(str(out / "rank-{rank}.json"), ranks=RANKS, missing_ok=True)
     assert survivors == [], "no rank may finish normally"

@@ -7,9 +7,13 @@
   a tiny ``Iallreduce`` that checks every rank is at the same call with the same length.
 
 Every wait polls against the deadline. On a timeout the rank holds a roll call (every
-polling rank answers it), so the error names the ranks that did not answer. A timed-out
-communicator is broken: the error is raised, and at interpreter exit the job is aborted
-(``MPI_Abort``) instead of hanging in ``MPI_Finalize``.
+polling rank answers it), so the error names the ranks that did not answer, and then
+tells the ranks that did answer that it gave up: each of them raises its own error at
+its next poll instead of waiting out its own deadline, and says it has (an
+acknowledgement). A timed-out communicator is broken: the error is raised, and at
+interpreter exit the job is aborted (``MPI_Abort``) instead of hanging in
+``MPI_Finalize`` — after the ranks it told have acknowledged (or a few seconds), so no
+survivor is killed by the abort before its own error is out.
 """
 
 from __future__ import annotations
@@ -36,9 +40,11 @@ _TAG_UP = 17001  # rank -> root
 _TAG_DOWN = 17002  # root -> rank
 _TAG_ROLLCALL = 17003  # "are you there?" after a timeout
 _TAG_PRESENT = 17004  # the answer
+_TAG_GAVE_UP = 17005  # "I timed out; the job will abort" (payload: the ranks missing)
+_TAG_HEARD = 17006  # "my own error is out": the aborting rank may go on
 _ROLLCALL_S = 5.0  # how long a roll call waits for answers
+_HEARD_S = 5.0  # how long the abort at exit waits for the ranks it told
 _ABORT_CODE = 70
-_abort_registered = False
 
 
 _SPIN_S = 0.002  # poll without sleeping this long: most answers come within it
@@ -53,19 +59,6 @@ def _backoff(pause: float, start: float) -> float:
     pause = min(0.001, pause * 2 or 2e-5)
     time.sleep(pause)
     return pause
-
-
-def _register_abort(comm: Any) -> None:
-    global _abort_registered
-    if _abort_registered:
-        return
-    _abort_registered = True
-
-    def abort() -> None:
-        sys.stderr.flush()
-        comm.Abort(_ABORT_CODE)
-
-    atexit.register(abort)
 
 
 class MPICommunicator(Communicator):
@@ -89,7 +82,10 @@ class MPICommunicator(Communicator):
         self._seq = 0
         self._lock = threading.Lock()
         self._broken: str | None = None
-        self._replies: list[Any] = []  # roll-call answers in flight
+        self._replies: list[Any] = []  # roll-call answers and notices in flight
+        self._gave_up: list[tuple[int, list[int]]] = []  # (rank, its missing) not yet raised
+        self._told: set[int] = set()  # ranks told this one gave up, not yet heard from
+        self._abort_registered = False
 
     @property
     def rank(self) -> int:
@@ -101,7 +97,8 @@ class MPICommunicator(Communicator):
 
     # -- roll call ------------------------------------------------------------
     def _answer_rollcalls(self) -> None:
-        """Tell any rank holding a roll call that this one is alive (called while polling)."""
+        """Tell any rank holding a roll call that this one is alive, and take in the
+        notices of ranks that gave up (called while polling)."""
         import numpy as np
 
         MPI = self._MPI
@@ -110,11 +107,38 @@ class MPICommunicator(Communicator):
             src = status.Get_source()
             buf = np.empty(1, dtype=np.int64)
             self._comm.Recv([buf, MPI.INT64_T], source=src, tag=_TAG_ROLLCALL)
-            me = np.array([self._rank], dtype=np.int64)
-            self._replies.append(
-                (self._comm.Isend([me, MPI.INT64_T], dest=src, tag=_TAG_PRESENT), me)
-            )
+            self._send_ints([self._rank], src, _TAG_PRESENT)
+        while self._comm.Iprobe(source=MPI.ANY_SOURCE, tag=_TAG_GAVE_UP, status=status):
+            src = status.Get_source()
+            buf = np.empty(status.Get_count(MPI.INT64_T), dtype=np.int64)
+            self._comm.Recv([buf, MPI.INT64_T], source=src, tag=_TAG_GAVE_UP)
+            self._gave_up.append((src, buf.tolist()))
         self._replies = [(r, b) for r, b in self._replies if not r.Test()]
+
+    def _send_ints(self, values: list[int], dest: int, tag: int) -> None:
+        import numpy as np
+
+        buf = np.array(values, dtype=np.int64)
+        self._replies.append((self._comm.Isend([buf, self._MPI.INT64_T], dest=dest, tag=tag), buf))
+
+    def _poll(self, name: str, start: float) -> None:
+        """Between two looks at a pending operation: answer roll calls; if another rank
+        gave up on the job meanwhile, stop waiting and raise this rank's own error."""
+        self._answer_rollcalls()
+        if self._gave_up:
+            src, missing = self._gave_up[0]
+            found = (
+                f"rank(s) {', '.join(str(r) for r in missing)} did not answer"
+                if missing
+                else "every rank answered, in other collectives (a diverged code path)"
+            )
+            msg = (
+                f"collective {name!r} given up on rank {self._rank} after "
+                f"{time.monotonic() - start:.1f}s: rank {src} timed out (deadline "
+                f"{self.timeout:g}s, FORGE_DIST_TIMEOUT) and found that {found}. A rank "
+                "died, hung, or is running different code; the job will abort."
+            )
+            raise self._broken_error(msg, name, missing)
 
     def _rollcall(self) -> list[int]:
         """Ranks that do not answer within a few seconds (dead, hung or busy elsewhere)."""
@@ -144,7 +168,8 @@ class MPICommunicator(Communicator):
     def _deadline_error(
         self, name: str, missing: list[int], waited: float
     ) -> CollectiveTimeoutError:
-        """Mark the communicator broken (the job aborts at exit) and build the error."""
+        """Mark the communicator broken (the job aborts at exit), tell the ranks that
+        answered the roll call, and build the error."""
         where = f"collective {name!r} timed out after {waited:.1f}s on rank {self._rank}"
         if missing:
             who = ", ".join(str(r) for r in missing)
@@ -158,10 +183,47 @@ class MPICommunicator(Communicator):
                 f"{where}, yet every rank answered the roll call: they are in different "
                 "collectives (a diverged code path); the job will abort."
             )
+        live = set(range(self._size)) - set(missing) - {self._rank}
+        for r in sorted(live - {src for src, _ in self._gave_up}):  # (those know already)
+            self._send_ints(list(missing), r, _TAG_GAVE_UP)
+            self._told.add(r)
+        return self._broken_error(msg, name, missing)
+
+    def _broken_error(self, msg: str, name: str, missing: list[int]) -> CollectiveTimeoutError:
+        """This rank's error: said at once, the communicator marked broken (the job aborts
+        at exit), and every rank that told this one it gave up told that it is out."""
         self._broken = msg
-        _register_abort(self._comm)
         log.error(msg)
+        sys.stderr.flush()
+        for src, _ in self._gave_up:
+            self._send_ints([self._rank], src, _TAG_HEARD)
+        self._gave_up.clear()
+        if not self._abort_registered:
+            self._abort_registered = True
+            atexit.register(self._abort)
         return CollectiveTimeoutError(msg, name, missing)
+
+    def _abort(self) -> None:
+        """At exit, after a timeout: wait (briefly) until the ranks told have said their
+        error, then abort the job."""
+        import numpy as np
+
+        MPI = self._MPI
+        status = MPI.Status()
+        end = time.monotonic() + _HEARD_S
+        while self._told and time.monotonic() < end:
+            self._answer_rollcalls()
+            for src, _ in self._gave_up:  # it gave up too: its own error is out
+                self._told.discard(src)
+                self._send_ints([self._rank], src, _TAG_HEARD)
+            self._gave_up.clear()
+            while self._comm.Iprobe(source=MPI.ANY_SOURCE, tag=_TAG_HEARD, status=status):
+                buf = np.empty(1, dtype=np.int64)
+                self._comm.Recv([buf, MPI.INT64_T], source=status.Get_source(), tag=_TAG_HEARD)
+                self._told.discard(int(buf[0]))
+            time.sleep(0.001)
+        sys.stderr.flush()
+        self._comm.Abort(_ABORT_CODE)
 
     def _wait_sends(self, reqs: dict[int, Any], name: str, start: float) -> None:
         pause = 0.0
@@ -177,7 +239,7 @@ class MPICommunicator(Communicator):
                     with contextlib.suppress(Exception):
                         req.Cancel()
                 raise self._deadline_error(name, sorted(reqs), waited)
-            self._answer_rollcalls()
+            self._poll(name, start)
             pause = _backoff(pause, start)
 
     def _recv_from(self, sources: list[int], tag: int, name: str, start: float) -> dict[int, bytes]:
@@ -203,7 +265,7 @@ class MPICommunicator(Communicator):
             waited = time.monotonic() - start
             if waited > self.timeout:
                 raise self._deadline_error(name, pending, waited)
-            self._answer_rollcalls()
+            self._poll(name, start)
             pause = 0.0 if progressed else _backoff(pause, start)
         return got
 
@@ -265,7 +327,7 @@ class MPICommunicator(Communicator):
             waited = time.monotonic() - start
             if waited > self.timeout:
                 raise self._deadline_error(name, self._rollcall(), waited)
-            self._answer_rollcalls()
+            self._poll(name, start)
             pause = _backoff(pause, start)
 
     def allreduce(self, values: Any, op: str = "mean", name: str = "allreduce") -> Any:
