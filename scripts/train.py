@@ -57,6 +57,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "global batch (fit_resumed(shard=True)): a mid-epoch checkpoint then resumes on "
         "any number of ranks",
     )
+    ap.add_argument(
+        "--async-save",
+        action="store_true",
+        help="write checkpoints in the background (not under MultiWorkerMirroredStrategy)",
+    )
     ap.add_argument("--storage-options", default=None, help="fsspec options as JSON")
     ap.add_argument("--report", default=None, help="write this rank's summary JSON here")
     ap.add_argument("--seed", type=int, default=42)
@@ -242,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
             reduce_lr_patience=1,
             reduce_lr_factor=0.5,
             tensorboard_dir=args.tensorboard_dir,
+            async_save=args.async_save,
             extra=extra,
             storage_options=options,
             communicator=comm,

@@ -186,6 +186,32 @@ def mpirun(
     return run_bounded(cmd, env, bound_s)
 
 
+def tf_config_workers(n: int, args: list[str], env: dict[str, str], bound_s: float) -> list[Run]:
+    """``python ARGS`` as ``n`` MultiWorkerMirroredStrategy workers on localhost, each
+    with its own ``TF_CONFIG`` and its own output (scripts/launch_mwms.sh interleaves
+    them)."""
+    import json
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    workers = [f"localhost:{s.getsockname()[1]}" for s in socks]
+    for s in socks:
+        s.close()
+    jobs = []
+    for i in range(n):
+        config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}}
+        jobs.append(Background([sys.executable, *args], {**env, "TF_CONFIG": json.dumps(config)}))
+    try:
+        return [job.wait(bound_s) for job in jobs]
+    finally:
+        for job in jobs:
+            if job.proc.poll() is None:
+                os.killpg(job.proc.pid, signal.SIGKILL)
+                job.proc.wait()
+
+
 def horovodrun_path() -> str:
     pytest.importorskip(
         "horovod.tensorflow", reason="Horovod is built by scripts/build-horovod.sh (make test)"

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from multiproc import mpi_env, read_rank_reports, run_bounded
+from multiproc import mpi_env, read_rank_reports, run_bounded, tf_config_workers
 
 from forge_dist.storage import CheckpointStore
 
@@ -76,11 +76,30 @@ def test_two_workers_agree_with_one_writer_and_resume_exactly(tmp_path):
     )
 
 
-def test_keras3_under_multiworker_is_refused_clearly_on_every_worker(tmp_path):
-    run, reports = launch(
-        tmp_path, "k3", "--epochs", "2", env_extra={"TF_USE_LEGACY_KERAS": "0"}, ok=False
+def refused_on_every_worker(tmp_path, name, *args, flavor="tf_keras"):
+    """scripts/train.py as two TF_CONFIG workers; each one's own output."""
+    pytest.importorskip("tf_keras", reason="tf_keras is in the [tf] extra")
+    env = mpi_env(
+        {"FORGE_DIST_TIMEOUT": "60", "TF_USE_LEGACY_KERAS": "1" if flavor == "tf_keras" else "0"}
     )
-    assert run.returncode != 0 and reports == []
-    assert run.output.count("Keras 3 does not run under MultiWorkerMirroredStrategy") >= 1
-    assert "TF_USE_LEGACY_KERAS=1" in run.output
-    assert not (tmp_path / "k3").exists(), "nothing may be written"
+    train = [os.path.join(ROOT, "scripts", "train.py"), "--backend", "tf"]
+    runs = tf_config_workers(
+        2, [*train, "--checkpoint-dir", str(tmp_path / name), *args], env, bound_s=180
+    )
+    assert [r.returncode != 0 for r in runs] == [True, True], [r.output[-2000:] for r in runs]
+    assert not (tmp_path / name).exists(), "nothing may be written"
+    return [r.output for r in runs]
+
+
+def test_keras3_under_multiworker_is_refused_clearly_on_every_worker(tmp_path):
+    for out in refused_on_every_worker(tmp_path, "k3", "--epochs", "2", flavor="keras3"):
+        assert "Keras 3 does not run under MultiWorkerMirroredStrategy" in out, out[-3000:]
+        assert "TF_USE_LEGACY_KERAS=1" in out
+
+
+def test_async_save_under_multiworker_is_refused_at_construction_on_every_worker(tmp_path):
+    for out in refused_on_every_worker(tmp_path, "async", "--epochs", "2", "--async-save"):
+        assert "ConfigurationError: async_save is not available under MultiWorker" in out, out[
+            -3000:
+        ]
+        assert "Epoch 1" not in out, "refused before training"
