@@ -164,19 +164,12 @@ def test_a_nan_on_rank_1_stops_both_ranks_at_the_same_batch(tmp_path):
     ids=["read-only", "full"],
 )
 def test_an_unusable_root_ends_every_rank_before_the_first_step(tmp_path, options, needle):
-    import subprocess
+    from mounts import tmpfs
 
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mnt)]).returncode:
-        pytest.skip("this machine does not let us mount a tmpfs")
-    try:
+    size, _, ro = options.removeprefix("size=").partition(",")
+    with tmpfs(tmp_path / "mnt", size, read_only=ro == "ro") as mnt:
         report = tmp_path / "r{rank}.json"
         run = mpirun(2, train(mnt / "run", report, "--epochs", "2"), bound_s=QUICK_S)
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
     assert run.returncode != 0
     assert needle in run.output
     assert "failed on rank 0: StorageError" in run.output  # rank 1 heard it too

@@ -3,36 +3,18 @@ has room for what retention keeps plus one checkpoint (real tmpfs mounts, as roo
 
 from __future__ import annotations
 
-import contextlib
-import os
-import subprocess
-
 import pytest
 
 pytestmark = pytest.mark.keras
 keras = pytest.importorskip("keras", reason="Keras is in the [tf] extra")
 
 from kerashelp import LOCAL, Steps, fit, make_model  # noqa: E402
+from mounts import tmpfs  # noqa: E402
 
 from forge_dist import keras as fk  # noqa: E402
 from forge_dist.errors import StorageError  # noqa: E402
 from forge_dist.keras.preflight import checkpoint_bytes, kept_checkpoints  # noqa: E402
 from forge_dist.storage import CheckpointStore  # noqa: E402
-
-
-@contextlib.contextmanager
-def tmpfs(path, size, read_only=False):
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    path.mkdir()
-    opts = f"size={size}" + (",ro" if read_only else "")
-    out = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], timeout=30)
-    if out.returncode != 0:
-        pytest.skip("this machine does not let us mount a tmpfs")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", str(path)], timeout=30, check=True)
 
 
 def test_a_read_only_root_fails_before_the_first_step(tmp_path):
