@@ -12,7 +12,9 @@ CASE is one of:
   small tmpfs the test mounted; the chief fills it after the pre-flight);
 * ``async-skip``: ``when_busy="skip"``, the chief's first background save held until the
   second save point has been decided;
-* ``guard-warn`` / ``guard-repair``: rank 1's weights are nudged after epoch 1's step.
+* ``guard-warn`` / ``guard-repair``: rank 1's weights are nudged after epoch 1's step;
+* ``tb-batch``: ``ChiefTensorBoard(update_freq="batch")`` under ROOT/tb, every rank
+  recording its own batch losses.
 
 Every rank catches what the fit raised and reports it, so the test reads each rank's own
 outcome (a rank that exited early would have the launcher kill the others first).
@@ -53,7 +55,7 @@ metrics = ["mae"] if case == "metric-names" and rank == 1 else []
 model.compile(
     optimizer=fk.DistributedOptimizer(keras.optimizers.Adam(0.01)), loss="mse", metrics=metrics
 )
-report: dict = {"rank": rank, "case": case, "error": None, "epochs_ended": []}
+report: dict = {"rank": rank, "pid": os.getpid(), "case": case, "error": None, "epochs_ended": []}
 
 
 class Record(keras.callbacks.Callback):
@@ -98,6 +100,13 @@ class Nudge(keras.callbacks.Callback):
             self.model.set_weights([w + 1e-3 for w in self.model.get_weights()])
 
 
+class BatchLosses(keras.callbacks.Callback):
+    """This rank's own batch logs, before anything syncs them."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        report.setdefault("batch_losses", []).append(float(logs["loss"]))
+
+
 released = threading.Event()
 
 
@@ -135,6 +144,9 @@ elif case == "async-skip":
 elif case.startswith("guard-"):
     guard = fk.ConsistencyGuard(on_mismatch=case.split("-", 1)[1])
     callbacks += [Nudge(), guard]
+elif case == "tb-batch":
+    tb = fk.ChiefTensorBoard(os.path.join(root, "tb"), update_freq="batch", write_graph=False)
+    callbacks += [BatchLosses(), tb]
 callbacks.append(Record())
 
 try:

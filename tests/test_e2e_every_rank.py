@@ -1,7 +1,8 @@
 """What the README promises "on every rank", in real processes under ``mpirun -np 2`` (the
 thread tests of the same promises share Python objects between ranks): different metric
 names, a failed CSV write, a failed background save on a full disk, ``when_busy="skip"``,
-and the weight guard's warn and repair. Each rank reports its own outcome."""
+the weight guard's warn and repair, and TensorBoard's batch scalars averaged across
+ranks. Each rank reports its own outcome."""
 
 from __future__ import annotations
 
@@ -90,3 +91,19 @@ def test_the_guard_finds_a_desync_on_every_rank(tmp_path, on_mismatch):
     else:
         assert chief["mismatches"] == other["mismatches"] == 2  # still apart at epoch 3
         assert chief["fingerprint"] != other["fingerprint"]
+
+
+def test_tensorboard_batch_scalars_are_the_mean_of_every_ranks_batch_values(tmp_path):
+    from forge_dist.keras.tb_events import scalar_values
+
+    reports, _ = run_case(tmp_path, "tb-batch")
+    mine = [r["batch_losses"] for r in reports]
+    assert len(mine[0]) == len(mine[1]) == 24  # 3 epochs of 8 batches
+    assert mine[0] != mine[1], "the ranks train on different data"
+    logged = scalar_values(str(tmp_path / "root" / "tb" / "train"))["batch_loss"]
+    assert [step for step, _ in logged] == list(range(1, 25))  # the optimizer's iterations
+    assert [v for _, v in logged] == [
+        pytest.approx((a + b) / 2, rel=1e-6) for a, b in zip(*mine, strict=True)
+    ]
+    pids = {f.split(".")[5] for _, _, fs in os.walk(tmp_path / "root" / "tb") for f in fs}
+    assert pids == {str(reports[0]["pid"])}, "only the chief writes event files"

@@ -96,6 +96,26 @@ def test_the_saved_weights_are_the_save_points_even_though_training_went_on(tmp_
         assert store.verify(step).ok
 
 
+@pytest.mark.skipif(not os.sys.platform.startswith("linux"), reason="per-thread nice: Linux")
+def test_the_background_writer_runs_at_a_lower_priority_than_training(tmp_path, gate):
+    from forge_dist.keras.async_checkpoint import BACKGROUND_NICENESS
+
+    gate.step = 8
+    seen = {}
+
+    def look():  # in the training loop, while the writer is held inside the save
+        assert gate.reached.wait(GATE_S), "the background save never started"
+        (writer,) = [t for t in threading.enumerate() if t.name == "forge-dist-save step 8"]
+        seen["writer"] = os.getpriority(os.PRIO_PROCESS, writer.native_id)
+        seen["training"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        gate.open.set()
+
+    ckpt = fk.ChiefModelCheckpoint(str(tmp_path), communicator=LOCAL, async_save=True)
+    fit(make_model(), [Record(at=(1, 0), action=look), ckpt], epochs=2)
+    assert seen["writer"] == min(19, seen["training"] + BACKGROUND_NICENESS), seen
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == seen["training"]
+
+
 def test_async_checkpoint_loads_like_a_synchronous_one(tmp_path):
     sync_root, async_root = tmp_path / "sync", tmp_path / "async"
     for root, flag in ((sync_root, False), (async_root, True)):
