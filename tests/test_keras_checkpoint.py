@@ -11,7 +11,7 @@ import pytest
 pytestmark = pytest.mark.keras
 keras = pytest.importorskip("keras", reason="Keras is in the [tf] extra")
 
-from kerashelp import LOCAL, fit, make_model  # noqa: E402
+from kerashelp import LOCAL, X, Y, fit, make_model  # noqa: E402
 
 from forge_dist import keras as fk  # noqa: E402
 from forge_dist.errors import (  # noqa: E402
@@ -101,3 +101,27 @@ def test_save_freq_in_batches(tmp_path):
     assert store.steps() == [3, 6]
     assert store.get(3).state["epoch_done"] is False and store.get(3).state["epoch"] == 0
     assert store.get(6).state["epoch"] == 1
+
+
+def test_retention_through_the_callback_keeps_steps_saved_without_validation(tmp_path):
+    root = str(tmp_path / "r")
+    cb = fk.ChiefModelCheckpoint(root, keep_last=1, keep_best=1, communicator=LOCAL)
+    history = make_model().fit(
+        X,
+        Y,
+        validation_data=(X[:32], Y[:32]),
+        validation_freq=2,  # epochs 1, 3, 5 (counted from 1) have no val_loss
+        epochs=6,
+        batch_size=32,  # 4 steps an epoch
+        shuffle=False,
+        verbose=0,
+        callbacks=[cb],
+    )
+    validated = dict(zip([8, 16, 24], history.history["val_loss"], strict=True))
+    best = min(validated, key=lambda s: (validated[s], -s))
+    store = CheckpointStore(root)
+    infos = {c.step: c for c in store.list()}
+    assert sorted(infos) == sorted({4, 12, 20, 24, best}), "newest, best, and the unranked"
+    assert [s for s, c in infos.items() if "val_loss" not in c.metrics] == [4, 12, 20]
+    assert not (set(validated) - {best, 24}) & set(infos), "ranked steps beyond keep_best go"
+    assert len(infos) < 6

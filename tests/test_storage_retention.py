@@ -21,6 +21,20 @@ def test_retention_keeps_last_and_best_and_always_the_newest(target):
     assert store.steps() == [6]
 
 
+def test_retention_keeps_a_step_that_lacks_the_monitored_value(target):
+    store = target.store()
+    # Steps 2 and 4 were saved at epochs without validation (Keras' validation_freq).
+    losses = {1: 0.9, 2: None, 3: 0.1, 4: None, 5: 0.5, 6: 0.4}
+    for step, loss in losses.items():
+        commit(
+            store, step, {"w": b"x"}, metrics={"loss": 1.0, **({"val_loss": loss} if loss else {})}
+        )
+    kept, deleted = store.apply_retention(keep_last=1, keep_best=1, monitor="val_loss")
+    assert kept == [2, 3, 4, 6]  # the newest, the best (3), and the two without a value
+    assert deleted == [1, 5]
+    assert store.steps() == [2, 3, 4, 6]
+
+
 def test_gc_removes_abandoned_staging_but_not_a_live_writer(target):
     store = target.store()
     commit(store, 1, {"a": b"1"})
