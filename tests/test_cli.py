@@ -8,12 +8,10 @@ import pty
 import shutil
 import subprocess
 import sys
-import time
 
 import pytest
 from clihelp import make_root, one_clear_line, run, table_column
 
-from forge_dist.cli import main as cli_main
 from forge_dist.storage import MANIFEST_NAME, CheckpointStore
 
 FORGE = os.path.join(os.path.dirname(sys.executable), "forge-dist")
@@ -50,7 +48,9 @@ def test_verify_exit_codes_and_json(cli_target):
     lenient = run("verify", t.url, env=env)
     assert lenient.returncode == 0 and "unlisted" in lenient.stdout
     assert run("verify", t.url, "--strict", env=env).returncode == 1
-    store.verify(2)  # the store agrees
+    # The store agrees with the CLI on all of it.
+    assert store.verify(2).ok and not store.verify(2, strict=True).ok
+    assert not store.verify(1).ok and store.verify(1, full=False).ok
 
 
 def test_verify_reports_each_problem_by_file(tmp_path):
@@ -185,81 +185,45 @@ def test_debug_shows_the_traceback(tmp_path):
     assert out.returncode != 0 and "Traceback" in out.stderr
 
 
-def _nobody_can_run_python() -> bool:
-    path = os.path.realpath(sys.executable)
-    parts = []
-    while True:
-        parts.append(path)
-        parent = os.path.dirname(path)
-        if parent == path:
-            break
-        path = parent
-    return (
-        shutil.which("setpriv") is not None
-        and all(os.stat(p).st_mode & 0o001 for p in parts[1:])
-        and all(os.stat(p).st_mode & 0o001 for p in _venv_dirs())
-    )
+def without_permission_override(*cmd: str) -> list[str]:
+    """``cmd`` as a process that file permissions apply to: as is for a normal user; for
+    root, without the capabilities that let root read and search anything (the user
+    stays root, so this venv under root's home is still reachable)."""
+    if os.geteuid() != 0:
+        return list(cmd)
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is needed to drop root's permission override")
+    drop = "-dac_override,-dac_read_search"
+    return ["setpriv", "--inh-caps=-all", f"--bounding-set={drop}", *cmd]
 
 
-def _venv_dirs():
-    p = os.path.dirname(os.path.dirname(FORGE))
-    out = []
-    while p != os.path.dirname(p):
-        out.append(p)
-        p = os.path.dirname(p)
-    return out
-
-
-def test_an_unreadable_root_is_exit_2(tmp_path, monkeypatch, capsys):
+def test_an_unreadable_root_is_exit_2(tmp_path):
     root = tmp_path / "root"
     CheckpointStore(str(root)).put(__file__, 1)
     root.chmod(0o000)
     try:
-        if os.geteuid() != 0:
-            out = run("verify", str(root))
-            assert out.returncode == 2 and "permission denied" in one_clear_line(out)
-        elif _nobody_can_run_python():
-            tmp_path.chmod(0o755)
-            out = subprocess.run(
-                [
-                    "setpriv",
-                    "--reuid=65534",
-                    "--regid=65534",
-                    "--clear-groups",
-                    FORGE,
-                    "verify",
-                    str(root),
-                ],
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
-            assert out.returncode == 2 and "permission denied" in one_clear_line(out)
-        else:
-            # root reads everything and nobody cannot reach this venv: inject the EACCES
-            # that a real permission check would raise.
-            import forge_dist.storage.backends.posix as b
-
-            def denied(path):
-                raise PermissionError(13, "Permission denied", str(path))
-
-            monkeypatch.setattr(b.os, "scandir", denied)
-            monkeypatch.setattr(b.os, "listdir", denied)
-            assert cli_main.main(["verify", str(root)]) == 2
-            err = capsys.readouterr().err
-            assert "permission denied" in err and len(err.strip().splitlines()) == 1
+        out = subprocess.run(
+            without_permission_override(FORGE, "verify", str(root)),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     finally:
         root.chmod(0o755)
+    assert out.returncode == 2, out.stdout + out.stderr
+    line = one_clear_line(out)
+    assert "permission denied" in line and str(root) in line, line
 
 
 def test_unreachable_s3_endpoint_is_one_line_and_bounded(s3):
     env = {**s3.env(), "AWS_ENDPOINT_URL": "http://127.0.0.1:9"}
-    t0 = time.monotonic()
-    out = run("ls", f"s3://{s3.bucket}/x", env=env, timeout=120)
+    try:  # s3fs's retries give up after ~25 s here; a CLI that kept retrying fails this
+        out = run("ls", f"s3://{s3.bucket}/x", env=env, timeout=90)
+    except subprocess.TimeoutExpired:
+        pytest.fail("forge-dist ls kept retrying an endpoint that refuses connections")
     assert out.returncode == 2
     line = one_clear_line(out)
-    assert "Could not connect" in line or "connect" in line.lower()
-    assert time.monotonic() - t0 < 120
+    assert "Could not connect to the endpoint URL" in line, line
 
 
 def test_missing_bucket_and_bad_endpoint_are_clear(s3):
