@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 
 pytestmark = pytest.mark.keras
@@ -35,12 +36,38 @@ def test_epoch_and_batch_scalars_in_keras_layout(tmp_path):
     assert steps(val, "evaluation_loss_vs_iterations") == [4, 8]
 
 
-def test_keras_histograms_are_written_too(tmp_path):
+def events(folder):
+    """Every summary value in the event files under ``folder``: (step, tag, plugin,
+    value)."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.util import tensor_util
+
+    values = []
+    for d, _, fs in os.walk(folder):
+        for f in sorted(fs):
+            for ev in EventFileLoader(os.path.join(d, f)).Load():
+                for v in ev.summary.value:
+                    data = tensor_util.make_ndarray(v.tensor) if v.HasField("tensor") else None
+                    values.append((ev.step, v.tag, v.metadata.plugin_data.plugin_name, data))
+    return values
+
+
+def test_keras_histograms_and_graph_are_written_too(tmp_path):
     log_dir = tmp_path / "tb"
     tb = fk.ChiefTensorBoard(str(log_dir), histogram_freq=1, communicator=LOCAL)
-    fit(make_model(), [tb], epochs=1)
-    files = [f for _, _, fs in os.walk(log_dir / "train") for f in fs if "tfevents" in f]
-    assert len(files) == 2  # forge_dist's scalars and Keras' histograms and graph
+    model = make_model()
+    fit(model, [tb], epochs=2)
+    found = events(log_dir / "train")
+    hists = {(step, tag): data for step, tag, plugin, data in found if plugin == "histograms"}
+    paths = [w.path for w in model.weights]
+    assert sorted(hists) == sorted((e, f"{p}/histogram") for e in (0, 1) for p in paths)
+    for w in model.weights:  # the last epoch's histograms are of the final weights
+        buckets = hists[(1, f"{w.path}/histogram")]  # rows: left edge, right edge, count
+        values = np.asarray(w.numpy()).ravel()
+        assert buckets[:, 2].sum() == values.size
+        assert buckets[0, 0] <= values.min() and values.max() <= buckets[-1, 1]
+    (graph,) = [data for _, tag, _, data in found if tag == "keras"]
+    assert b'"class_name": "Sequential"' in graph.item()  # Keras' own graph summary
 
 
 def test_a_resume_cuts_the_logs_back_to_the_checkpoint(tmp_path):
