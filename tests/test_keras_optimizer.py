@@ -12,9 +12,8 @@ keras = pytest.importorskip("keras", reason="Keras is in the [tf] extra")
 from kerashelp import LOCAL  # noqa: E402
 
 from forge_dist import keras as fk  # noqa: E402
-from forge_dist.errors import (  # noqa: E402
-    ConfigurationError,
-)
+from forge_dist.comm import LocalCommunicator  # noqa: E402
+from forge_dist.errors import CollectiveTimeoutError, ConfigurationError  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -23,3 +22,55 @@ def test_distributed_optimizer_refuses_double_wrapping():
     opt = fk.DistributedOptimizer(keras.optimizers.SGD(0.1), communicator=LOCAL)
     with pytest.raises(ConfigurationError, match="already"):
         fk.DistributedOptimizer(opt, communicator=LOCAL)
+
+
+class InGraphComm(LocalCommunicator):
+    """One process posing as rank 0 of 2 with an in-graph all-reduce that gives up at a
+    chosen step, as Horovod's does when a rank hangs past the deadline."""
+
+    in_graph_allreduce = True
+
+    def __init__(self, fail_at_call):
+        super().__init__()
+        self.calls, self.fail_at_call = 0, fail_at_call
+
+    @property
+    def size(self):
+        return 2
+
+    def graph_allreduce_mean(self, tensor, compression="none"):
+        import tensorflow as tf
+
+        def reduce(x):
+            self.calls += 1
+            if self.calls == self.fail_at_call:
+                raise RuntimeError("Horovod has been shut down. This was caused by ...")
+            return x
+
+        return tf.numpy_function(reduce, [tensor], tf.float32, stateful=True)
+
+    def in_graph_failure(self, error):
+        if "Horovod has been shut down" not in str(error):
+            return None
+        return CollectiveTimeoutError(f"'DistributedOptimizer(gradients)' gave up: {error}")
+
+
+@pytest.mark.parametrize("fits_before", [0, 1])
+def test_an_in_graph_all_reduce_that_gives_up_is_the_communicators_error(fits_before):
+    from kerashelp import X, Y
+
+    comm = InGraphComm(fail_at_call=4 * fits_before + 3)  # the 3rd step of the last fit
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    model.compile(optimizer=fk.DistributedOptimizer(keras.optimizers.SGD(0.1), comm), loss="mse")
+    fit = dict(batch_size=32, epochs=1, verbose=0)
+    for _ in range(fits_before):
+        model.fit(X, Y, callbacks=[fk.SyncTerminateOnNaN(communicator=comm)], **fit)
+    with pytest.raises(CollectiveTimeoutError, match="DistributedOptimizer") as info:
+        model.fit(X, Y, callbacks=[fk.SyncTerminateOnNaN(communicator=comm)], **fit)
+    assert "Horovod has been shut down" in str(info.value)  # what it translated
+    assert comm.calls == 4 * fits_before + 3
+    comm.fail_at_call = None  # other failures are Keras' own, untouched
+    with pytest.raises(Exception, match="Matrix size-incompatible") as other:
+        model.fit(X[:, :3], Y, callbacks=[fk.SyncTerminateOnNaN(communicator=comm)], **fit)
+    assert not isinstance(other.value, CollectiveTimeoutError)

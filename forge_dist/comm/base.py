@@ -157,6 +157,12 @@ class Communicator(ABC):
         ``in_graph_allreduce`` is declared)."""
         raise NotImplementedError(f"the {self.backend!r} communicator has no in-graph all-reduce")
 
+    def in_graph_failure(self, error: BaseException) -> BaseException | None:
+        """The error to raise instead of ``error``, a failure of the compiled step, when
+        it is this communicator's in-graph all-reduce giving up (a rank died or hung);
+        None when it is something else."""
+        return None
+
     def describe(self) -> str:
         return f"{self.backend} rank {self.rank} of {self.size}"
 

@@ -74,14 +74,24 @@ class HorovodCommunicator(Communicator):
             try:
                 return fn(op_name)
             except Exception as e:  # HorovodInternalError, tf.errors.*: a peer is gone
-                text = " ".join(str(e).split())[:300]
-                msg = (
-                    f"collective {name!r} failed on rank {self.rank} of {self.size}: a rank "
-                    f"died, hung past the deadline ({self.timeout:g}s, FORGE_DIST_TIMEOUT) or "
-                    f"left the job, and Horovod shut down ({type(e).__name__}: {text})"
-                )
-                log.error(msg)
-                raise CollectiveTimeoutError(msg, name) from e
+                raise self._failed(name, e) from e
+
+    def _failed(self, name: str, e: BaseException) -> CollectiveTimeoutError:
+        text = " ".join(str(e).split())[:300]
+        msg = (
+            f"collective {name!r} failed on rank {self.rank} of {self.size}: a rank "
+            f"died, hung past the deadline ({self.timeout:g}s, FORGE_DIST_TIMEOUT) or "
+            f"left the job, and Horovod shut down ({type(e).__name__}: {text})"
+        )
+        log.error(msg)
+        return CollectiveTimeoutError(msg, name)
+
+    def in_graph_failure(self, error: BaseException) -> BaseException | None:
+        """The gradients' all-reduce inside the compiled step failed because Horovod shut
+        down (its stall deadline, or a peer gone): forge_dist's error, naming it."""
+        if "Horovod has been shut down" not in str(error):
+            return None
+        return self._failed("DistributedOptimizer(gradients)", error)
 
     def graph_allreduce_mean(self, tensor: Any, compression: str = "none") -> Any:
         """Horovod's all-reduce as a TF op inside the compiled step (fp16 optional)."""

@@ -16,6 +16,7 @@ from forge_dist.errors import ConfigurationError
 from forge_dist.keras import _compat
 from forge_dist.keras._compat import Callback
 from forge_dist.keras._state import register, registry, take_pending
+from forge_dist.keras.in_graph import watch_train_function
 
 log = logging.getLogger("forge_dist.keras")
 T = TypeVar("T")
@@ -87,6 +88,7 @@ class ForgeCallback(Callback):
     def set_model(self, model: Any) -> None:
         super().set_model(model)
         self.state_name = register(model, self)
+        watch_train_function(model, self.comm)
 
     # -- the state protocol
     def get_state(self) -> dict[str, Any] | None:
