@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 
 pytestmark = pytest.mark.keras
@@ -16,10 +17,30 @@ from forge_dist import keras as fk  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+class EpochWeights(keras.callbacks.Callback):
+    """The model's weights and optimizer variables at every epoch end."""
+
+    def __init__(self):
+        super().__init__()
+        self.weights, self.optimizer = {}, {}
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.weights[epoch] = [w.copy() for w in self.model.get_weights()]
+        self.optimizer[epoch] = [np.array(v) for v in self.model.optimizer.variables]
+
+
+def assert_holds(model, weights, optimizer):
+    for a, b in zip(model.get_weights(), weights, strict=True):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(model.optimizer.variables, optimizer, strict=True):
+        np.testing.assert_array_equal(np.array(a), b)
+
+
 def test_restore_skips_a_corrupt_newest_checkpoint(tmp_path, caplog):
     root = tmp_path / "r"
     model = make_model()
-    fit(model, [fk.ChiefModelCheckpoint(str(root), communicator=LOCAL)], epochs=2)
+    seen = EpochWeights()
+    fit(model, [fk.ChiefModelCheckpoint(str(root), communicator=LOCAL), seen], epochs=2)
     newest = root / "step-00000008" / "model.keras"
     data = bytearray(newest.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -29,8 +50,26 @@ def test_restore_skips_a_corrupt_newest_checkpoint(tmp_path, caplog):
         r = fk.restore_latest(fresh, str(root), communicator=LOCAL)
     assert r.step == 4 and r.skipped == ["step-00000008"] and r.initial_epoch == 1
     assert any("step-00000008" in m for m in caplog.messages)
+    # Step 4's weights and optimizer state (the end of epoch 0), not the corrupt step's,
+    # nor the fresh model's own.
+    assert_holds(fresh, seen.weights[0], seen.optimizer[0])
+    assert int(fresh.optimizer.iterations.numpy()) == 4
+
+
+def test_restore_loads_the_newest_steps_weights_and_optimizer_state(tmp_path):
+    root = tmp_path / "r"
+    seen = EpochWeights()
+    fit(make_model(), [fk.ChiefModelCheckpoint(str(root), communicator=LOCAL), seen], epochs=2)
+    fresh = make_model(seed=11)  # other initial weights
+    r = fk.restore_latest(fresh, str(root), communicator=LOCAL)
+    assert r.step == 8 and r.initial_epoch == 2
+    assert_holds(fresh, seen.weights[1], seen.optimizer[1])
 
 
 def test_restore_with_nothing_saved_is_a_fresh_start(tmp_path):
-    r = fk.restore_latest(make_model(), str(tmp_path / "none"), communicator=LOCAL)
+    model = make_model()
+    before = [w.copy() for w in model.get_weights()]
+    r = fk.restore_latest(model, str(tmp_path / "none"), communicator=LOCAL)
     assert not r.restored and r.initial_epoch == 0
+    for a, b in zip(model.get_weights(), before, strict=True):
+        np.testing.assert_array_equal(a, b)  # nothing changed
