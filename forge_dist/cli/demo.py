@@ -101,7 +101,12 @@ def _summary_line(summary: dict[str, Any], kept: int, bad: int, seconds: float) 
         + ("all verified" if not bad else f"{bad} CORRUPT"),
     ]
     if summary["ranks"] > 1:
-        parts.append(f"weights identical across ranks at {summary['guard_checks']} check(s)")
+        checks, bad = summary["guard_checks"], summary["guard_mismatches"]
+        parts.append(
+            f"weights identical across ranks at {checks} check(s)"
+            if not bad
+            else f"weights DIFFERED across ranks at {bad} of {checks} check(s)"
+        )
     parts.append(f"{seconds:.0f}s")
     return "; ".join(parts)
 
