@@ -225,22 +225,22 @@ def test_gc_refuses_a_monitor_no_manifest_carries_and_a_zero_count(tmp_path):
     assert zero.returncode == 2 and "--keep-last must be a positive integer" in one_clear_line(zero)
 
 
-def test_gc_on_a_read_only_root_is_an_error_not_kept(tmp_path, monkeypatch, capsys):
-    from forge_dist.storage.backends import posix
+def test_gc_on_a_read_only_root_is_an_error_not_kept(tmp_path):
+    from mounts import remount_read_only, tmpfs
 
-    root = tmp_path / "r"
-    store = CheckpointStore(str(root))
-    with store.writer(1) as w:
-        w.add_bytes("f", b"x")
-    (root / "step-00000002.tmp-otherhost.1.abcd").mkdir()  # abandoned staging
-
-    def read_only(path, *a, **k):
-        raise OSError(30, "Read-only file system", str(path))
-
-    monkeypatch.setattr(posix.shutil, "rmtree", read_only)
-    assert cli_main.main(["gc", str(root), "--keep-last", "1", "--grace", "0"]) == 2
-    err = capsys.readouterr().err
-    assert "read-only filesystem" in err and "kept" not in err
+    with tmpfs(tmp_path / "mnt", "1m") as mnt:
+        root = mnt / "r"
+        store = CheckpointStore(str(root))
+        with store.writer(1) as w:
+            w.add_bytes("f", b"x")
+        abandoned = root / "step-00000002.tmp-otherhost.1.abcd"
+        abandoned.mkdir()
+        remount_read_only(mnt)  # a real read-only filesystem, for a real CLI process
+        out = run("gc", str(root), "--keep-last", "1", "--grace", "0")
+        assert out.returncode == 2, out.stdout + out.stderr
+        line = one_clear_line(out)
+        assert "read-only filesystem" in line and "kept" not in line, line
+        assert abandoned.is_dir() and store.steps() == [1]
 
 
 def test_messages_name_the_flag_and_the_whole_url(tmp_path):

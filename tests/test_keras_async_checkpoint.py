@@ -3,6 +3,7 @@ one background thread while training goes on."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 
@@ -137,22 +138,33 @@ def test_async_checkpoint_loads_like_a_synchronous_one(tmp_path):
     np.testing.assert_array_equal(a.predict(X, verbose=0), b.predict(X, verbose=0))
 
 
-def test_a_background_failure_is_raised_at_the_next_epoch_end(tmp_path):
-    def fail(point):
-        if threading.current_thread() is not threading.main_thread() and "file-written" in point:
-            raise OSError(28, "No space left on device (injected)")
+class FillDisk(keras.callbacks.Callback):
+    """After the checkpoint's pre-flight (it comes later in the list): fill the disk."""
 
-    model = make_model()
-    ckpt = fk.ChiefModelCheckpoint(str(tmp_path), communicator=LOCAL, async_save=True)
-    rec = Record()
-    _faults.hook = fail
-    try:
-        with pytest.raises(ForgeDistError, match="background save of step 8 failed.*No space"):
-            fit(model, [rec, ckpt])
-    finally:
-        _faults.hook = None
-    assert sorted(rec.weights) == [0, 1]  # raised at the end of epoch 1, not lost
-    assert CheckpointStore(str(tmp_path)).steps() == []
+    def __init__(self, folder):
+        super().__init__()
+        self.folder = folder
+
+    def on_train_begin(self, logs=None):
+        path = os.path.join(self.folder, "filler")
+        with open(path, "wb", buffering=0) as f, contextlib.suppress(OSError):
+            while True:
+                f.write(b"\0" * 65536)
+
+
+def test_a_background_failure_is_raised_at_the_next_epoch_end(tmp_path):
+    from mounts import tmpfs
+
+    with tmpfs(tmp_path / "small", "1m") as mnt:  # a real disk that is full by the save
+        root = str(mnt / "root")
+        model = make_model()
+        ckpt = fk.ChiefModelCheckpoint(root, communicator=LOCAL, async_save=True)
+        rec = Record()
+        with pytest.raises(ForgeDistError, match="background save of step 8 failed.*no space"):
+            fit(model, [rec, ckpt, FillDisk(str(mnt))])
+        assert sorted(rec.weights) == [0, 1]  # raised at the end of epoch 1, not lost
+        store = CheckpointStore(root)
+        assert store.steps() == [] and store.list_staging() == []
 
 
 def test_when_busy_skip_skips_and_says_so_on_every_rank(tmp_path, gate):

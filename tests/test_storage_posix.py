@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 
 import pytest
 from storehelp import commit
@@ -107,26 +108,22 @@ def test_a_manifest_pointing_outside_is_rejected_and_nothing_outside_is_touched(
     assert (root / "step-00000001").is_dir()
 
 
-def test_no_space_left_raises_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    store = CheckpointStore(str(tmp_path / "root"))
-    commit(store, 1, {"a": b"previous"})
-    real_write = os.write
-    written = []
+def test_no_space_left_raises_and_keeps_the_previous_checkpoint(tmp_path):
+    from mounts import tmpfs
 
-    def full_disk(fd, data):
-        if written:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        written.append(len(data))
-        return real_write(fd, data[: len(data) // 2])  # a short write first
-
-    monkeypatch.setattr(backends_mod.os, "write", full_disk)
-    with pytest.raises(StorageError, match="no space left on device") as exc, store.writer(2) as w:
-        w.add_bytes("big.bin", os.urandom(1_000_000))
-    monkeypatch.undo()
-    assert exc.value.errno == errno.ENOSPC
-    assert store.steps() == [1]
-    assert store.verify(1, strict=True).ok
-    assert store.list_staging() == []
+    with tmpfs(tmp_path / "small", "1m") as mnt:  # a real full disk
+        store = CheckpointStore(str(mnt / "root"))
+        commit(store, 1, {"a": b"previous"})
+        with (
+            pytest.raises(StorageError, match="no space left on device") as exc,
+            store.writer(2) as w,
+        ):
+            w.add_bytes("big.bin", os.urandom(2_000_000))
+        assert exc.value.errno == errno.ENOSPC
+        assert store.steps() == [1]
+        assert store.verify(1, strict=True).ok
+        assert store.list_staging() == []
+        assert shutil.disk_usage(mnt).used < 200_000, "the failed staging's bytes are freed"
 
 
 def test_rename_across_devices_raises_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
