@@ -151,32 +151,51 @@ def test_collectives_reduce_across_real_ranks(tmp_path):
 
 
 LATE = """
-import os, signal, time
+import os, signal, sys, time
+from mpi4py import MPI
 from forge_dist import get_communicator
+from forge_dist.comm.mpi import _TAG_ROLLCALL
 c = get_communicator("mpi")
 c.allreduce([1.0], name="warm")
 if c.rank == 2:
     os.kill(os.getpid(), signal.SIGKILL)  # dead
-if c.rank == 1:
-    time.sleep(float(os.environ["LATE_S"]))  # busy: enters after rank 0 has given up
-c.allreduce([1.0], name="after")
+if c.rank in (1, 3):  # busy until rank 0, past its deadline, holds its roll call
+    end = time.monotonic() + 60
+    while not MPI.COMM_WORLD.Iprobe(source=0, tag=_TAG_ROLLCALL):
+        if time.monotonic() > end:
+            sys.exit("rank 0 never held its roll call")
+        time.sleep(0.01)
+try:
+    c.allreduce([1.0], name="after")
+except Exception as e:
+    if c.rank in (1, 3):
+        time.sleep(1.0)  # a handler slow to say what happened: the abort must wait for it
+        print(f"rank {c.rank} handled: {type(e).__name__}: {e}", flush=True)
+    raise
 """
 
 
 def test_every_survivor_says_its_own_error_before_the_job_is_aborted(tmp_path):
     """Rank 2 dies; rank 0 times out, holds its roll call and aborts the job at exit.
-    Rank 1, busy until after rank 0's deadline (it answers the roll call), must still end
-    with its own error, not be killed by the abort before it says anything."""
+    Ranks 1 and 3 enter the collective only once rank 0 has given up, and take their time
+    to say so: each must still end with its own error, killed neither by rank 0's abort
+    nor by each other's before it has said it."""
     script = tmp_path / "late.py"
     script.write_text(LATE)
     deadline = 3
-    env = {"FORGE_DIST_TIMEOUT": str(deadline), "LATE_S": str(deadline + 1.5)}
     run = mpirun(
-        3, [str(script)], env, bound_s=90, mpi_flags=["--enable-recovery", "--output", "tag"]
+        4,
+        [str(script)],
+        {"FORGE_DIST_TIMEOUT": str(deadline)},
+        bound_s=90,
+        mpi_flags=["--enable-recovery", "--output", "tag"],
     )
-    first, late = rank_output(run.output, 0), rank_output(run.output, 1)
+    first = rank_output(run.output, 0)
     assert f"collective 'after' timed out after {deadline}." in first, run.output[-3000:]
     assert "rank(s) 2 did not answer" in first
-    assert "CollectiveTimeoutError: collective 'after' given up on rank 1" in late, late
-    assert "rank 0 timed out" in late and "rank(s) 2 did not answer" in late
-    assert "MPI_ABORT" in run.output
+    for rank in (1, 3):
+        late = rank_output(run.output, rank)
+        said = f"rank {rank} handled: CollectiveTimeoutError: collective 'after' given up"
+        assert said in late, late[-2000:]
+        assert "rank 0 timed out" in late and "rank(s) 2 did not answer" in late
+    assert "MPI_ABORT was invoked on rank 0" in run.output  # the first one ends the job

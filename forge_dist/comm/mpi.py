@@ -9,11 +9,12 @@
 Every wait polls against the deadline. On a timeout the rank holds a roll call (every
 polling rank answers it), so the error names the ranks that did not answer, and then
 tells the ranks that did answer that it gave up: each of them raises its own error at
-its next poll instead of waiting out its own deadline, and says it has (an
-acknowledgement). A timed-out communicator is broken: the error is raised, and at
-interpreter exit the job is aborted (``MPI_Abort``) instead of hanging in
-``MPI_Finalize`` — after the ranks it told have acknowledged (or a few seconds), so no
-survivor is killed by the abort before its own error is out.
+its next poll instead of waiting out its own deadline. A timed-out communicator is
+broken: the error is raised, and at interpreter exit the job is aborted (``MPI_Abort``)
+instead of hanging in ``MPI_Finalize``. At exit (its traceback printed) a rank that was
+told says so to the rank that told it and leaves the abort to that one, which aborts
+once every rank it told has said so (or after a few seconds): no survivor is killed by
+another's abort before its own error is out.
 """
 
 from __future__ import annotations
@@ -84,7 +85,9 @@ class MPICommunicator(Communicator):
         self._broken: str | None = None
         self._replies: list[Any] = []  # roll-call answers and notices in flight
         self._gave_up: list[tuple[int, list[int]]] = []  # (rank, its missing) not yet raised
-        self._told: set[int] = set()  # ranks told this one gave up, not yet heard from
+        self._tellers: set[int] = set()  # ranks that told this one: owed "heard" at exit
+        self._told: set[int] = set()  # ranks this one told, not yet heard from
+        self._abandoned: list[Any] = []  # requests of collectives given up: never freed
         self._abort_registered = False
 
     @property
@@ -183,20 +186,20 @@ class MPICommunicator(Communicator):
                 f"{where}, yet every rank answered the roll call: they are in different "
                 "collectives (a diverged code path); the job will abort."
             )
-        live = set(range(self._size)) - set(missing) - {self._rank}
-        for r in sorted(live - {src for src, _ in self._gave_up}):  # (those know already)
+        error = self._broken_error(msg, name, missing)  # (said before anyone is told)
+        live = set(range(self._size)) - set(missing) - {self._rank} - self._tellers
+        for r in sorted(live):
             self._send_ints(list(missing), r, _TAG_GAVE_UP)
             self._told.add(r)
-        return self._broken_error(msg, name, missing)
+        return error
 
     def _broken_error(self, msg: str, name: str, missing: list[int]) -> CollectiveTimeoutError:
-        """This rank's error: said at once, the communicator marked broken (the job aborts
-        at exit), and every rank that told this one it gave up told that it is out."""
+        """This rank's error: said at once, the communicator marked broken, and the abort
+        registered for interpreter exit."""
         self._broken = msg
         log.error(msg)
         sys.stderr.flush()
-        for src, _ in self._gave_up:
-            self._send_ints([self._rank], src, _TAG_HEARD)
+        self._tellers.update(src for src, _ in self._gave_up)
         self._gave_up.clear()
         if not self._abort_registered:
             self._abort_registered = True
@@ -204,43 +207,52 @@ class MPICommunicator(Communicator):
         return CollectiveTimeoutError(msg, name, missing)
 
     def _abort(self) -> None:
-        """At exit, after a timeout: wait (briefly) until the ranks told have said their
-        error, then abort the job."""
+        """At exit, after a timeout (this rank's traceback is out by now): tell the ranks
+        that told this one; wait until the ranks this one told have said theirs; a rank
+        that was told then leaves the abort to its teller (its own would kill ranks still
+        printing). Bounded: the job is aborted in any case."""
         import numpy as np
 
         MPI = self._MPI
         status = MPI.Status()
-        end = time.monotonic() + _HEARD_S
-        while self._told and time.monotonic() < end:
-            self._answer_rollcalls()
-            for src, _ in self._gave_up:  # it gave up too: its own error is out
-                self._told.discard(src)
+        try:
+            for src in sorted(self._tellers):
                 self._send_ints([self._rank], src, _TAG_HEARD)
-            self._gave_up.clear()
-            while self._comm.Iprobe(source=MPI.ANY_SOURCE, tag=_TAG_HEARD, status=status):
-                buf = np.empty(1, dtype=np.int64)
-                self._comm.Recv([buf, MPI.INT64_T], source=status.Get_source(), tag=_TAG_HEARD)
-                self._told.discard(int(buf[0]))
-            time.sleep(0.001)
-        sys.stderr.flush()
-        self._comm.Abort(_ABORT_CODE)
+            end = time.monotonic() + _HEARD_S * (2 if self._tellers else 1)
+            while (self._told or self._tellers) and time.monotonic() < end:
+                self._answer_rollcalls()
+                for src, _ in self._gave_up:  # it gave up too, and is at its own exit soon
+                    self._send_ints([self._rank], src, _TAG_HEARD)
+                self._gave_up.clear()
+                while self._comm.Iprobe(source=MPI.ANY_SOURCE, tag=_TAG_HEARD, status=status):
+                    buf = np.empty(1, dtype=np.int64)
+                    self._comm.Recv([buf, MPI.INT64_T], source=status.Get_source(), tag=_TAG_HEARD)
+                    self._told.discard(int(buf[0]))
+                time.sleep(0.001)
+        finally:
+            sys.stderr.flush()
+            self._comm.Abort(_ABORT_CODE)
 
     def _wait_sends(self, reqs: dict[int, Any], name: str, start: float) -> None:
         pause = 0.0
-        while reqs:
-            for r, req in list(reqs.items()):
-                if req.Test():
-                    del reqs[r]
-            if not reqs:
-                return
-            waited = time.monotonic() - start
-            if waited > self.timeout:
-                for req in reqs.values():
-                    with contextlib.suppress(Exception):
-                        req.Cancel()
-                raise self._deadline_error(name, sorted(reqs), waited)
-            self._poll(name, start)
-            pause = _backoff(pause, start)
+        try:
+            while reqs:
+                for r, req in list(reqs.items()):
+                    if req.Test():
+                        del reqs[r]
+                if not reqs:
+                    return
+                waited = time.monotonic() - start
+                if waited > self.timeout:
+                    for req in reqs.values():
+                        with contextlib.suppress(Exception):
+                            req.Cancel()
+                    raise self._deadline_error(name, self._rollcall(), waited)
+                self._poll(name, start)
+                pause = _backoff(pause, start)
+        except CollectiveTimeoutError:
+            self._abandoned += reqs.values()  # MPI may still use them: never freed
+            raise
 
     def _recv_from(self, sources: list[int], tag: int, name: str, start: float) -> dict[int, bytes]:
         import numpy as np
@@ -264,7 +276,7 @@ class MPICommunicator(Communicator):
                 break
             waited = time.monotonic() - start
             if waited > self.timeout:
-                raise self._deadline_error(name, pending, waited)
+                raise self._deadline_error(name, self._rollcall(), waited)
             self._poll(name, start)
             pause = 0.0 if progressed else _backoff(pause, start)
         return got
@@ -323,12 +335,16 @@ class MPICommunicator(Communicator):
     # -- collectives -----------------------------------------------------------
     def _wait_request(self, req: Any, name: str, start: float) -> None:
         pause = 0.0
-        while not req.Test():
-            waited = time.monotonic() - start
-            if waited > self.timeout:
-                raise self._deadline_error(name, self._rollcall(), waited)
-            self._poll(name, start)
-            pause = _backoff(pause, start)
+        try:
+            while not req.Test():
+                waited = time.monotonic() - start
+                if waited > self.timeout:
+                    raise self._deadline_error(name, self._rollcall(), waited)
+                self._poll(name, start)
+                pause = _backoff(pause, start)
+        except CollectiveTimeoutError:
+            self._abandoned.append(req)  # an active collective's request: never freed
+            raise
 
     def allreduce(self, values: Any, op: str = "mean", name: str = "allreduce") -> Any:
         import zlib
