@@ -85,7 +85,8 @@ def test_a_hung_rank_becomes_an_error_on_the_survivor_within_the_deadline(tmp_pa
     survivor = "\n".join(ln for ln in run.output.splitlines() if ln.startswith("[0]"))
     # forge_dist's error, naming the deadline, even where Horovod's all-reduce inside the
     # compiled step is the collective that gave up.
-    assert "forge_dist.errors.CollectiveTimeoutError: collective " in survivor, survivor[-3000:]
+    want = "forge_dist.errors.CollectiveTimeoutError: collective 'DistributedOptimizer(gradients)'"
+    assert want in survivor, survivor[-3000:]
     assert f"hung past the deadline ({deadline}s, FORGE_DIST_TIMEOUT)" in survivor
     assert not (out / "rank-0.json").exists()
 

@@ -55,17 +55,21 @@ class InGraphComm(LocalCommunicator):
         return CollectiveTimeoutError(f"'DistributedOptimizer(gradients)' gave up: {error}")
 
 
-@pytest.mark.parametrize("fits_before", [0, 1])
-def test_an_in_graph_all_reduce_that_gives_up_is_the_communicators_error(fits_before):
+@pytest.mark.parametrize("before", [None, "forge", "plain"])
+def test_an_in_graph_all_reduce_that_gives_up_is_the_communicators_error(before):
+    """Translated in a model's first fit, in a later one, and in a fit that follows one
+    without forge_dist callbacks (its train function was built already)."""
     from kerashelp import X, Y
 
+    fits_before = 0 if before is None else 1
     comm = InGraphComm(fail_at_call=4 * fits_before + 3)  # the 3rd step of the last fit
     keras.utils.set_random_seed(1)
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
     model.compile(optimizer=fk.DistributedOptimizer(keras.optimizers.SGD(0.1), comm), loss="mse")
     fit = dict(batch_size=32, epochs=1, verbose=0)
-    for _ in range(fits_before):
-        model.fit(X, Y, callbacks=[fk.SyncTerminateOnNaN(communicator=comm)], **fit)
+    if before is not None:
+        first = [fk.SyncTerminateOnNaN(communicator=comm)] if before == "forge" else []
+        model.fit(X, Y, callbacks=first, **fit)
     with pytest.raises(CollectiveTimeoutError, match="DistributedOptimizer") as info:
         model.fit(X, Y, callbacks=[fk.SyncTerminateOnNaN(communicator=comm)], **fit)
     assert "Horovod has been shut down" in str(info.value)  # what it translated
@@ -74,3 +78,17 @@ def test_an_in_graph_all_reduce_that_gives_up_is_the_communicators_error(fits_be
     with pytest.raises(Exception, match="Matrix size-incompatible") as other:
         model.fit(X[:, :3], Y, callbacks=[fk.SyncTerminateOnNaN(communicator=comm)], **fit)
     assert not isinstance(other.value, CollectiveTimeoutError)
+
+
+def test_the_translating_train_function_copies_and_reads_as_the_original():
+    import copy
+
+    from forge_dist.keras.in_graph import _Translating
+
+    def step(x):
+        return x + 1
+
+    step.answer = 42
+    wrapped = _Translating(step, InGraphComm(None))
+    assert wrapped(1) == 2 and wrapped.answer == 42
+    assert copy.copy(wrapped)(1) == 2  # (no endless __getattr__ while copy builds it)

@@ -89,7 +89,8 @@ class HorovodCommunicator(Communicator):
     def in_graph_failure(self, error: BaseException) -> BaseException | None:
         """The gradients' all-reduce inside the compiled step failed because Horovod shut
         down (its stall deadline, or a peer gone): forge_dist's error, naming it."""
-        if "Horovod has been shut down" not in str(error):
+        text = str(error)
+        if "Horovod has been shut down" not in text and "HorovodInternalError" not in text:
             return None
         return self._failed("DistributedOptimizer(gradients)", error)
 

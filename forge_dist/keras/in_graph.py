@@ -41,7 +41,10 @@ class _Translating:
             raise error from e
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._fn, name)
+        fn = self.__dict__.get("_fn")  # (absent while copy or pickle build the object)
+        if fn is None:
+            raise AttributeError(name)
+        return getattr(fn, name)
 
 
 def _translating(fn: Any, comm: Communicator) -> Any:
