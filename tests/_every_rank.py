@@ -111,11 +111,16 @@ released = threading.Event()
 
 
 class Release(keras.callbacks.Callback):
-    """After the checkpoint's epoch-1 decision: let the held background save go on."""
+    """After the checkpoint's epoch-1 decision: let the held background save go on, and
+    have it committed before epoch 2's save point (which then saves)."""
 
     def on_epoch_end(self, epoch, logs=None):
         if epoch == 1:
             released.set()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == 2 and ckpt.async_checkpointer is not None:
+            ckpt.async_checkpointer.wait_until_finished()
 
 
 def hold_first_save(point: str) -> None:

@@ -66,8 +66,6 @@ else:
     with strategy.scope() if strategy else contextlib.nullcontext():
         comm = get_communicator("tf" if strategy else args.backend)
     rank, size = comm.rank, comm.size
-    if args.backend == "mirrored":
-        size = strategy.num_replicas_in_sync
 
 N = args.ranks or size
 b, steps = args.batch, args.steps
@@ -129,7 +127,7 @@ def train(compression: str) -> list:
 
 report = {
     "rank": rank,
-    "size": N,
+    "size": strategy.num_replicas_in_sync if strategy is not None else size,
     "backend": comm.backend if comm is not None else "local",
     "initial": [w.tolist() for w in initial],
     "final": {c: train(c) for c in (args.compression or ["none"])},

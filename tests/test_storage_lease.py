@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -28,7 +30,8 @@ def root(request, tmp_path):
 
 
 class Writer:
-    """``_lease_writer.py`` in its own process, driven line by line."""
+    """``_lease_writer.py`` in its own process, driven line by line; every wait for it is
+    bounded (a writer that hangs fails the test, it is killed)."""
 
     def __init__(self, url, options, env, step, action="commit", pause_at=None):
         self.proc = subprocess.Popen(
@@ -46,10 +49,25 @@ class Writer:
             text=True,
             env={**os.environ, **env},
         )
+        self.lines: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.put(line.strip())
+        self.lines.put(None)  # the end of its output
+
+    def _fail(self, what):
+        self.proc.kill()
+        self.proc.wait()
+        pytest.fail(f"the writer did not {what} within {BOUND_S}s")
 
     def expect(self, word):
-        line = self.proc.stdout.readline().strip()  # bounded by communicate() below
-        assert line.startswith(word), line
+        try:
+            line = self.lines.get(timeout=BOUND_S)
+        except queue.Empty:
+            self._fail(f"say {word}")
+        assert line is not None and line.startswith(word), line
         return line
 
     def send(self, line):
@@ -57,9 +75,17 @@ class Writer:
         self.proc.stdin.flush()
 
     def go(self):
-        out, _ = self.proc.communicate("go\n", timeout=BOUND_S)
-        assert self.proc.returncode == 0, out
-        return out.strip()
+        self.send("go")
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=BOUND_S)
+        except subprocess.TimeoutExpired:
+            self._fail("finish")
+        said = []
+        while (line := self.lines.get(timeout=BOUND_S)) is not None:
+            said.append(line)
+        assert self.proc.returncode == 0, said
+        return "\n".join(said)
 
 
 def test_an_older_writer_cannot_commit_after_a_newer_one_took_over(root):
