@@ -3,17 +3,21 @@ error on every rank; a resume keeps exactly one row per epoch."""
 
 from __future__ import annotations
 
+import csv
+
 import pytest
 
 pytestmark = pytest.mark.keras
 keras = pytest.importorskip("keras", reason="Keras is in the [tf] extra")
 
-from kerashelp import LOCAL, fit, make_model  # noqa: E402
+from kerashelp import LOCAL, X, Y, fit, make_model  # noqa: E402
 from threadcomm import run_ranks  # noqa: E402
 
 from forge_dist import keras as fk  # noqa: E402
 from forge_dist.errors import ConfigurationError, ForgeDistError, StorageError  # noqa: E402
 from forge_dist.storage import CheckpointStore  # noqa: E402
+
+XY = (X, Y)
 
 
 def epochs_in(path):
@@ -23,37 +27,83 @@ def epochs_in(path):
     return [ln.split(",")[0] for ln in lines[1:]]
 
 
-def test_csv_logger_appends_without_duplicating_epochs(tmp_path):
+def test_append_follows_keras_a_fresh_fit_replaces_or_adds_rows(tmp_path):
     url = str(tmp_path / "log" / "history.csv")
     model = make_model()
     fit(model, [fk.ChiefCSVLogger(url, communicator=LOCAL)], epochs=3)
-    fit(model, [fk.ChiefCSVLogger(url, communicator=LOCAL)], epochs=4, initial_epoch=2)
-    assert epochs_in(url) == ["0", "1", "2", "3"]
+    assert epochs_in(url) == ["0", "1", "2"]
+    fit(model, [fk.ChiefCSVLogger(url, communicator=LOCAL)], epochs=2)  # append=False
+    assert epochs_in(url) == ["0", "1"], "replaced, as Keras does by default"
+    logger = fk.ChiefCSVLogger(url, append=True, communicator=LOCAL)
+    fit(model, [logger], epochs=4, initial_epoch=2)
+    fit(model, [logger], epochs=1)  # the same logger object in another fit
+    assert epochs_in(url) == ["0", "1", "2", "3", "0"], "appending never drops a row"
 
 
-def test_a_resume_drops_the_rows_past_the_checkpoint(tmp_path):
-    url, root = str(tmp_path / "history.csv"), str(tmp_path / "ckpt")
+def test_a_fit_refused_at_train_begin_keeps_the_rows_there(tmp_path):
+    url = str(tmp_path / "history.csv")
+    fit(make_model(), [fk.ChiefCSVLogger(url, communicator=LOCAL)], epochs=2)
+    before = (tmp_path / "history.csv").read_text()
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where the checkpoint root should be")
+    logger = fk.ChiefCSVLogger(url, communicator=LOCAL)  # append=False: replaces...
+    ckpt = fk.ChiefModelCheckpoint(str(blocker / "ckpt"), communicator=LOCAL)
+    with pytest.raises(StorageError):  # ...but the fit never starts
+        fit(make_model(), [logger, ckpt], epochs=2)
+    assert (tmp_path / "history.csv").read_text() == before
+
+
+def test_a_missing_value_is_na_as_in_keras(tmp_path):
+    url = str(tmp_path / "h.csv")
     model = make_model()
-    fit(
-        model,
-        [
-            fk.ChiefCSVLogger(url, communicator=LOCAL),
-            fk.ChiefModelCheckpoint(root, communicator=LOCAL),
-        ],
+    model.fit(
+        *XY,
+        validation_data=XY,
+        validation_freq=2,
         epochs=2,
+        verbose=0,
+        callbacks=[fk.ChiefCSVLogger(url, communicator=LOCAL)],
     )
-    assert CheckpointStore(root).newest().state["callbacks"]["csv_logger"] == {"last_epoch": 1}
+    with open(url) as f:
+        rows = list(csv.DictReader(f))
+    assert rows[0]["val_loss"] == "NA" and rows[1]["val_loss"] != "NA"
+
+
+@pytest.mark.parametrize("append", [False, True])
+@pytest.mark.parametrize("order", ["csv-first", "checkpoint-first"])
+def test_a_resume_drops_the_rows_past_the_checkpoint(tmp_path, append, order):
+    url, root = str(tmp_path / "history.csv"), str(tmp_path / "ckpt")
+    with open(url, "w") as f:  # rows of an earlier run in the same file
+        f.write("epoch,loss\n0,9.0\n1,8.0\n2,7.0\n")
+
+    def stack():
+        logger = fk.ChiefCSVLogger(url, append=append, communicator=LOCAL)
+        ckpt = fk.ChiefModelCheckpoint(root, communicator=LOCAL)
+        return [logger, ckpt] if order == "csv-first" else [ckpt, logger]
+
+    model = make_model()
+    fit(model, stack(), epochs=2)
+    earlier = 3 if append else 0
+    assert epochs_in(url) == ["0", "1", "2"][:earlier] + ["0", "1"]
     # The run went on past its last checkpoint (epochs 2, 3 logged) and died.
-    fit(model, [fk.ChiefCSVLogger(url, communicator=LOCAL)], epochs=4, initial_epoch=2)
+    fit(model, [fk.ChiefCSVLogger(url, append=True, communicator=LOCAL)], epochs=4, initial_epoch=2)
     fresh = make_model()
     restored = fk.restore_latest(fresh, root, communicator=LOCAL, verbose=0)
-    fit(
-        fresh,
-        [fk.ChiefCSVLogger(url, communicator=LOCAL)],
-        epochs=3,
-        initial_epoch=restored.initial_epoch,
-    )
-    assert epochs_in(url) == ["0", "1", "2"]  # epoch 3 of the lost attempt is gone
+    fit(fresh, stack(), epochs=3, initial_epoch=restored.initial_epoch)
+    # Epochs 2 and 3 of the lost attempt are gone, epoch 2 is there once, and the earlier
+    # run's rows are kept whatever append says: a resume is not a fresh fit.
+    assert epochs_in(url) == ["0", "1", "2"][:earlier] + ["0", "1", "2"]
+
+
+def test_the_checkpoint_records_how_far_the_csv_goes(tmp_path):
+    url, root = str(tmp_path / "history.csv"), str(tmp_path / "ckpt")
+    stack = [
+        fk.ChiefCSVLogger(url, communicator=LOCAL),
+        fk.ChiefModelCheckpoint(root, communicator=LOCAL),
+    ]
+    fit(make_model(), stack, epochs=2)
+    state = CheckpointStore(root).newest().state["callbacks"]["csv_logger"]
+    assert state == {"last_epoch": 1, "rows": 2}
 
 
 def test_csv_logger_writes_to_object_storage(s3):

@@ -10,7 +10,7 @@ from typing import Any
 from forge_dist.comm import Communicator
 from forge_dist.errors import ConfigurationError
 from forge_dist.keras._compat import to_float
-from forge_dist.keras._state import restored_position
+from forge_dist.keras._state import registry, restored_position
 from forge_dist.keras.callbacks.base import ForgeCallback, keras_alias
 from forge_dist.storage._errors import storage_errors
 from forge_dist.storage.logdir import is_local, open_url, probe_writable
@@ -22,10 +22,16 @@ class ChiefCSVLogger(ForgeCallback):
     ``url`` (Keras' ``filename``) is any fsspec URL. The whole file is rewritten
     atomically each epoch (temp + rename on local disks, one PUT on object stores),
     with the values every rank agreed on; a failure to write is an error on every rank
-    in that epoch. Each checkpoint records the last epoch the CSV holds; a resumed run
-    first drops the rows past the restored checkpoint's epoch, so every epoch has
-    exactly one row.
-    With ``append=False`` an existing file is replaced at train begin."""
+    in that epoch. As in Keras, ``append=False`` replaces an existing file and
+    ``append=True`` adds this fit's rows after the ones there, which it never drops; a
+    value missing from an epoch's logs is written ``NA``. (Unlike Keras, the file is
+    replaced at the first epoch's end, not at train begin, so a fit refused before its
+    first step loses no rows.)
+
+    A resume of the same run (``restore_latest``, or ``fit_resumed``'s fits) keeps the
+    rows, whatever ``append`` says: each checkpoint records how many rows the CSV holds,
+    and a resumed run first drops the rows written after the restored checkpoint, so
+    every epoch has exactly one row."""
 
     state_key = "csv_logger"
 
@@ -33,7 +39,7 @@ class ChiefCSVLogger(ForgeCallback):
         self,
         url: str | None = None,
         separator: str = ",",
-        append: bool = True,
+        append: bool = False,
         storage_options: dict[str, Any] | None = None,
         communicator: Communicator | None = None,
         filename: str | None = None,
@@ -50,10 +56,18 @@ class ChiefCSVLogger(ForgeCallback):
         self.header: list[str] | None = None
         self.last_epoch = -1
         self._restores_seen = 0
+        self._restored_rows: int | None = None  # rows the restored checkpoint covers
 
     # -- the state protocol: how far the CSV goes (recorded in each manifest)
     def get_state(self) -> dict[str, Any]:
-        return {"last_epoch": self.last_epoch}
+        return {"last_epoch": self.last_epoch, "rows": len(self.rows)}
+
+    def set_state(self, state: dict[str, Any], weights: list[Any] | None = None) -> None:
+        rows = state.get("rows")
+        self._restored_rows = rows if isinstance(rows, int) else None
+
+    def reset_state(self) -> None:
+        self._restored_rows = None
 
     # -- Keras hooks
     def on_train_begin(self, logs: Any = None) -> None:
@@ -61,16 +75,19 @@ class ChiefCSVLogger(ForgeCallback):
         self._agree("ChiefCSVLogger(train begin)", self._start)
 
     def _start(self) -> None:
-        """Chief: probe the URL, read the rows a resumed run keeps."""
-        self.rows, self.header = [], None
+        """Chief: probe the URL; the rows this fit goes on from."""
         parent = self.path.rsplit("/", 1)[0] if "/" in self.path else "."
         probe_writable(self.fs, parent, self.url, "the CSV's folder")
-        if self.append:
-            self._read_existing()
+        if registry(self.model).keep_state:
+            return  # fit_resumed's next fit of the same run: the rows as they are
         position = restored_position(self.model, self._restores_seen)
-        if position is not None:  # rows past the checkpoint: an attempt nothing covers
+        self.rows, self.header = [], None
+        if position is not None:  # a resume: this run's rows, cut back to the checkpoint
             last_complete, _step, self._restores_seen = position
-            self.rows = [r for r in self.rows if _epoch(r) <= last_complete]
+            self._read_existing()
+            self.rows = _cut(self.rows, self._restored_rows, last_complete)
+        elif self.append:
+            self._read_existing()
         self.last_epoch = max([_epoch(r) for r in self.rows], default=-1)
 
     def _read_existing(self) -> None:
@@ -88,8 +105,7 @@ class ChiefCSVLogger(ForgeCallback):
         self._agree(f"ChiefCSVLogger(epoch {epoch + 1})", lambda: self._add(epoch, logs or {}))
 
     def _add(self, epoch: int, logs: dict[str, Any]) -> None:
-        """Chief: this epoch's row, replacing any row of this epoch or later."""
-        self.rows = [r for r in self.rows if _epoch(r) < epoch]
+        """Chief: this epoch's row after the others."""
         row = {"epoch": str(epoch)}
         for k in sorted(logs):
             f = to_float(logs[k])
@@ -105,7 +121,7 @@ class ChiefCSVLogger(ForgeCallback):
     def _write(self) -> None:
         out = io.StringIO()
         w = csv.DictWriter(
-            out, fieldnames=self.header, delimiter=self.separator, lineterminator="\n", restval=""
+            out, fieldnames=self.header, delimiter=self.separator, lineterminator="\n", restval="NA"
         )
         w.writeheader()
         w.writerows(self.rows)
@@ -122,6 +138,16 @@ class ChiefCSVLogger(ForgeCallback):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.path)
+
+
+def _cut(rows: list[dict[str, str]], covered: int | None, last_complete: int) -> list:
+    """The rows a resume keeps: the ``covered`` rows the checkpoint recorded, and of
+    those written after it, the ones of epochs it completed (a logger after the
+    checkpoint in the list wrote its epoch's row after the checkpoint was taken). A
+    checkpoint that recorded no count (older ones): every row up to its epoch."""
+    if covered is None:
+        return [r for r in rows if _epoch(r) <= last_complete]
+    return rows[:covered] + [r for r in rows[covered:] if _epoch(r) <= last_complete]
 
 
 def _epoch(row: dict[str, str]) -> int:
