@@ -15,7 +15,8 @@ class Problem:
     when not verifying strictly."""
 
     kind: str  # bad_manifest | missing | size_mismatch | hash_mismatch | unsafe_path |
-    #            not_a_file | unlisted | io_error | uncommitted
+    #            not_a_file | unlisted | io_error | uncommitted | previous_save (a file
+    #            holding the save before its sidecar's newest: not fatal)
     path: str | None
     message: str
     expected: Any = None

@@ -13,6 +13,7 @@ from forge_dist.cli.common import (
     EXIT_OK,
     UsageError,
     resolve,
+    storage_options,
 )
 from forge_dist.cli.output import (
     human_bytes,
@@ -41,9 +42,26 @@ def _targets(args: argparse.Namespace, store: Any, name: str | None) -> tuple[li
     return ([committed[-1].name] if committed else []), staging
 
 
+def _is_file(url: str, options: Any) -> bool:
+    """URL names one file (a Keras file ChiefModelCheckpoint wrote, with its sidecar)."""
+    from forge_dist.storage.files import SIDECAR
+    from forge_dist.storage.logdir import open_url
+
+    try:
+        fs, path = open_url(url, options, "URL")
+        if fs.exists(path + SIDECAR):
+            return True
+        return path.lower().endswith((".keras", ".h5")) and bool(fs.isfile(path))
+    except Exception:  # not a readable file: the root-or-folder path reports what is wrong
+        return False
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     if args.step is not None and args.all:
         raise UsageError("--step and --all cannot be used together")
+    options = storage_options(args.storage_options)
+    if _is_file(args.url, options):
+        return _verify_file(args, options)
     store, name = resolve(args.url, args.storage_options)
     full = not args.fast
     targets, staging = _targets(args, store, name)
@@ -69,6 +87,39 @@ def cmd_verify(args: argparse.Namespace) -> int:
         return _emit(args, Outcome(store, reports, staging, EXIT_NO_CHECKPOINT, message))
     code = EXIT_OK if all(r.ok for r in reports) else EXIT_INTEGRITY
     return _emit(args, Outcome(store, reports, staging, code, None))
+
+
+def _verify_file(args: argparse.Namespace, options: Any) -> int:
+    """One file against its sidecar (``forge_dist.storage.files``)."""
+    from forge_dist._urls import redact_url
+    from forge_dist.storage.files import check_file
+
+    if args.step is not None or args.all:
+        raise UsageError("--step/--all need a checkpoint root, not one file")
+    found = check_file(args.url, options, full=not args.fast)
+    report = found.report
+    if not found.committed:
+        code, message = EXIT_NO_CHECKPOINT, f"{report.name}: {report.problems[0].message}"
+    else:
+        code, message = (EXIT_OK if report.ok else EXIT_INTEGRITY), None
+    where = _FileWhere(redact_url(args.url))
+    if found.note:
+        if args.json:
+            report.problems.append(_note(report.name, found.note))
+        else:
+            stdout_console().print(f"[dim]note {report.name}: {found.note}[/]")
+    return _emit(args, Outcome(where, [report] if found.committed else [], [], code, message))
+
+
+@dataclass
+class _FileWhere:
+    display: str
+
+
+def _note(name: str, text: str) -> Any:
+    from forge_dist.storage.types import Problem
+
+    return Problem("previous_save", name, text, fatal=False)
 
 
 @dataclass
@@ -124,14 +175,13 @@ def _print_human(args: argparse.Namespace, out: Outcome) -> None:
             if len(reports) <= 3
             else f"{len(reports)} checkpoints"
         )
-        con.print(
-            f"[green]OK[/] {names} in {store.display}: {n_files} files, "
-            f"{human_bytes(n_bytes)} {mode}"
+        place = (
+            store.display if store.display.endswith("/" + names) else f"{names} in {store.display}"
         )
+        con.print(f"[green]OK[/] {place}: {n_files} files, {human_bytes(n_bytes)} {mode}")
         return
     bad = [r.name for r in reports if not r.ok]
     n_problems = sum(1 for r in reports for p in r.problems if p.fatal)
-    con.print(
-        f"[red]FAILED[/] {', '.join(bad)} in {store.display}: "
-        f"{n_problems} problem{'s' if n_problems != 1 else ''}"
-    )
+    place = ", ".join(bad)
+    place = store.display if store.display.endswith("/" + place) else f"{place} in {store.display}"
+    con.print(f"[red]FAILED[/] {place}: {n_problems} problem{'s' if n_problems != 1 else ''}")
