@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from storehelp import commit
 
 
@@ -33,6 +35,35 @@ def test_retention_keeps_a_step_that_lacks_the_monitored_value(target):
     assert kept == [2, 3, 4, 6]  # the newest, the best (3), and the two without a value
     assert deleted == [1, 5]
     assert store.steps() == [2, 3, 4, 6]
+
+
+def test_retention_keeps_the_end_of_an_epoch_whose_weights_are_asked_back(target):
+    """Early stopping's best: the step that ended that epoch is kept, whatever keep_last
+    says (a mid-epoch step of that epoch is no substitute)."""
+    store = target.store()
+    ends = {3: (0, True), 5: (1, False), 6: (1, True), 9: (2, True), 12: (3, True)}
+    for step, (epoch, done) in ends.items():
+        commit(store, step, {"w": b"x"}, state={"epoch": epoch, "epoch_done": done})
+    kept, deleted = store.apply_retention(keep_last=1, protect_epochs=[1])
+    assert kept == [6, 12] and deleted == [3, 5, 9]
+
+
+def test_removing_the_root_leaves_what_is_not_the_stores(target):
+    store = target.store()
+    commit(store, 1, {"w": b"x"})
+    store.take_lease("run")
+    store.delete(1)
+    store.remove_root()
+    if target.kind != "local":
+        assert store.steps() == [] and store.lease() is None
+    else:
+        assert not os.path.exists(target.url)  # the folder was left empty: gone
+        commit(store, 2, {"w": b"x"})
+        store.delete(2)
+        with open(os.path.join(target.url, "notes.txt"), "w") as f:
+            f.write("mine")
+        store.remove_root()
+        assert os.listdir(target.url) == ["notes.txt"]
 
 
 def test_gc_removes_abandoned_staging_but_not_a_live_writer(target):

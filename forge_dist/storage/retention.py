@@ -35,16 +35,25 @@ def apply_retention(
     protect: Sequence[int] = (),
     run_id: str | None = None,
     lease: Lease | None = None,
+    protect_epochs: Sequence[int] = (),
 ) -> tuple[list[int], list[int]]:
     """Delete committed steps beyond keep-last N / keep-best K; return (kept, deleted).
-    The newest committed step and the ``protect`` ones are always kept. With ``run_id``
-    only that run's steps are counted, ranked or deleted; another run's are left alone."""
+    The newest committed step and the ``protect`` ones are always kept, and the newest
+    step taken at the end of each of ``protect_epochs`` (the epochs whose weights a
+    callback's state needs back, e.g. early stopping's best). With ``run_id`` only that
+    run's steps are counted, ranked or deleted; another run's are left alone."""
     if keep_best is not None and not monitor:
         raise ConfigurationError("keep_best needs monitor= (the metric to rank steps by)")
     infos = [c for c in store.list() if c.readable]
     if run_id is not None:
         infos = [c for c in infos if c.manifest is not None and c.manifest.run.get("id") == run_id]
     metrics = {c.step: c.metrics.get(monitor) for c in infos} if monitor else None
+    if protect_epochs:
+        wanted, ends = set(protect_epochs), {}
+        for c in infos:  # (oldest first: the newest step of an epoch's end wins)
+            if c.state.get("epoch_done", True) and c.state.get("epoch") in wanted:
+                ends[c.state["epoch"]] = c.step
+        protect = [*protect, *ends.values()]
     decision = decide_retention(
         [c.step for c in infos],
         metrics,

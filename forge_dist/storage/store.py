@@ -283,6 +283,11 @@ class CheckpointStore:
             self._backend.delete_committed(name)
         log.info("deleted %s from %s", name, self.display)
 
+    def remove_root(self) -> None:
+        """Once its steps are deleted: the writer lease goes, then the root itself where
+        it is a folder left empty (files that are not the store's stay)."""
+        self._backend.remove_root()
+
     def archive_steps(self, steps: list[int]) -> str:
         """Move committed ``steps`` into a new ``archive-<time>`` folder in the root
         (where readers do not look); return its name. Local roots only: on object
@@ -321,10 +326,12 @@ class CheckpointStore:
         protect: Sequence[int] = (),
         run_id: str | None = None,
         lease: Lease | None = None,
+        protect_epochs: Sequence[int] = (),
     ) -> tuple[list[int], list[int]]:
         """Delete committed steps beyond keep-last N / keep-best K; return (kept,
         deleted). The newest committed step and ``protect`` are always kept, so this is
-        safe to call right after a commit; with ``run_id`` only that run's steps count;
+        safe to call right after a commit, and so is the newest step of each epoch end in
+        ``protect_epochs``; with ``run_id`` only that run's steps count;
         with ``lease`` nothing is deleted once a newer writer holds the root."""
         return retention.apply_retention(
             self,
@@ -336,6 +343,7 @@ class CheckpointStore:
             protect=protect,
             run_id=run_id,
             lease=lease,
+            protect_epochs=protect_epochs,
         )
 
     def gc(

@@ -145,6 +145,11 @@ class Backend(ABC):
         """Free space where the root lives, or None where storage has no such limit."""
         return None
 
+    @abstractmethod
+    def remove_root(self) -> None:
+        """Remove the writer lease (and lock), then the root itself where it is a folder
+        left empty; anything else in it stays."""
+
     # -- the writer lease (storage/lease.py) -----------------------------------
     @abstractmethod
     def read_lease(self) -> tuple[bytes | None, Any]:

@@ -254,6 +254,12 @@ class ObjectBackend(Backend):
             self.fs.rm_file(probe)
         self._fresh()
 
+    def remove_root(self) -> None:
+        lease = f"{self.root}/{LEASE_NAME}"
+        gone = contextlib.suppress(FileNotFoundError)
+        with storage_errors(f"cannot remove {self.display}"), gone:
+            self.fs.rm_file(lease)
+
     def read_lease(self) -> tuple[bytes | None, Any]:
         path = f"{self.root}/{LEASE_NAME}"
         with storage_errors(f"cannot read the writer lease of {self.display}"):

@@ -288,6 +288,14 @@ class PosixBackend(Backend):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(probe)
 
+    def remove_root(self) -> None:
+        with storage_errors(f"cannot remove {self.display}"):
+            for name in (LEASE_NAME, LOCK_NAME):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._p(name))
+            with contextlib.suppress(FileNotFoundError, OSError):
+                os.rmdir(self.root)  # (not empty: someone else's files stay)
+
     def read_lease(self) -> tuple[bytes | None, Any]:
         path = self._p(LEASE_NAME)
         with storage_errors(f"cannot read the writer lease of {self.display}"):
