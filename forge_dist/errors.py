@@ -15,6 +15,16 @@ class ConfigurationError(ForgeDistError, ValueError):
     """A bad argument or setting; raised at construction, on every rank."""
 
 
+class LearningRateNotSettable(ConfigurationError, TypeError):
+    """The optimizer's learning rate cannot be set (a ``LearningRateSchedule``): a
+    ``TypeError``, as Keras raises it, and a configuration error."""
+
+
+class NonFiniteLossError(ForgeDistError, RuntimeError):
+    """A NaN or infinite loss on some rank, with ``SyncTerminateOnNaN(raise_error=True)``:
+    raised on every rank (a ``RuntimeError``, as Keras' ``TerminateOnNaN`` raises)."""
+
+
 class BackendNotInstalledError(ForgeDistError, ImportError):
     """A storage or communication backend needs an optional extra."""
 

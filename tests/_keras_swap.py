@@ -18,6 +18,8 @@ def pytest_configure(config):
     made = []
 
     counterparts = {
+        "BackupAndRestore": fk.BackupAndRestore,
+        "ModelCheckpoint": fk.ChiefModelCheckpoint,
         "CSVLogger": fk.ChiefCSVLogger,
         "EarlyStopping": fk.SyncEarlyStopping,
         "ReduceLROnPlateau": fk.SyncReduceLROnPlateau,

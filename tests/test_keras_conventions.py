@@ -22,11 +22,11 @@ def test_filepath_is_kerass_name_for_the_root(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "path", ["model-{epoch:02d}-{val_loss:.2f}.keras", "best.keras", "w.weights.h5", "m.h5"]
+    "path", ["model-{epoch:02d}-{val_loss:.2f}.keras", "best.keras", "m.h5", "s3://b/m.keras"]
 )
-def test_a_keras_file_name_or_template_is_refused_with_what_to_pass(path):
-    with pytest.raises(ConfigurationError, match="Pass e.g. 'runs/exp1'"):
-        fk.ChiefModelCheckpoint(path, communicator=LOCAL)
+def test_a_keras_file_name_or_template_is_a_keras_file_path(path):
+    cb = fk.ChiefModelCheckpoint(path, communicator=LOCAL)
+    assert cb.filepath == path and cb.store is None
 
 
 def test_a_mode_that_contradicts_the_metric_is_a_warning(tmp_path, capsys):
@@ -55,7 +55,7 @@ KERAS_REFUSED = {
     ),
     "BackupAndRestore": (
         lambda d: keras.callbacks.BackupAndRestore(str(d / "backup")),
-        "forge_dist.keras.restore_latest with ChiefModelCheckpoint",
+        "forge_dist.keras.BackupAndRestore",
     ),
     "CSVLogger": (
         lambda d: keras.callbacks.CSVLogger(str(d / "log.csv")),
@@ -162,4 +162,74 @@ def test_decisions_count_epochs_as_keras_does(tmp_path, capsys):
     )
     fit(make_model(), [es], epochs=3)
     out = capsys.readouterr().out
-    assert "epoch 2: stop" in out and "Epoch 2: early stopping" in out
+    assert out.count("Epoch 2: early stopping") == 1, out  # Keras' words, said once
+
+
+@pytest.mark.parametrize("name", ["EarlyStopping", "ModelCheckpoint", "CSVLogger"])
+def test_a_plain_fit_refuses_kerass_callback_beside_a_forge_one_on_every_rank(tmp_path, name):
+    """The tutorial's list half-ported, in a plain model.fit (no fit_resumed): refused at
+    train begin on every rank, naming the replacement, before the first step."""
+    make, replacement = KERAS_REFUSED[name]
+    steps = [Steps(), Steps()]
+
+    def rank_fn(comm):
+        callbacks = [fk.SyncEarlyStopping(communicator=comm), make(tmp_path / str(comm.rank))]
+        fit(make_model(), [*callbacks, steps[comm.rank]], epochs=1)
+
+    results = run_ranks(2, rank_fn, timeout=30)
+    assert all(isinstance(e, ConfigurationError) for e in results), results
+    assert all(str(e).endswith(f"use {replacement}") for e in results)
+    assert [s.batches for s in steps] == [0, 0]
+    assert not any((tmp_path / r).exists() for r in ("0", "1"))
+
+
+def test_a_plain_fit_whose_ranks_run_different_lists_fails_together(tmp_path):
+    def rank_fn(comm):
+        callbacks = [fk.SyncEarlyStopping(communicator=comm)]
+        if comm.rank == 1:
+            callbacks.append(fk.SyncReduceLROnPlateau(communicator=comm))
+        fit(make_model(), callbacks, epochs=1)
+
+    results = run_ranks(2, rank_fn, timeout=30)
+    assert all(isinstance(e, ConfigurationError) for e in results), results
+    assert all("rank 1's forge_dist callbacks differ" in str(e) for e in results)
+
+
+def test_production_callbacks_takes_a_setting_per_decision(tmp_path):
+    stack = fk.production_callbacks(
+        str(tmp_path / "r"),
+        monitor="val_loss",
+        checkpoint={"monitor": "val_mae", "keep_best": 3, "save_best_only": True},
+        early_stopping={"patience": 7},
+        reduce_lr={"monitor": "loss", "cooldown": 2},
+        tensorboard={"log_dir": str(tmp_path / "tb"), "histogram_freq": 2},
+        csv={"append": True},
+        run_name="exp1",
+        overwrite="archive",
+        communicator=LOCAL,
+    )
+    by = {type(c).__name__: c for c in stack}
+    ckpt, es, rlr = by["ChiefModelCheckpoint"], by["SyncEarlyStopping"], by["SyncReduceLROnPlateau"]
+    assert (ckpt.monitor, ckpt.keep_best, ckpt.save_best_only) == ("val_mae", 3, True)
+    assert (ckpt.run_name, ckpt.overwrite) == ("exp1", "archive")
+    assert (es.monitor, es.patience, es.restore_best_weights) == ("val_loss", 7, True)
+    assert (rlr.monitor, rlr.config.cooldown) == ("loss", 2)
+    assert by["ChiefTensorBoard"].histogram_freq == 2 and by["ChiefCSVLogger"].append
+
+
+def test_production_callbacks_names_its_own_arguments_in_errors(tmp_path):
+    with pytest.raises(ConfigurationError, match=r"early_stopping=\{...\}.*patients.*patience"):
+        fk.production_callbacks(
+            str(tmp_path / "r"), early_stopping={"patients": 3}, communicator=LOCAL
+        )
+    with pytest.raises(ConfigurationError, match="tensorboard_dir="):
+        fk.production_callbacks(
+            str(tmp_path / "r"), tensorboard={"histogram_freq": 1}, communicator=LOCAL
+        )
+    # A run conflict tells the user what to pass to production_callbacks itself.
+    fit(make_model(), [fk.ChiefModelCheckpoint(str(tmp_path / "r"), communicator=LOCAL)], 1)
+    stack = fk.production_callbacks(
+        str(tmp_path / "r"), communicator=LOCAL, preemption_signals=None, verbose=0
+    )
+    with pytest.raises(ConfigurationError, match="overwrite='delete' to production_callbacks"):
+        fit(make_model(), stack, epochs=1)

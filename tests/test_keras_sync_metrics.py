@@ -96,10 +96,26 @@ def test_decisions_after_synced_metrics_need_no_collective_of_their_own():
     assert calls == ["allgather"]  # the metric sync alone, in the stopping epoch too
 
 
-def test_decisions_before_the_metric_sync_are_agreed_by_the_chief():
-    r0, r1 = run_ranks(2, lambda c: epochs_with(c, ["es", "sync", "rlr"]))
-    assert r0[1:] == r1[1:]
-    assert r0[0].count("broadcast") == 1  # early stopping decided on the chief
+@pytest.mark.parametrize("order", [["es", "sync", "rlr"], ["rlr", "es"], ["es"]])
+def test_the_first_forge_callback_syncs_the_logs_wherever_syncmetrics_stands(order):
+    """Without SyncMetrics, or after the deciders: the first forge_dist callback to see
+    the epoch's logs syncs them (one all-gather), and every decision is the synced one."""
+    r0, r1 = run_ranks(2, lambda c: epochs_with(c, order))
+    assert r0 == r1
+    calls, stopped, lr = r0
+    assert calls == ["allgather"]
+    assert stopped == 2
+    if "rlr" in order:
+        assert lr < 0.1
+
+    def best_seen(comm):  # each rank's loss is its own; the decision's is their mean
+        es = fk.SyncEarlyStopping(monitor="loss", patience=5, communicator=comm)
+        es.set_model(keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)]))
+        es.on_train_begin()
+        es.on_epoch_end(0, {"loss": 1.0 + 2 * comm.rank})
+        return es.best
+
+    assert run_ranks(2, best_seen) == [2.0, 2.0]
 
 
 def test_ranks_whose_deciding_state_differs_fail_together_before_deciding():

@@ -31,7 +31,7 @@ def test_a_nan_on_one_rank_stops_both_at_that_batch(capsys):
 
     assert run_ranks(2, rank_fn, timeout=30) == [3, 3]
     out = capsys.readouterr().out
-    assert out.count("invalid loss") == 1 and "rank 1: nan" in out
+    assert out.count("Batch 3: Invalid loss, terminating training") == 1 and "rank 1: nan" in out
 
 
 def test_a_real_fit_stops_at_the_first_non_finite_loss():

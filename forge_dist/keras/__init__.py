@@ -11,6 +11,7 @@ from __future__ import annotations
 from forge_dist.keras._compat import FLAVOR
 from forge_dist.keras.async_checkpoint import AsyncCheckpointer
 from forge_dist.keras.callbacks import (
+    BackupAndRestore,
     BroadcastInitialState,
     ChiefCSVLogger,
     ChiefModelCheckpoint,
@@ -32,6 +33,7 @@ from forge_dist.keras.stack import production_callbacks
 __all__ = [
     "FLAVOR",
     "AsyncCheckpointer",
+    "BackupAndRestore",
     "BroadcastInitialState",
     "ChiefCSVLogger",
     "ChiefModelCheckpoint",

@@ -47,6 +47,40 @@ def to_float(value: Any) -> float | None:
     return float(arr.reshape(()))
 
 
+def monitor_op(mode: str) -> Any:
+    """Keras' comparison for ``mode``: ``keras.ops.greater``/``less`` (Keras 3), NumPy's
+    (tf_keras), as Keras' own callbacks hold in ``monitor_op``."""
+    ops = keras.ops if FLAVOR == "keras3" else np
+    return ops.greater if mode == "max" else ops.less
+
+
+def print_msg(message: str) -> None:
+    """Print as Keras' callbacks do (``io_utils.print_msg``: stdout, or ``logging`` when
+    interactive logging is off)."""
+    try:
+        if FLAVOR == "keras3":
+            from keras.src.utils import io_utils
+        else:
+            from tf_keras.src.utils import io_utils
+    except ImportError:  # pragma: no cover - a Keras without that module
+        print(message, flush=True)
+        return
+    io_utils.print_msg(message)
+
+
+def has_lr_schedule(optimizer: Any) -> bool:
+    """Whether the optimizer's learning rate is a ``LearningRateSchedule`` (which cannot
+    be set)."""
+    schedule = keras.optimizers.schedules.LearningRateSchedule
+    held = getattr(optimizer, "_learning_rate", None)
+    if held is None and hasattr(optimizer, "_get_hyper"):  # tf_keras' legacy optimizers
+        try:
+            held = optimizer._get_hyper("learning_rate")
+        except Exception:
+            held = None
+    return isinstance(held, schedule)
+
+
 def to_numpy(value: Any) -> np.ndarray:
     """A variable or tensor as a NumPy array (also distributed/mirrored variables)."""
     numpy = getattr(value, "numpy", None)
@@ -62,14 +96,14 @@ def get_lr(optimizer: Any) -> float:
 
 
 def set_lr(optimizer: Any, value: float) -> None:
-    from forge_dist.errors import ConfigurationError
+    from forge_dist.errors import LearningRateNotSettable
 
     try:
         optimizer.learning_rate = value
     except (TypeError, ValueError, AttributeError) as e:
-        raise ConfigurationError(
-            "cannot set the learning rate of this optimizer (is it a LearningRateSchedule? "
-            f"ReduceLROnPlateau needs a plain float learning rate): {e}"
+        raise LearningRateNotSettable(
+            f"cannot set the learning rate of this optimizer ({e}); "
+            "SyncReduceLROnPlateau needs a plain float learning rate"
         ) from e
 
 

@@ -51,6 +51,8 @@ class Registry:
     #: The epoch whose logs SyncMetrics synced, having checked that every rank's deciding
     #: state agrees (see ForgeCallback._decide); None: not this fit.
     synced_epoch: int | None = None
+    #: The fit under way (:class:`forge_dist.keras.fit.Fit`), made at its train begin.
+    fit: Any = None
     # Set by fit_resumed around the fit that finishes an interrupted epoch:
     batch_offset: int = 0  # batches of this epoch done before this fit began
     #: Set by fit_resumed(shard=True) for its fits: ``(samples in an epoch, batch_size,
@@ -88,18 +90,18 @@ def collect_state(model: Any) -> dict[str, Any]:
     return {cb.state_name: s for cb in registered(model) if (s := cb.get_state()) is not None}
 
 
-def deciding_digest(model: Any) -> str:
+def deciding_digest(model: Any, callbacks: list[Any] | None = None) -> str:
     """A digest of what the locally deciding callbacks decide from, besides the synced
     logs (each one's :meth:`decision_inputs`: its config and state, and the learning
-    rate for the one that reads it). Equal on every rank, or the ranks would decide
+    rate for the one that reads it), of ``callbacks`` (the fit's; default: every one
+    registered on ``model``). Equal on every rank, or the ranks would decide
     differently. Nothing here runs a TensorFlow op unless a callback's inputs need one:
     an eager op every epoch cost ~3x the metric all-gather itself at 8 ranks on 2 cores."""
     import hashlib
     import json
 
-    states = [
-        (cb.state_name, cb.decision_inputs()) for cb in registered(model) if cb.decides_locally
-    ]
+    members = registered(model) if callbacks is None else callbacks
+    states = [(cb.state_name, cb.decision_inputs()) for cb in members if cb.decides_locally]
     text = json.dumps(states, sort_keys=True, default=repr)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

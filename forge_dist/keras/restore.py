@@ -87,24 +87,36 @@ def _weights_of_epoch(
 
 
 def _chief_restore(
-    directory: str, storage_options: Any, verify: str, model: Any, custom_objects: Any
+    directory: str,
+    storage_options: Any,
+    verify: str,
+    model: Any,
+    custom_objects: Any,
+    epoch_end_only: bool = False,
 ) -> Any:
-    """Chief: ``(loaded or None, corrupt steps skipped)``: the newest intact step."""
+    """Chief: ``(loaded or None, corrupt steps skipped, passed over)``: the newest intact
+    step (with ``epoch_end_only``, the newest taken at an epoch's end; ``passed over``
+    names the newer mid-epoch ones, and ``loaded`` is None with only those)."""
     from forge_dist.storage import CheckpointStore
 
     store = CheckpointStore(directory, storage_options)
     if not store.root_exists():
-        return None, []  # a first run: nothing saved yet
+        return None, [], []  # a first run: nothing saved yet
     infos = store.list()
     skipped: list[str] = []
+    passed: list[Any] = []
     chosen = None
     for info in reversed(infos):
-        if store.is_intact(info, verify):
+        if not store.is_intact(info, verify):
+            skipped.append(info.name)
+        elif epoch_end_only and not info.state.get("epoch_done", True):
+            passed.append(info)
+        else:
             chosen = info
             break
-        skipped.append(info.name)
     if chosen is None:
-        return None, skipped
+        run = dict(passed[0].manifest.run) if passed and passed[0].manifest else None
+        return (None if run is None else ("run", run)), skipped, [p.name for p in passed]
     assert chosen.manifest is not None
     check_same_model(
         chosen.manifest.run.get("model_fingerprint"), model, chosen.step, store.display
@@ -133,7 +145,11 @@ def _chief_restore(
                 )
         restored[name] = Restored(cb_state, extra)
     run = dict(chosen.manifest.run)
-    return (chosen.step, state, weights, opt_values, restored, run), skipped
+    return (
+        (chosen.step, state, weights, opt_values, restored, run),
+        skipped,
+        [p.name for p in passed],
+    )
 
 
 def _apply(model: Any, weights: Any, opt_values: Any, state: dict[str, Any]) -> None:
@@ -169,6 +185,21 @@ def restore_latest(
     With no checkpoint yet, nothing changes and ``initial_epoch`` is 0. With
     ``verbose`` the chief says what it restored."""
     comm = communicator if communicator is not None else get_communicator("auto")
+    return restore(model, directory, storage_options, comm, verify, custom_objects, verbose)
+
+
+def restore(
+    model: Any,
+    directory: str,
+    storage_options: dict[str, Any] | None,
+    comm: Any,
+    verify: str = "full",
+    custom_objects: dict[str, Any] | None = None,
+    verbose: int = 1,
+    epoch_end_only: bool = False,
+) -> RestoreResult:
+    """:func:`restore_latest`; with ``epoch_end_only`` from the newest step taken at an
+    epoch's end (what a plain ``model.fit`` can continue from)."""
     if comm.multi_worker:
         import tensorflow as tf
 
@@ -180,17 +211,27 @@ def restore_latest(
             )
     if verify not in ("fast", "full"):
         raise ConfigurationError(f"verify must be 'fast' or 'full', got {verify!r}")
-    loaded = agree(
+    loaded, skipped, passed = agree(
         comm,
         "restore_latest",
-        lambda: _chief_restore(directory, storage_options, verify, model, custom_objects),
+        lambda: _chief_restore(
+            directory, storage_options, verify, model, custom_objects, epoch_end_only
+        ),
     )
-    loaded, skipped = loaded
-    if loaded is None:
+    where = redact_url(directory)
+    if passed and verbose:
+        tell(
+            comm,
+            f"{where}: passed over {len(passed)} step(s) taken mid-epoch ({', '.join(passed)}): "
+            "a plain fit continues from an epoch's end (fit_resumed continues mid-epoch)",
+        )
+    if loaded is None or loaded[0] == "run":
+        if loaded is not None:  # only mid-epoch steps: the same run goes on from the start
+            registry(model).runs[root_key(directory)] = loaded[1]
         if skipped and verbose:
             tell(
                 comm,
-                f"no intact checkpoint in {redact_url(directory)}: {len(skipped)} "
+                f"no intact checkpoint in {where}: {len(skipped)} "
                 f"corrupt step(s) skipped ({', '.join(skipped)})",
             )
         return RestoreResult(False, skipped=skipped)
@@ -201,13 +242,13 @@ def restore_latest(
     initial, initial_batch = _position(state)
     if verbose:
         epoch = state.get("epoch")
-        where = "its end" if state.get("epoch_done", True) else f"batch {initial_batch}"
+        at = "its end" if state.get("epoch_done", True) else f"batch {initial_batch}"
         if not state.get("epoch_done", True) and state.get("samples") is not None:
-            where = f"sample {state['samples']}"
+            at = f"sample {state['samples']}"
         note = f"; skipped corrupt: {', '.join(skipped)}" if skipped else ""
         tell(
             comm,
-            f"resumed from step {step} in {redact_url(directory)}: epoch {epoch + 1} at {where}"
+            f"resumed from step {step} in {redact_url(directory)}: epoch {epoch + 1} at {at}"
             f" (weights, optimizer state, learning rate and callback state restored){note}",
         )
     mid_epoch = initial_batch > 0

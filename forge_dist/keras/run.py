@@ -62,7 +62,16 @@ def describe_run(run: Any) -> str:
     return f"run {run['id']}{name}{job}"
 
 
-def foreign_steps_error(display: str, infos: list[Any]) -> RunConflictError:
+#: What the run-conflict error tells the user to pass, where they built the checkpoint.
+OVERWRITE_REMEDY = (
+    "pass overwrite='archive' (local roots: the old steps move to an archive-* folder) or "
+    "overwrite='delete' to ChiefModelCheckpoint"
+)
+
+
+def foreign_steps_error(
+    display: str, infos: list[Any], remedy: str = OVERWRITE_REMEDY
+) -> RunConflictError:
     newest = infos[-1]
     found = describe_run(newest.manifest.run if newest.manifest else None)
     corrupt = sum(1 for c in infos if c.manifest is None)
@@ -70,9 +79,7 @@ def foreign_steps_error(display: str, infos: list[Any]) -> RunConflictError:
     return RunConflictError(
         f"{display} already holds {len(infos)} committed step(s){note} of {found}, newest "
         f"step {newest.step}, and this run did not resume from it. Resume it (restore_latest "
-        "before fit; scripts/train.py --resume), write to another directory, or pass "
-        "overwrite='archive' (local roots: the old steps move to an archive-* folder) or "
-        "overwrite='delete' to ChiefModelCheckpoint"
+        f"before fit; scripts/train.py --resume), write to another directory, or {remedy}"
     )
 
 

@@ -27,12 +27,15 @@ def payload_name(weights_only: bool) -> str:
 
 
 @contextlib.contextmanager
-def scratch_save(model: Any, weights_only: bool, prefix: str) -> Iterator[str]:
-    """Save ``model`` into a new local scratch folder (never under a checkpoint root);
-    yield the file's path; delete the folder afterwards, even on error."""
+def scratch_save(
+    model: Any, weights_only: bool, prefix: str, name: str | None = None
+) -> Iterator[str]:
+    """Save ``model`` into a new local scratch folder (never under a checkpoint root),
+    as ``name`` (its suffix chooses Keras' format; default: the payload's name); yield
+    the file's path; delete the folder afterwards, even on error."""
     scratch = tempfile.mkdtemp(prefix=prefix)
     try:
-        path = os.path.join(scratch, payload_name(weights_only))
+        path = os.path.join(scratch, name or payload_name(weights_only))
         try:
             if weights_only:
                 model.save_weights(path)
@@ -123,13 +126,20 @@ def save_to_store(
     run: Mapping[str, Any] | None = None,
     lease: Any = None,
     snapshot: Snapshot | None = None,
+    replace: bool = False,
 ) -> None:
     """Commit ``snapshot`` (else ``model``) as ``step`` of ``store`` with its metrics,
-    state and writer."""
+    state and writer (``replace``: over a committed step of that number)."""
     if snapshot is not None:
         with (
             store.writer(
-                step, metrics=metrics, state=state, writer=writer, run=run, lease=lease
+                step,
+                metrics=metrics,
+                state=state,
+                writer=writer,
+                run=run,
+                lease=lease,
+                replace=replace,
             ) as w,
             w.open(payload_name(weights_only), hash_behind=snapshot.parallel) as f,
         ):
@@ -139,7 +149,13 @@ def save_to_store(
     if stream_save is not None:
         with (
             store.writer(
-                step, metrics=metrics, state=state, writer=writer, run=run, lease=lease
+                step,
+                metrics=metrics,
+                state=state,
+                writer=writer,
+                run=run,
+                lease=lease,
+                replace=replace,
             ) as w,
             w.open(MODEL_FILE) as f,
         ):
@@ -147,6 +163,14 @@ def save_to_store(
         return
     with (
         scratch_save(model, weights_only, "forge-dist-save-") as path,
-        store.writer(step, metrics=metrics, state=state, writer=writer, run=run, lease=lease) as w,
+        store.writer(
+            step,
+            metrics=metrics,
+            state=state,
+            writer=writer,
+            run=run,
+            lease=lease,
+            replace=replace,
+        ) as w,
     ):
         w.add_file(os.path.basename(path), path)

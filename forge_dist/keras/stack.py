@@ -22,28 +22,11 @@ from forge_dist.keras.callbacks import (
     SyncReduceLROnPlateau,
     SyncTerminateOnNaN,
 )
+from forge_dist.keras.fit import REPLACEMENTS, describe, replaceable
 from forge_dist.preemption import DEFAULT_SIGNALS
 
 #: Where the CSV goes by default, beside the steps (readers ignore it).
 HISTORY_CSV = "history.csv"
-
-#: Keras callbacks that go wrong when every rank runs them, and what to use instead.
-REPLACEMENTS = {
-    "EarlyStopping": "forge_dist.keras.SyncEarlyStopping",
-    "ReduceLROnPlateau": "forge_dist.keras.SyncReduceLROnPlateau",
-    "ModelCheckpoint": "forge_dist.keras.ChiefModelCheckpoint",
-    "BackupAndRestore": "forge_dist.keras.restore_latest with ChiefModelCheckpoint",
-    "CSVLogger": "forge_dist.keras.ChiefCSVLogger",
-    "TensorBoard": "forge_dist.keras.ChiefTensorBoard",
-    "TerminateOnNaN": "forge_dist.keras.SyncTerminateOnNaN",
-}
-
-
-def _replaceable(cb: Any) -> str | None:
-    """The name of Keras' own callback ``cb`` if forge_dist has a replacement for it."""
-    name = type(cb).__name__
-    own = type(cb).__module__.startswith(("keras.", "tf_keras."))
-    return name if own and name in REPLACEMENTS else None
 
 
 def check_distributed_callbacks(callbacks: Iterable[Any], size: int) -> None:
@@ -52,18 +35,12 @@ def check_distributed_callbacks(callbacks: Iterable[Any], size: int) -> None:
     if size <= 1:
         return
     for cb in callbacks:
-        if name := _replaceable(cb):
+        if name := replaceable(cb):
             raise ConfigurationError(
                 f"keras.callbacks.{name} runs on every rank on its own in a job of {size} "
                 f"ranks (different decisions, the same file written twice, or one rank "
                 f"stopping while the others wait); use {REPLACEMENTS[name]}"
             )
-
-
-def _describe(cb: Any) -> str:
-    name = type(cb).__name__
-    inner = getattr(cb, "name", None) if isinstance(cb, OnChief) else None
-    return f"{name}({inner})" if inner else name
 
 
 def check_same_fit(comm: Any, callbacks: Iterable[Any], settings: dict[str, Any]) -> None:
@@ -75,7 +52,7 @@ def check_same_fit(comm: Any, callbacks: Iterable[Any], settings: dict[str, Any]
     if comm is None or comm.size <= 1:
         return
     mine = {
-        "callbacks": [_describe(cb) for cb in callbacks if isinstance(cb, ForgeCallback)],
+        "callbacks": [describe(cb) for cb in callbacks if isinstance(cb, ForgeCallback)],
         "settings": {k: repr(v) for k, v in sorted(settings.items())},
     }
     seen = comm.allgather(mine, name="fit_resumed(the fit every rank runs)")
@@ -97,8 +74,9 @@ def wrap_extra(extra: Iterable[Any], communicator: Any) -> list[Any]:
     for cb in extra:
         if isinstance(cb, ForgeCallback):
             out.append(cb)
-        elif (name := _replaceable(cb)) == "TerminateOnNaN":
-            out.append(SyncTerminateOnNaN(communicator=communicator))
+        elif (name := replaceable(cb)) == "TerminateOnNaN":
+            raise_error = bool(getattr(cb, "raise_error", False))
+            out.append(SyncTerminateOnNaN(raise_error=raise_error, communicator=communicator))
         elif name:
             raise ConfigurationError(
                 f"production_callbacks already holds the distributed {name}: set it through "
@@ -107,6 +85,37 @@ def wrap_extra(extra: Iterable[Any], communicator: Any) -> list[Any]:
         else:
             out.append(OnChief(cb, communicator=communicator))
     return out
+
+
+def _settings(what: str, given: dict[str, Any] | None, defaults: dict[str, Any]) -> dict[str, Any]:
+    """``defaults`` (from production_callbacks' own arguments) under the user's ``what=``
+    dict (the callback's own argument names, Keras' where Keras has them)."""
+    if given is None:
+        return defaults
+    if not isinstance(given, dict):
+        raise ConfigurationError(
+            f"production_callbacks({what}=...) takes a dict of that callback's arguments, "
+            f"got {type(given).__name__}"
+        )
+    if "communicator" in given:
+        raise ConfigurationError(
+            f"production_callbacks({what}=...): pass communicator= to production_callbacks"
+        )
+    return {**defaults, **given}
+
+
+def _make(what: str, cls: type, kwargs: dict[str, Any]) -> Any:
+    """``cls(**kwargs)``; an argument it does not take is one error naming the dict."""
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        import inspect
+
+        known = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+        raise ConfigurationError(
+            f"production_callbacks({what}={{...}}): {cls.__name__} {e}; its arguments are: "
+            + ", ".join(known)
+        ) from None
 
 
 def production_callbacks(
@@ -137,6 +146,13 @@ def production_callbacks(
     storage_options: dict[str, Any] | None = None,
     communicator: Any = None,
     verbose: int = 1,
+    run_name: str | None = None,
+    overwrite: str | None = None,
+    checkpoint: dict[str, Any] | None = None,
+    early_stopping: dict[str, Any] | None = None,
+    reduce_lr: dict[str, Any] | None = None,
+    tensorboard: dict[str, Any] | None = None,
+    csv: dict[str, Any] | None = None,
 ) -> list[Any]:
     """The recommended stack, in the order that makes it correct:
 
@@ -151,6 +167,15 @@ def production_callbacks(
     rank) the job saves once and every rank exits with 75. Pass
     ``reduce_lr_patience=None``, ``guard_every_n_epochs=None``,
     ``terminate_on_nan=False`` or ``preemption_signals=None`` to leave those out.
+
+    ``monitor`` and ``mode`` are every decision's; each callback's own settings go in a
+    dict of its arguments, over the ones above: ``checkpoint={"monitor": "val_accuracy",
+    "save_best_only": True}`` (:class:`ChiefModelCheckpoint`),
+    ``early_stopping={"monitor": "val_loss", "patience": 3}`` (:class:`SyncEarlyStopping`),
+    ``reduce_lr={...}`` (:class:`SyncReduceLROnPlateau`), ``tensorboard={"histogram_freq":
+    1}`` (:class:`ChiefTensorBoard`, written when ``tensorboard_dir`` or its ``log_dir``
+    is given), ``csv={"append": True}`` (:class:`ChiefCSVLogger`). ``run_name`` and
+    ``overwrite`` go to the checkpoint.
     """
     cbs: list[Any] = [
         BroadcastInitialState(communicator=communicator),
@@ -162,56 +187,65 @@ def production_callbacks(
         cbs.append(d)
     if terminate_on_nan:
         cbs.append(SyncTerminateOnNaN(communicator=communicator, verbose=verbose))
-    if reduce_lr_patience is not None:
+    common = {"monitor": monitor, "mode": mode, "verbose": verbose, "communicator": communicator}
+    if reduce_lr_patience is not None or reduce_lr is not None:
+        plateau = {"patience": reduce_lr_patience, "factor": reduce_lr_factor, "min_lr": min_lr}
+        if reduce_lr_patience is None:
+            plateau.pop("patience")
         cbs.append(
-            SyncReduceLROnPlateau(
-                monitor=monitor,
-                mode=mode,
-                patience=reduce_lr_patience,
-                factor=reduce_lr_factor,
-                min_lr=min_lr,
-                verbose=verbose,
-                communicator=communicator,
+            _make(
+                "reduce_lr",
+                SyncReduceLROnPlateau,
+                _settings("reduce_lr", reduce_lr, {**common, **plateau}),
             )
         )
+    stop = {"patience": patience, "min_delta": min_delta}
+    stop["restore_best_weights"] = restore_best_weights
     cbs.append(
-        SyncEarlyStopping(
-            monitor=monitor,
-            mode=mode,
-            patience=patience,
-            min_delta=min_delta,
-            restore_best_weights=restore_best_weights,
-            verbose=verbose,
-            communicator=communicator,
+        _make(
+            "early_stopping",
+            SyncEarlyStopping,
+            _settings("early_stopping", early_stopping, {**common, **stop}),
         )
     )
-    cbs.append(
-        ChiefCSVLogger(
-            csv_url or directory.rstrip("/") + "/" + HISTORY_CSV,
-            storage_options=storage_options,
-            communicator=communicator,
+    files = {"storage_options": storage_options, "communicator": communicator}
+    csv_defaults = {"filename": csv_url or directory.rstrip("/") + "/" + HISTORY_CSV, **files}
+    cbs.append(_make("csv", ChiefCSVLogger, _settings("csv", csv, csv_defaults)))
+    if tensorboard_dir is not None or (tensorboard or {}).get("log_dir") is not None:
+        tb = _settings("tensorboard", tensorboard, {"log_dir": tensorboard_dir, **files})
+        cbs.append(_make("tensorboard", ChiefTensorBoard, tb))
+    elif tensorboard is not None:
+        raise ConfigurationError(
+            "production_callbacks(tensorboard={...}) needs a folder: pass tensorboard_dir= "
+            "(or log_dir in the dict)"
         )
+    saving = {
+        "directory": directory,
+        "save_best_only": save_best_only,
+        "save_weights_only": save_weights_only,
+        "async_save": async_save,
+        "keep_last": keep_last,
+        "keep_best": keep_best,
+        "run_name": run_name,
+        "overwrite": overwrite,
+        **files,
+    }
+    ckpt = _make(
+        "checkpoint",
+        ChiefModelCheckpoint,
+        _settings("checkpoint", checkpoint, {**common, **saving}),
     )
-    if tensorboard_dir is not None:
-        cbs.append(
-            ChiefTensorBoard(
-                tensorboard_dir, storage_options=storage_options, communicator=communicator
-            )
+    if ckpt.filepath is not None:
+        raise ConfigurationError(
+            f"production_callbacks(directory={directory!r}) is the folder the resumable steps "
+            "go in, not a Keras file path; add a ChiefModelCheckpoint(filepath=...) of your "
+            "own to extra=[...] for a file"
         )
-    checkpoint = ChiefModelCheckpoint(
-        directory,
-        monitor=monitor,
-        mode=mode,
-        save_best_only=save_best_only,
-        save_weights_only=save_weights_only,
-        async_save=async_save,
-        keep_last=keep_last,
-        keep_best=keep_best,
-        verbose=verbose,
-        storage_options=storage_options,
-        communicator=communicator,
+    ckpt.overwrite_remedy = (
+        "pass overwrite='archive' (local roots: the old steps move to an archive-* folder) or "
+        "overwrite='delete' to production_callbacks"
     )
-    cbs.append(checkpoint)
+    cbs.append(ckpt)
     for cb in wrap_extra(extra, communicator):
         if not (terminate_on_nan and isinstance(cb, SyncTerminateOnNaN)):
             cbs.append(cb)  # (a TerminateOnNaN in extra is the one already in the stack)
@@ -220,7 +254,7 @@ def production_callbacks(
     if preemption_signals is not None:
         cbs.append(
             PreemptionCheckpoint(
-                checkpoint,
+                ckpt,
                 preemption_signals,
                 check_every_n_batches=preemption_check_every_n_batches,
                 communicator=communicator,

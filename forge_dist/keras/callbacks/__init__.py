@@ -6,6 +6,7 @@ Every rank makes the same collective calls in the same order; a configuration er
 raised on every rank, never as a warning on one. See docs/DESIGN.md, "Callbacks".
 """
 
+from forge_dist.keras.callbacks.backup import BackupAndRestore
 from forge_dist.keras.callbacks.base import ForgeCallback, check_keras_supports
 from forge_dist.keras.callbacks.broadcast import (
     BroadcastInitialState,
@@ -25,6 +26,7 @@ from forge_dist.keras.callbacks.tensorboard import ChiefTensorBoard
 from forge_dist.keras.callbacks.terminate_on_nan import SyncTerminateOnNaN
 
 __all__ = [
+    "BackupAndRestore",
     "BroadcastInitialState",
     "ChiefCSVLogger",
     "ChiefModelCheckpoint",

@@ -14,8 +14,9 @@ from forge_dist import policy
 from forge_dist.comm import Communicator, agree, get_communicator
 from forge_dist.errors import ConfigurationError
 from forge_dist.keras import _compat
+from forge_dist.keras import fit as fitmod
 from forge_dist.keras._compat import Callback
-from forge_dist.keras._state import register, registry, take_pending
+from forge_dist.keras._state import deciding_digest, register, registered, registry, take_pending
 from forge_dist.keras.in_graph import watch_train_function
 
 log = logging.getLogger("forge_dist.keras")
@@ -66,10 +67,16 @@ def missing_monitor(monitor: str, logs: dict[str, Any], who: str) -> Configurati
 
 
 class ForgeCallback(Callback):
-    """Shared plumbing: communicator, registration, state, printing on the chief only.
+    """Shared plumbing: communicator, registration, state, the fit's epoch end, printing
+    on the chief only.
 
-    Subclasses that keep state override :meth:`get_state`, :meth:`set_state` and
-    :meth:`reset_state`, and call :meth:`begin_state` in ``on_train_begin``.
+    Subclasses implement :meth:`train_begin` and :meth:`epoch_end` (Keras'
+    ``on_train_begin`` and ``on_epoch_end`` are this class's: it finds the fit's other
+    callbacks, syncs the epoch's logs before the first forge_dist callback sees them and
+    completes the epoch after the last one; see :mod:`forge_dist.keras.fit`), and
+    :meth:`epoch_complete` for what must wait for every other callback's epoch end (a
+    save). Subclasses that keep state override :meth:`get_state`, :meth:`set_state` and
+    :meth:`reset_state`, and call :meth:`begin_state` in :meth:`train_begin`.
     """
 
     #: The name this callback's state is stored under (made unique per model).
@@ -77,6 +84,8 @@ class ForgeCallback(Callback):
     #: Decides from the synced logs and its own state alone (no file, clock or chief
     #: fact): every rank can take the decision itself (see :meth:`_decide`).
     decides_locally = False
+    #: Where this callback's :meth:`epoch_complete` runs among the fit's (lower first).
+    complete_order = 0
 
     def __init__(self, communicator: Communicator | None = None, verbose: int = 0) -> None:
         super().__init__()
@@ -84,11 +93,74 @@ class ForgeCallback(Callback):
         check_keras_supports(self.comm)
         self.verbose = verbose
         self.state_name = self.state_key
+        self._fit: fitmod.Fit | None = None
 
     def set_model(self, model: Any) -> None:
         super().set_model(model)
         self.state_name = register(model, self)
         watch_train_function(model, self.comm)
+
+    # -- the fit (Keras' hooks; subclasses implement train_begin / epoch_end)
+    def on_train_begin(self, logs: Any = None) -> None:
+        fit, made = fitmod.current(self.model, self, ForgeCallback)
+        self._fit = fit
+        if made:
+            fitmod.check(self.comm, fit, self.params)
+            for cb in fit.callbacks:
+                cb.fit_begin()
+        self.train_begin(logs)
+
+    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+        fit = self._fit if self._fit is not None else fitmod.Fit([self])
+        if logs is not None:
+            self._sync_epoch(epoch, logs, fit)
+        self.epoch_end(epoch, logs)
+        for cb in fit.completing(self):
+            cb.epoch_complete(epoch, logs)
+
+    def fit_begin(self) -> None:
+        """Before any callback of the fit begins (:class:`BackupAndRestore` restores
+        here, so every other callback takes its restored state at its train begin)."""
+
+    def train_begin(self, logs: Any = None) -> None:
+        """``on_train_begin``, after the fit was found and checked."""
+
+    def epoch_end(self, epoch: int, logs: Any = None) -> None:
+        """``on_epoch_end``: ``logs`` already hold the values every rank agreed on."""
+
+    def epoch_complete(self, epoch: int, logs: Any = None) -> None:
+        """After every forge_dist callback of the fit has ended the epoch (loggers
+        written, decisions taken): where a save belongs."""
+
+    def derive(self, epoch: int, logs: dict[str, Any]) -> None:
+        """Add computed values to the synced ``logs`` (:class:`DerivedMetric`), before
+        any forge_dist callback sees them."""
+
+    def validation_weight(self) -> float | None:
+        """This rank's weight in the means of ``val_*`` values (:class:`SyncMetrics`)."""
+        return None
+
+    def _sync_epoch(self, epoch: int, logs: dict[str, Any], fit: fitmod.Fit) -> None:
+        """Once per epoch, by the first forge_dist callback to see the logs: every number
+        in them replaced by its mean across ranks, in place; with it, one check that every
+        rank's deciding state is equal (then :meth:`_decide` needs no collective), and the
+        derived values added."""
+        reg = registry(self.model)
+        if reg.synced_epoch == epoch:
+            return
+        members = fit.callbacks if fit.seen else registered(self.model)
+        weights = [w for cb in members if (w := cb.validation_weight()) is not None]
+        fitmod.sync_logs(
+            self.comm,
+            logs,
+            f"epoch {epoch + 1} logs",
+            weights[0] if weights else None,
+            weight_all=False,
+            check=deciding_digest(self.model, members),
+        )
+        reg.synced_epoch = epoch
+        for cb in members:
+            cb.derive(epoch, logs)
 
     # -- the state protocol
     def get_state(self) -> dict[str, Any] | None:
@@ -145,6 +217,14 @@ class ForgeCallback(Callback):
             lead = "\n" if bar else ""
             print(f"{lead}[forge_dist] {message}", flush=True)
 
+    def _say_as_keras(self, message: str) -> None:
+        """A message Keras' own callback prints, in Keras' words and through Keras'
+        printer (stdout, or the ``logging`` module when Keras' interactive logging is
+        off), on the chief only."""
+        log.debug(message)
+        if self.verbose and self.comm.is_chief:
+            _compat.print_msg(message)
+
     # -- monitor and mode
     def _setup_monitor(self, monitor: str, mode: str) -> str | None:
         """Check ``monitor``/``mode`` now; return the mode if the name decides it (else
@@ -168,13 +248,22 @@ class ForgeCallback(Callback):
             )
         return policy.resolve_mode(monitor, mode, direction)
 
-    def _finish_mode(self) -> None:
-        """Resolve ``mode="auto"`` from the model's metrics into ``self.config``."""
+    def _finish_mode(self, final: bool = False) -> None:
+        """Resolve ``mode="auto"`` from the model's metrics into ``self.config``. Keras 3
+        builds a compiled metric (and learns its direction) at the first step: at train
+        begin a name that does not decide it waits for the first epoch end (``final``),
+        where Keras itself resolves it; unresolved then, it is an error on every rank."""
         if not self._mode_resolved:
-            mode = self._resolve_mode(self.monitor, self.mode)
+            try:
+                mode = self._resolve_mode(self.monitor, self.mode)
+            except ConfigurationError:
+                if final:
+                    raise
+                return
             self.config = dataclasses.replace(self.config, mode=mode)
             self._mode_resolved = True
-        self._check_mode_direction()
+        if not final:
+            self._check_mode_direction()
 
     def _check_mode_direction(self) -> None:
         """A ``mode`` that contradicts the metric's known direction (``mode="min"`` for
@@ -203,13 +292,34 @@ class PolicyState:
     state: Any
     config: Any
 
+    # Keras' attributes, read and set as on Keras' callbacks (the state behind them is
+    # the policy's frozen dataclass: a set replaces it).
     @property
     def wait(self) -> int:
         return int(self.state.wait)
 
+    @wait.setter
+    def wait(self, value: int) -> None:
+        self._set(wait=int(value))
+
     @property
     def best(self) -> float | None:
         return self.state.best  # type: ignore[no-any-return]
+
+    @best.setter
+    def best(self, value: float | None) -> None:
+        self._set(best=None if value is None else float(value))
+
+    def _set(self, **changes: Any) -> None:
+        self.state = dataclasses.replace(self.state, **changes)
+
+    @property
+    def monitor_op(self) -> Any:
+        """Keras' comparison for the resolved mode (``ops.greater`` / ``ops.less``), or
+        None while ``mode="auto"`` waits for the model's metrics."""
+        if not getattr(self, "_mode_resolved", True):
+            return None
+        return _compat.monitor_op(self.config.mode)
 
     def get_state(self) -> dict[str, Any]:
         return {"mode": self.config.mode, **self.state.to_json()}

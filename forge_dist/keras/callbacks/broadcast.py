@@ -61,6 +61,6 @@ class BroadcastInitialState(ForgeCallback):
             raise ConfigurationError(f"root must be a rank in [0, {self.comm.size}), got {root!r}")
         self.root = root
 
-    def on_train_begin(self, logs: Any = None) -> None:
+    def train_begin(self, logs: Any = None) -> None:
         if self.comm.size > 1 and not self.comm.shares_initial_state:
             broadcast_model_state(self.model, self.comm, self.root, "BroadcastInitialState")

@@ -4,21 +4,23 @@ from __future__ import annotations
 
 import os
 import socket
+import warnings
 from typing import Any
 
 from forge_dist import policy
 from forge_dist.comm import Communicator
 from forge_dist.errors import ConfigurationError, ForgeDistError
-from forge_dist.keras import _compat
+from forge_dist.keras import _compat, keras_files
 from forge_dist.keras import run as run_mod
 from forge_dist.keras._compat import to_float
-from forge_dist.keras._state import collect_state, registry, root_key
+from forge_dist.keras._state import WEIGHTS_OF_EPOCH, collect_state, registry, root_key
 from forge_dist.keras.async_checkpoint import AsyncCheckpointer
 from forge_dist.keras.callbacks.base import ForgeCallback, check_positive_int, keras_alias
 from forge_dist.keras.metric_state import metric_values, saved_state
 from forge_dist.keras.preflight import check_room
 from forge_dist.keras.saving import Snapshot, StagedSaves, save_to_store, scratch_save
 from forge_dist.keras.snapshot import HostTwin
+from forge_dist.storage.files import FileTarget
 
 WHEN_BUSY = ("wait", "skip")
 
@@ -32,31 +34,32 @@ def _check_run_arguments(run_name: Any, overwrite: Any) -> None:
         raise ConfigurationError(f"run_name must be a non-empty string, got {run_name!r}")
 
 
-_FILE_SUFFIXES = (".keras", ".h5", ".hdf5", ".weights.h5", ".ckpt", ".tf")
-
-
-def check_root_url(url: Any) -> str:
-    """A checkpoint root, not a Keras file name or name template."""
+def check_target(url: Any) -> str:
+    """A checkpoint folder, or a Keras file path or template."""
     if not isinstance(url, str) or not url:
-        raise ConfigurationError(f"directory must be a non-empty string, got {url!r}")
-    if "{" in url or url.lower().endswith(_FILE_SUFFIXES):
-        raise ConfigurationError(
-            f"ChiefModelCheckpoint takes the folder its checkpoints go in, not a file name or "
-            f"template ({url!r}): each save is a step folder under that root "
-            "(step-00000123/model.keras) whose manifest records the epoch and every metric. "
-            "Pass e.g. 'runs/exp1' or 's3://bucket/exp1'"
-        )
+        raise ConfigurationError(f"filepath must be a non-empty string, got {url!r}")
     return url
 
 
 class ChiefModelCheckpoint(ForgeCallback):
-    """Keras' ``ModelCheckpoint`` through the atomic store; only the chief writes.
+    """Keras' ``ModelCheckpoint``, written atomically by the chief only.
 
-    ``directory`` is any fsspec URL (a checkpoint root). Each save is one committed step
-    named by the optimizer's iteration count, holding ``model.keras`` (or
-    ``model.weights.h5`` with ``save_weights_only``) and a manifest with the epoch's
-    metrics and every forge_dist callback's state. Other ranks never touch storage, but
-    learn whether the save succeeded: a failed save is an error on every rank.
+    ``filepath`` (or ``directory``) is any fsspec URL, either
+
+    * a Keras file path or template (``"models/best_model.keras"``,
+      ``"ckpt/model_{epoch:02d}_{val_accuracy:.4f}.keras"``, ``"m.weights.h5"`` with
+      ``save_weights_only``): the files Keras' ``ModelCheckpoint`` writes appear at those
+      paths, each replaced atomically and recorded in a sidecar
+      (``<file>.manifest.json``) that ``forge-dist verify <file>`` checks it against; or
+    * a folder (a checkpoint root, the resumable store): each save is one committed step
+      named by the optimizer's iteration count, holding ``model.keras`` (or
+      ``model.weights.h5``) and a manifest with the epoch's metrics and every forge_dist
+      callback's state, which :func:`restore_latest` and :class:`BackupAndRestore`
+      resume from; ``keep_last``/``keep_best`` choose what is kept.
+
+    Other ranks never touch storage, but learn whether the save succeeded: a failed save
+    is an error on every rank. An epoch's save comes after every forge_dist callback of
+    the fit has ended the epoch, wherever this one stands in the list.
 
     With ``async_save=True`` the chief copies the model's and optimizer's variables to
     host memory at the save point (:class:`~forge_dist.keras.snapshot.HostTwin`) and
@@ -69,6 +72,9 @@ class ChiefModelCheckpoint(ForgeCallback):
     """
 
     state_key = "checkpoint"
+    #: What a run conflict tells the user to pass (production_callbacks names itself).
+    overwrite_remedy = run_mod.OVERWRITE_REMEDY
+    complete_order = 1  # after every logger wrote the epoch (see forge_dist.keras.fit)
 
     def __init__(
         self,
@@ -79,9 +85,9 @@ class ChiefModelCheckpoint(ForgeCallback):
         save_weights_only: bool = False,
         mode: str = "auto",
         save_freq: str | int = "epoch",
+        initial_value_threshold: float | None = None,
         keep_last: int | None = None,
         keep_best: int | None = None,
-        initial_value_threshold: float | None = None,
         storage_options: dict[str, Any] | None = None,
         communicator: Communicator | None = None,
         async_save: bool = False,
@@ -93,9 +99,24 @@ class ChiefModelCheckpoint(ForgeCallback):
         super().__init__(communicator, verbose)
         from forge_dist.storage import CheckpointStore
 
-        directory = check_root_url(keras_alias("directory", directory, "filepath", filepath))
+        target = check_target(keras_alias("directory", directory, "filepath", filepath))
         self._check_arguments(save_freq, keep_last, keep_best, async_save, when_busy)
         _check_run_arguments(run_name, overwrite)
+        #: A Keras file path or template (files mode), else None (a checkpoint folder).
+        self.filepath: str | None = None
+        if keras_files.names_a_file(target):
+            self.filepath = keras_files.check_filepath(target, bool(save_weights_only))
+            for name, value in (("keep_last", keep_last), ("keep_best", keep_best)):
+                if value is not None:
+                    raise ConfigurationError(
+                        f"{name} applies to a checkpoint folder (steps kept by retention), "
+                        f"not to a Keras file path ({target!r}): pass a folder, or drop {name}"
+                    )
+            if overwrite is not None:
+                raise ConfigurationError(
+                    "overwrite applies to a checkpoint folder; a Keras file path is replaced "
+                    "at each save, as Keras does"
+                )
         self.run_name, self.overwrite = run_name, overwrite
         self.run: dict[str, Any] | None = None  # decided by the chief at train begin
         self._lease: Any = None  # the writer generation the chief holds
@@ -113,10 +134,15 @@ class ChiefModelCheckpoint(ForgeCallback):
         self.keep_last = keep_last
         self.keep_best = keep_best
         self.best: float | None = initial_value_threshold
+        self.storage_options = storage_options
         # Built on every rank so a missing backend fails everywhere at construction;
         # only the chief ever calls it.
-        self.store = CheckpointStore(directory, storage_options)
-        self.directory = self.store.display
+        self.store: Any = None
+        if self.filepath is None:
+            self.store = CheckpointStore(target, storage_options)
+            self.directory = self.store.display
+        else:
+            self.directory = FileTarget(self.filepath, storage_options).display
         self._epoch = 0
         self._batches = 0
         self.last_saved_step: int | None = None
@@ -142,7 +168,8 @@ class ChiefModelCheckpoint(ForgeCallback):
             isinstance(save_freq, bool) or not isinstance(save_freq, int) or save_freq < 1
         ):
             raise ConfigurationError(
-                f"save_freq must be 'epoch' or a positive int, got {save_freq!r}"
+                f"Unrecognized save_freq: {save_freq!r}: expected 'epoch' or a positive int "
+                "(save every N batches)"
             )
         check_positive_int("keep_last", keep_last, allow_none=True)
         check_positive_int("keep_best", keep_best, allow_none=True)
@@ -154,16 +181,32 @@ class ChiefModelCheckpoint(ForgeCallback):
     def set_state(self, state: dict[str, Any], weights: list[Any] | None = None) -> None:
         self.best = state.get("best", self.best)
 
-    # -- Keras hooks
-    def on_train_begin(self, logs: Any = None) -> None:
+    @property
+    def monitor_op(self) -> Any:
+        """Keras' comparison for the resolved mode, or None while it is unresolved."""
+        return None if self._resolved_mode is None else _compat.monitor_op(self._resolved_mode)
+
+    def _finish_monitor_mode(self, final: bool) -> None:
+        """``mode="auto"``: from the name, else from the model's compiled metric, which
+        Keras 3 builds at the first step (so unresolved at train begin, it is resolved
+        at the first save, as Keras does; still unresolved there, an error everywhere)."""
+        ranked = self.save_best_only or self.keep_best
         if self._resolved_mode is None:
-            self._resolved_mode = (
-                self._resolve_mode(self.monitor, self.mode)
-                if (self.save_best_only or self.keep_best)
-                else "min"
-            )
-        if self.save_best_only or self.keep_best:
+            if not ranked:
+                self._resolved_mode = "min"
+                return
+            try:
+                self._resolved_mode = self._resolve_mode(self.monitor, self.mode)
+            except ConfigurationError:
+                if final:
+                    raise
+                return
+        if ranked and not final:
             self._check_mode_direction()
+
+    # -- Keras hooks
+    def train_begin(self, logs: Any = None) -> None:
+        self._finish_monitor_mode(final=False)
         self.begin_state()
         # Before the first step: the root is writable, has room for what is kept, and
         # holds no other run's steps.
@@ -171,6 +214,11 @@ class ChiefModelCheckpoint(ForgeCallback):
 
     def _preflight(self) -> None:
         """Chief: room for the checkpoints, and this run's identity."""
+        if self.filepath is not None:  # Keras' files: the folder can be written
+            folder = self.filepath.rsplit("/", 1)[0] if "/" in self.filepath else "."
+            if "{" not in folder:
+                FileTarget(f"{folder}/x", self.storage_options).probe()
+            return
         self.store.probe_writable()  # (also makes a local root, so listing it works)
         infos = self.store.list()
         check_room(self.store, self.model, self.keep_last, self.keep_best, self.async_save, infos)
@@ -180,7 +228,7 @@ class ChiefModelCheckpoint(ForgeCallback):
             self.run = runs.get(key)  # restored, or started by an earlier fit of this model
         if self.run is None:
             if infos and self.overwrite is None:
-                raise run_mod.foreign_steps_error(self.directory, infos)
+                raise run_mod.foreign_steps_error(self.directory, infos, self.overwrite_remedy)
             if infos:
                 self._clear_old_steps(infos)
             self.run = run_mod.new_run(self.run_name)
@@ -210,7 +258,7 @@ class ChiefModelCheckpoint(ForgeCallback):
             self._batches = 0
             self._save(self._epoch, batch, logs or {}, epoch_done=False)
 
-    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+    def epoch_complete(self, epoch: int, logs: Any = None) -> None:
         if self.save_freq == "epoch":
             self._save(epoch, None, logs or {}, epoch_done=True)
         elif self.async_save:  # a background failure surfaces at every epoch end
@@ -254,9 +302,25 @@ class ChiefModelCheckpoint(ForgeCallback):
                 False, self.best, policy.Reason.SKIP, "the previous save is still in flight"
             )
         current = to_float(logs.get(self.monitor))
+        if current is None and self.save_best_only:  # saved anyway, as Keras does
+            warnings.warn(f"Can save best model only with {self.monitor} available.", stacklevel=2)
         return policy.save_step(
             self.monitor, self._resolved_mode or "min", self.best, current, self.save_best_only
         )
+
+    def _tell(self, epoch: int, decision: policy.SaveDecision, prev: Any, logs: Any, where: str):
+        """Keras' lines for a save point (``verbose > 0``, on the chief)."""
+        current = to_float(logs.get(self.monitor))
+        best = "None" if prev is None else f"{prev:.5f}"
+        if not self.save_best_only or current is None:
+            self._say_as_keras(f"\nEpoch {epoch + 1}: saving model to {where}")
+        elif decision.save:
+            self._say_as_keras(
+                f"\nEpoch {epoch + 1}: {self.monitor} improved from {best} to {current:.5f}, "
+                f"saving model to {where}"
+            )
+        else:
+            self._say_as_keras(f"\nEpoch {epoch + 1}: {self.monitor} did not improve from {best}")
 
     def _save(
         self,
@@ -277,11 +341,21 @@ class ChiefModelCheckpoint(ForgeCallback):
             samples = policy.samples_done(n, reg.sample_offset, batch_size, size, batch + 1)
         if batch is not None:  # position in the epoch, counting batches before a resume
             batch += reg.batch_offset
+        self._finish_monitor_mode(final=True)
+        path = None
+        if self.filepath is not None:  # every rank: a bad template fails everywhere alike
+            path = keras_files.format_filepath(self.filepath, epoch, batch, logs)
+        where = path or f"{self.directory} (step {step})"
+        prev = self.best
         decision = self._agree(name, lambda: self._decide(logs, force))
         self.best = decision.best
+        if not force:
+            self._tell(epoch, decision, prev, logs, where)
         if not decision.save:
-            if self.verbose > 1:
-                self._say(f"epoch {epoch + 1}: {decision.message}")
+            return
+        if path is not None:
+            self._save_file(name, step, logs, {"epoch": epoch, "step": step, "file": path})
+            self._say_as_keras(f"\nEpoch {epoch + 1}: finished saving model to {where}")
             return
         state = {
             "epoch": epoch,
@@ -307,7 +381,23 @@ class ChiefModelCheckpoint(ForgeCallback):
             self._agree(f"{name} commit", lambda: self._commit_now(step, logs, state))
         self.last_saved_step = step
         self.saved_steps.append(step)
-        self._say(f"epoch {epoch + 1}: saved step {step} to {self.directory}")
+        self._say_as_keras(f"\nEpoch {epoch + 1}: finished saving model to {where}")
+
+    def _save_file(self, name: str, step: int, logs: dict[str, Any], state: dict[str, Any]):
+        """Keras' file at ``state["file"]``: written by the chief (every worker takes part
+        under MultiWorkerMirroredStrategy), in the background with ``async_save``."""
+        if self.comm.collective_saves:
+            self._collective_save(name, step, logs, state)
+        elif self.async_save:
+            self._agree(f"{name} snapshot", lambda: self._submit(step, logs, state))
+        else:
+            self._agree(f"{name} write", lambda: self._commit_now(step, logs, state))
+        self.last_saved_step = step
+        self.saved_steps.append(step)
+
+    def _may_replace(self, step: int) -> bool:
+        restored = registry(self.model).restored_step
+        return restored is None or step > restored
 
     def _collective_save(
         self, name: str, step: int, logs: dict[str, Any], state: dict[str, Any]
@@ -374,7 +464,8 @@ class ChiefModelCheckpoint(ForgeCallback):
         snapshot: Snapshot | None = None,
     ) -> None:
         """Chief only: commit ``snapshot`` or ``model`` (the live one by default), apply
-        retention."""
+        retention; or, with a Keras file path, replace that file."""
+        metrics = {k: f for k, v in logs.items() if (f := to_float(v)) is not None}
         writer = {
             "host": socket.gethostname(),
             "pid": os.getpid(),
@@ -383,17 +474,38 @@ class ChiefModelCheckpoint(ForgeCallback):
             "backend": self.comm.backend,
             "keras": _compat.FLAVOR,
         }
+        if self.filepath is not None:
+            meta = {
+                "epoch": state["epoch"],
+                "step": step,
+                "metrics": metrics,
+                "writer": writer,
+                "run": self.run,
+            }
+            target = FileTarget(state["file"], self.storage_options)
+            keras_files.write_model_file(
+                target,
+                self.model if model is None else model,
+                self.save_weights_only,
+                snapshot,
+                {k: v for k, v in meta.items() if v is not None},
+            )
+            return
         save_to_store(
             self.store,
             step,
             self.model if model is None else model,
             weights_only=self.save_weights_only,
-            metrics={k: f for k, v in logs.items() if (f := to_float(v)) is not None},
+            metrics=metrics,
             state=state,
             writer=writer,
             run=self.run,
             lease=self._lease,
             snapshot=snapshot,
+            # This run's steps past the one it resumed from are from an attempt no
+            # checkpoint covers (a newer step was corrupt, or taken mid-epoch and passed
+            # over): reaching that step again rewrites it.
+            replace=self._may_replace(step),
         )
         if self.keep_last or self.keep_best:
             self.store.apply_retention(
@@ -404,4 +516,10 @@ class ChiefModelCheckpoint(ForgeCallback):
                 protect=[step],  # never the step just committed
                 run_id=(self.run or {}).get("id"),  # only this run's steps
                 lease=self._lease,
+                # the epochs whose weights a callback's state asks back (the best one)
+                protect_epochs=[
+                    s[WEIGHTS_OF_EPOCH]
+                    for s in (state.get("callbacks") or {}).values()
+                    if isinstance(s, dict) and s.get(WEIGHTS_OF_EPOCH) is not None
+                ],
             )

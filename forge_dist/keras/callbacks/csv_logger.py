@@ -70,7 +70,7 @@ class ChiefCSVLogger(ForgeCallback):
         self._restored_rows = None
 
     # -- Keras hooks
-    def on_train_begin(self, logs: Any = None) -> None:
+    def train_begin(self, logs: Any = None) -> None:
         self.begin_state()
         self._agree("ChiefCSVLogger(train begin)", self._start)
 
@@ -101,7 +101,7 @@ class ChiefCSVLogger(ForgeCallback):
             self.header = list(reader.fieldnames or [])
             self.rows = list(reader)
 
-    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+    def epoch_end(self, epoch: int, logs: Any = None) -> None:
         self._agree(f"ChiefCSVLogger(epoch {epoch + 1})", lambda: self._add(epoch, logs or {}))
 
     def _add(self, epoch: int, logs: dict[str, Any]) -> None:

@@ -20,8 +20,8 @@ DIRECTIONS = {"max": "up", "min": "down"}
 class DerivedMetric(ForgeCallback):
     """``logs[name] = fn(logs)`` at every epoch end, on every rank.
 
-    Put it after :class:`SyncMetrics` and before the callbacks that monitor ``name``
-    (``production_callbacks(derived=[...])`` does): ``fn`` sees the values every rank
+    Wherever it stands in the list, it is computed right after the epoch's logs are
+    synced, before any forge_dist callback sees them: ``fn`` sees the values every rank
     agreed on, so every rank computes the same number and takes the same decision.
     ``mode`` ("min" or "max") tells ``mode="auto"`` callbacks which way is better.
     For example, stop when neither ``val_accuracy`` nor ``val_f1`` gets better::
@@ -54,7 +54,7 @@ class DerivedMetric(ForgeCallback):
         super().set_model(model)
         registry(model).directions[self.name] = DIRECTIONS[self.mode]
 
-    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+    def derive(self, epoch: int, logs: Any = None) -> None:
         if logs is None:
             return
         try:

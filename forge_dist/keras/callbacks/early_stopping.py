@@ -47,17 +47,44 @@ class SyncEarlyStopping(PolicyState, ForgeCallback):
         )
         self.state = policy.EarlyStopState()
         self.best_weights: list[Any] | None = None
-        self.patience = patience
         self.restore_best_weights = restore_best_weights
 
-    # Keras-compatible read-only views (and wait, best)
+    @property
+    def patience(self) -> int:
+        return self.config.patience
+
+    @patience.setter
+    def patience(self, value: int) -> None:
+        self.config = dataclasses.replace(self.config, patience=value)
+
+    # Keras' attributes (and wait, best), read and set as on Keras' EarlyStopping
     @property
     def stopped_epoch(self) -> int:
         return self.state.stopped_epoch
 
+    @stopped_epoch.setter
+    def stopped_epoch(self, value: int) -> None:
+        self._set(stopped_epoch=int(value))
+
     @property
     def best_epoch(self) -> int:
         return self.state.best_epoch
+
+    @best_epoch.setter
+    def best_epoch(self, value: int) -> None:
+        self._set(best_epoch=int(value))
+
+    @property
+    def baseline(self) -> float | None:
+        return self.config.baseline
+
+    @property
+    def start_from_epoch(self) -> int:
+        return self.config.start_from_epoch
+
+    @property
+    def min_delta(self) -> float:
+        return self.config.min_delta
 
     # -- the state protocol
     def get_state(self) -> dict[str, Any]:
@@ -76,12 +103,13 @@ class SyncEarlyStopping(PolicyState, ForgeCallback):
         self.best_weights = None
 
     # -- Keras hooks
-    def on_train_begin(self, logs: Any = None) -> None:
+    def train_begin(self, logs: Any = None) -> None:
         self._finish_mode()
         self.begin_state()
 
-    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+    def epoch_end(self, epoch: int, logs: Any = None) -> None:
         logs = logs or {}
+        self._finish_mode(final=True)
 
         def decide() -> policy.EarlyStopDecision:
             current = to_float(logs.get(self.monitor))
@@ -96,22 +124,22 @@ class SyncEarlyStopping(PolicyState, ForgeCallback):
             self.best_weights = self.model.get_weights()
         if decision.stop:
             self.model.stop_training = True
-        if decision.message and (decision.stop or self.verbose > 1):
+        if decision.message and self.verbose > 1:
             self._say(decision.message)
 
     def on_train_end(self, logs: Any = None) -> None:
         if registry(self.model).partial_fit and not self.model.stop_training:
             return  # fit_resumed: training goes on in the next fit
         if self.state.stopped_epoch > 0:
-            self._say(f"Epoch {self.state.stopped_epoch + 1}: early stopping")
+            self._say_as_keras(f"Epoch {self.state.stopped_epoch + 1}: early stopping")
         if self.config.restore_best_weights and self.state.has_best_weights:
             weights = self.comm.broadcast(
                 self.best_weights if self.comm.is_chief else None,
                 name="SyncEarlyStopping(restore_best_weights)",
             )
             if weights is not None:
-                self.model.set_weights(weights)
-                self._say(
-                    "restored the weights from the end of the best epoch: "
-                    f"{self.state.best_epoch + 1}"
+                self._say_as_keras(
+                    "Restoring model weights from the end of the best epoch: "
+                    f"{self.state.best_epoch + 1}."
                 )
+                self.model.set_weights(weights)

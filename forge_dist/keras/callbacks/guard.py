@@ -41,7 +41,7 @@ class ConsistencyGuard(ForgeCallback):
         self.fingerprints: list[str] = []
         self.mismatches = 0
 
-    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+    def epoch_end(self, epoch: int, logs: Any = None) -> None:
         if (epoch + 1) % self.every_n_epochs:
             return
         mine = _compat.weights_fingerprint(self.model.get_weights())

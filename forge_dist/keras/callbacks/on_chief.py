@@ -80,7 +80,7 @@ class OnChief(ForgeCallback):
 
         self._agree(f"OnChief({self.name}).{hook}", call)
 
-    def on_train_begin(self, logs: Any = None) -> None:
+    def train_begin(self, logs: Any = None) -> None:
         self._in_fit = True
         self._run("on_train_begin", logs)
 
@@ -91,7 +91,7 @@ class OnChief(ForgeCallback):
     def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
         self._run("on_epoch_begin", epoch, logs)
 
-    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+    def epoch_end(self, epoch: int, logs: Any = None) -> None:
         self._run("on_epoch_end", epoch, logs)
 
     def on_test_end(self, logs: Any = None) -> None:

@@ -27,9 +27,10 @@ class PreemptionCheckpoint(ForgeCallback):
     (a :class:`ChiefModelCheckpoint`) commits one checkpoint with the batch position and
     every callback's state, and every rank raises
     :class:`~forge_dist.preemption.Preempted` (a ``SystemExit`` with ``exit_code``,
-    75 by default). The last batch of an epoch is checked at the epoch end, after the
-    other callbacks (put this one last), so a save never falls between a finished
-    epoch and its validation. Before saving, every forge_dist callback's
+    75 by default). The last batch of an epoch is checked when the epoch is complete
+    (after every forge_dist callback's epoch end and the epoch's checkpoint, wherever
+    this one stands in the list), so a save never falls between a finished epoch and
+    its validation. Before saving, every forge_dist callback's
     ``on_preemption()`` runs (the TensorBoard logger copies its events to the URL).
 
     A signal that came before ``fit`` (call :func:`forge_dist.preemption.catch_early`
@@ -40,6 +41,7 @@ class PreemptionCheckpoint(ForgeCallback):
     """
 
     state_key = "preemption"
+    complete_order = 2  # after the epoch's checkpoint
 
     def __init__(
         self,
@@ -54,6 +56,12 @@ class PreemptionCheckpoint(ForgeCallback):
             raise ConfigurationError(
                 "checkpoint must be the ChiefModelCheckpoint that saves on preemption, "
                 f"got {type(checkpoint).__name__}"
+            )
+        if checkpoint.filepath is not None:
+            raise ConfigurationError(
+                f"PreemptionCheckpoint saves into a checkpoint folder that a run resumes from; "
+                f"{checkpoint.filepath!r} is a Keras file path. Give it a ChiefModelCheckpoint "
+                "of a folder, or a BackupAndRestore"
             )
         super().__init__(communicator if communicator is not None else checkpoint.comm, verbose)
         n = check_every_n_batches
@@ -75,7 +83,7 @@ class PreemptionCheckpoint(ForgeCallback):
         self._timing = [0.0, 0, 0.0, 0]  # step seconds, steps, check seconds, checks
         self._t_last: float | None = None
 
-    def on_train_begin(self, logs: Any = None) -> None:
+    def train_begin(self, logs: Any = None) -> None:
         self.flag.install()
         self._steps = (self.params or {}).get("steps")
         if not registry(self.model).keep_state:  # (a fit that continues one: no new start)
@@ -118,7 +126,7 @@ class PreemptionCheckpoint(ForgeCallback):
             self._timing[3] += 1
         self._t_last = time.perf_counter()
 
-    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+    def epoch_complete(self, epoch: int, logs: Any = None) -> None:
         if not self.model.stop_training:  # agreed on every rank; training ends anyway
             self._check(None, epoch_done=True)
 

@@ -6,6 +6,7 @@ from typing import Any
 
 from forge_dist import policy
 from forge_dist.comm import Communicator
+from forge_dist.errors import LearningRateNotSettable
 from forge_dist.keras import _compat
 from forge_dist.keras._compat import to_float
 from forge_dist.keras.callbacks.base import ForgeCallback, PolicyState, missing_monitor
@@ -47,6 +48,13 @@ class SyncReduceLROnPlateau(PolicyState, ForgeCallback):
     def cooldown_counter(self) -> int:
         return self.state.cooldown_counter
 
+    @cooldown_counter.setter
+    def cooldown_counter(self, value: int) -> None:
+        self._set(cooldown_counter=int(value))
+
+    def in_cooldown(self) -> bool:
+        return self.state.cooldown_counter > 0
+
     # -- the state protocol (get_state from PolicyState)
     def set_state(self, state: dict[str, Any], weights: list[Any] | None = None) -> None:
         self.state = policy.PlateauState.from_json(state)
@@ -60,13 +68,22 @@ class SyncReduceLROnPlateau(PolicyState, ForgeCallback):
         return [*super().decision_inputs(), float(_compat.get_lr(self.model.optimizer))]
 
     # -- Keras hooks
-    def on_train_begin(self, logs: Any = None) -> None:
+    def train_begin(self, logs: Any = None) -> None:
         self._finish_mode()
-        _compat.get_lr(self.model.optimizer)  # fails early, on every rank, without one
+        optimizer = self.model.optimizer
+        _compat.get_lr(optimizer)  # fails early, on every rank, without one
+        if _compat.has_lr_schedule(optimizer):  # Keras' TypeError, before the first step
+            raise LearningRateNotSettable(
+                "This optimizer was created with a `LearningRateSchedule` object as its "
+                "`learning_rate` constructor argument, hence its learning rate is not "
+                "settable: SyncReduceLROnPlateau cannot reduce it. Create the optimizer "
+                "with a float `learning_rate`, or leave the plateau callback out."
+            )
         self.begin_state()
 
-    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+    def epoch_end(self, epoch: int, logs: Any = None) -> None:
         logs = logs if logs is not None else {}
+        self._finish_mode(final=True)
 
         def decide() -> tuple[policy.PlateauDecision, float]:
             current = to_float(logs.get(self.monitor))
@@ -82,4 +99,9 @@ class SyncReduceLROnPlateau(PolicyState, ForgeCallback):
             _compat.set_lr(self.model.optimizer, lr)
         logs["learning_rate"] = float(_compat.get_lr(self.model.optimizer))
         if decision.new_lr is not None:
+            self._say_as_keras(
+                f"\nEpoch {epoch + 1}: ReduceLROnPlateau reducing learning rate to "
+                f"{decision.new_lr}."
+            )
+        elif decision.message and self.verbose > 1:
             self._say(decision.message)

@@ -1,26 +1,33 @@
-"""``SyncMetrics``: every rank's logs replaced by the mean across ranks."""
+"""``SyncMetrics``: how validation values are weighted, and ``evaluate``'s logs synced.
+
+Every forge_dist callback syncs an epoch's logs (the first of a fit to see them, see
+:mod:`forge_dist.keras.fit`); this one says how ``val_*`` values are weighted, and syncs
+the logs of ``model.evaluate`` too."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
 
-from forge_dist import policy
 from forge_dist.comm import Communicator
-from forge_dist.errors import CollectiveMismatchError, ConfigurationError
-from forge_dist.keras._compat import to_float
-from forge_dist.keras._state import deciding_digest, registry
+from forge_dist.errors import ConfigurationError
 from forge_dist.keras.callbacks.base import ForgeCallback
+from forge_dist.keras.fit import sync_logs
+
+__all__ = ["SyncMetrics", "sync_logs"]
 
 
 class SyncMetrics(ForgeCallback):
-    """Replaces every numeric value in ``logs`` by its mean across ranks.
+    """Every numeric value in ``logs`` replaced by its mean across ranks.
 
-    Validation values (``val_*``, and everything in ``evaluate``) are weighted by each
-    rank's number of validation samples when ``validation_samples`` is given (an int or a
-    callable returning one). Keys are reduced in sorted order; a rank with a different
-    set of keys is an error on every rank. Put it first: :func:`production_callbacks`
-    does.
+    Any forge_dist callback in a fit already syncs the epoch's logs before the first of
+    them sees them, wherever each stands in the list; put this one first to have the
+    values synced for the plain Keras callbacks of the list too (``History``, the
+    progress bar and your own come after it then). Validation values (``val_*``, and
+    everything in ``evaluate``) are weighted by each rank's number of validation samples
+    when ``validation_samples`` is given (an int or a callable returning one), else each
+    rank counts alike. Keys are reduced in sorted order; a rank with a different set of
+    keys is an error on every rank.
     """
 
     state_key = "sync_metrics"
@@ -39,34 +46,17 @@ class SyncMetrics(ForgeCallback):
         self.validation_samples = validation_samples
         self._in_fit = False
 
-    def _weight(self) -> float | None:
+    def validation_weight(self) -> float | None:
         v = self.validation_samples
         if v is None:
             return None
         return float(v() if callable(v) else v)
 
-    def on_train_begin(self, logs: Any = None) -> None:
+    def train_begin(self, logs: Any = None) -> None:
         self._in_fit = True
-        registry(self.model).synced_epoch = None
 
     def on_train_end(self, logs: Any = None) -> None:
         self._in_fit = False
-
-    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
-        reg = registry(self.model)
-        reg.synced_epoch = None
-        if logs is not None:
-            # With the metrics, each rank's deciding state: equal everywhere, the
-            # decisions that follow are taken on every rank without another collective.
-            sync_logs(
-                self.comm,
-                logs,
-                f"SyncMetrics(epoch {epoch})",
-                self._weight(),
-                weight_all=False,
-                check=deciding_digest(self.model),
-            )
-            reg.synced_epoch = epoch
 
     def on_test_end(self, logs: Any = None) -> None:
         if logs is not None and not self._in_fit:
@@ -74,44 +64,4 @@ class SyncMetrics(ForgeCallback):
 
     def sync(self, logs: dict[str, Any], name: str, weight_all: bool) -> None:
         """Replace ``logs``' numbers by their means across ranks, in place."""
-        sync_logs(self.comm, logs, name, self._weight(), weight_all)
-
-
-def sync_logs(
-    comm: Communicator,
-    logs: dict[str, Any],
-    name: str,
-    weight: float | None = None,
-    weight_all: bool = False,
-    check: str | None = None,
-) -> None:
-    """Replace every number in ``logs`` by its mean across ranks, in place (every rank
-    calls it; keys in sorted order). ``val_*`` values, or all with ``weight_all``, are
-    weighted by each rank's ``weight`` when every rank gave one. ``check`` (a digest of
-    the state decisions are taken from) must be equal on every rank, else every rank
-    raises."""
-    numeric = {k: f for k in sorted(logs) if (f := to_float(logs[k])) is not None}
-    keys = tuple(numeric)
-    rows = comm.allgather((keys, [numeric[k] for k in keys], weight, check), name=name)
-    checks = [row[3] for row in rows]
-    if len(set(checks)) > 1:
-        bad = [r for r, c in enumerate(checks) if c != checks[0]]
-        raise CollectiveMismatchError(
-            f"{name}: the early-stopping / learning-rate state of rank(s) "
-            f"{', '.join(map(str, bad))} differs from rank 0's, so the ranks would decide "
-            "differently (were the callbacks built with other arguments, or restored from "
-            "other checkpoints, on some ranks?)"
-        )
-    key_sets = {r: row[0] for r, row in enumerate(rows)}
-    if len(set(key_sets.values())) > 1:
-        ref = key_sets[0]
-        diffs = [f"rank {r}: {sorted(set(k) ^ set(ref))}" for r, k in key_sets.items() if k != ref]
-        raise CollectiveMismatchError(
-            f"{name}: ranks logged different metrics (differences from rank 0: "
-            + "; ".join(diffs)
-            + ")"
-        )
-    plain, weighted = policy.mean_over_ranks([row[1] for row in rows], [r[2] for r in rows])
-    for i, k in enumerate(keys):
-        use_weight = weight_all or k.startswith("val_")
-        logs[k] = weighted[i] if use_weight else plain[i]
+        sync_logs(self.comm, logs, name, self.validation_weight(), weight_all)

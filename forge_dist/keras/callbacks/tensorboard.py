@@ -74,6 +74,13 @@ class ChiefTensorBoard(ForgeCallback):
                 "are written by the chief there"
             )
         self.log = LogDir(log_dir, storage_options, "TensorBoard log_dir")
+        # Keras' attributes
+        self.log_dir, self.histogram_freq, self.embeddings_freq = (
+            log_dir,
+            histogram_freq,
+            embeddings_freq,
+        )
+        self.write_graph, self.write_images = write_graph, write_images
         self.every = 1 if update_freq == "batch" else update_freq
         self.update_freq = update_freq
         self.write_steps_per_second = bool(write_steps_per_second)
@@ -125,7 +132,7 @@ class ChiefTensorBoard(ForgeCallback):
         return _compat.iterations(self.model)
 
     # -- Keras hooks
-    def on_train_begin(self, logs: Any = None) -> None:
+    def train_begin(self, logs: Any = None) -> None:
         self.begin_state()
         self._agree("ChiefTensorBoard(train begin)", self._start)
 
@@ -173,7 +180,7 @@ class ChiefTensorBoard(ForgeCallback):
         self._writer("train").scalars(scalars, step)
         self.last_step = step
 
-    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+    def epoch_end(self, epoch: int, logs: Any = None) -> None:
         self._agree(f"ChiefTensorBoard(epoch {epoch + 1})", lambda: self._epoch_end(epoch, logs))
 
     def _epoch_end(self, epoch: int, logs: Any) -> None:

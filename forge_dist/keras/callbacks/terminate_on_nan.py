@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 from forge_dist.comm import Communicator
+from forge_dist.errors import NonFiniteLossError
 from forge_dist.keras._compat import to_float
 from forge_dist.keras.callbacks.base import ForgeCallback
 
@@ -16,13 +17,22 @@ class SyncTerminateOnNaN(ForgeCallback):
     At each batch end the ranks agree (one tiny all-reduce) whether any rank's ``loss``
     is NaN or infinite; if so every rank stops after that same batch, and the chief
     says which ranks saw what. Plain ``TerminateOnNaN`` would stop only the rank that
-    saw it, leaving the others waiting in the next collective.
+    saw it, leaving the others waiting in the next collective. With
+    ``raise_error=True`` (Keras' argument) every rank raises
+    :class:`~forge_dist.errors.NonFiniteLossError` (a ``RuntimeError``) instead, so no
+    ``on_train_end`` runs (a backup is kept as it is).
     """
 
     state_key = "terminate_on_nan"
 
-    def __init__(self, communicator: Communicator | None = None, verbose: int = 1) -> None:
+    def __init__(
+        self,
+        raise_error: bool = False,
+        communicator: Communicator | None = None,
+        verbose: int = 1,
+    ) -> None:
         super().__init__(communicator, verbose)
+        self.raise_error = bool(raise_error)
         self.stopped_batch: tuple[int, int] | None = None  # (epoch, batch), 0-based
         self._epoch = 0
 
@@ -40,8 +50,13 @@ class SyncTerminateOnNaN(ForgeCallback):
             f"rank {r}: {v}" for r, v in enumerate(seen) if v is not None and not math.isfinite(v)
         )
         self.stopped_batch = (self._epoch, batch)
+        if self.raise_error:
+            raise NonFiniteLossError(
+                f"NaN or Inf loss encountered at batch {batch} (epoch {self._epoch + 1}; "
+                f"{ranks}). Terminating training immediately, on every rank."
+            )
         self.model.stop_training = True
-        self._say(
-            f"Epoch {self._epoch + 1}, batch {batch + 1}: invalid loss ({ranks}); "
-            "terminating training on every rank"
+        self._say_as_keras(
+            f"Batch {batch}: Invalid loss, terminating training ({ranks}; every rank stops "
+            f"after this batch of epoch {self._epoch + 1})"
         )
