@@ -1,5 +1,5 @@
 """What every command shares: exit codes, the usage error, ``--storage-options``, and
-telling a checkpoint root from one checkpoint folder (docs/DESIGN.md, "The CLI")."""
+telling a checkpoint root from one checkpoint folder (docs/DESIGN.md, "The CLI contract")."""
 
 from __future__ import annotations
 

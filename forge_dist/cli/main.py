@@ -1,4 +1,4 @@
-"""``forge-dist``: the parser and the entry point (docs/DESIGN.md, "The CLI").
+"""``forge-dist``: the parser and the entry point (docs/DESIGN.md, "The CLI contract").
 
 Exit codes: 0 intact, 1 integrity failure, 2 usage/I-O/credential error,
 3 no committed checkpoint at URL. The commands live in :mod:`forge_dist.cli.commands`,

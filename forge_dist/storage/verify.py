@@ -1,4 +1,4 @@
-"""Checking a committed step against its manifest (docs/DESIGN.md, "Verification").
+"""Checking a committed step against its manifest (docs/DESIGN.md, "Verification and reading").
 
 Readers and ``verify`` share :func:`load_manifest`: a step is committed when its folder
 holds a manifest, and intact when that manifest parses, names the folder's step, and
