@@ -26,18 +26,20 @@ ap.add_argument("--work", required=True)
 ap.add_argument("--out", required=True)
 ap.add_argument("--epochs", type=int, default=8)
 ap.add_argument("--crash-after-commit", type=int, default=None)
-ap.add_argument("--save-best-only", type=int, default=1)
+ap.add_argument("--backend", default="mpi", choices=["mpi", "auto"])
 args = ap.parse_args()
 
-import keras  # noqa: E402
 import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+keras = tf.keras  # Keras 3, or tf_keras with TF_USE_LEGACY_KERAS=1
 
 from forge_dist import get_communicator  # noqa: E402
 from forge_dist import keras as fk  # noqa: E402
 from forge_dist.keras._compat import weights_fingerprint  # noqa: E402
 from forge_dist.storage import _faults  # noqa: E402
 
-comm = get_communicator("mpi")
+comm = get_communicator(args.backend)
 rank = comm.rank
 work = os.path.abspath(args.work)
 touched: list[str] = []
@@ -130,7 +132,7 @@ callbacks = [
     fk.ChiefModelCheckpoint(
         filepath=os.path.join(work, "models", "best_model.keras"),
         monitor="val_accuracy",
-        save_best_only=bool(args.save_best_only),
+        save_best_only=True,
         verbose=1,
     ),
     fk.SyncEarlyStopping(monitor="val_loss", patience=3, restore_best_weights=True, verbose=1),
@@ -156,6 +158,8 @@ with open(os.path.join(args.out, f"rank-{rank}.json"), "w") as f:
     json.dump(
         {
             "rank": rank,
+            "backend": comm.backend,
+            "flavor": fk.FLAVOR,
             "raw": raw.logs,
             "seen": seen.logs,
             "weights": seen.weights,

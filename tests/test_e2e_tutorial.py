@@ -23,10 +23,12 @@ TRAIN = os.path.join(HERE, "_tutorial_train.py")
 FORGE = os.path.join(os.path.dirname(sys.executable), "forge-dist")
 
 
-def run(work, out, *extra, expect_ok=True):
+def run(work, out, *extra, expect_ok=True, flavor="keras3"):
+    env = {"TF_USE_LEGACY_KERAS": "1"} if flavor == "tf_keras" else {}
     job = mpirun(
         2,
         [TRAIN, "--work", str(work), "--out", str(out), *extra],
+        env,
         bound_s=300,
         mpi_flags=["--output", "tag"],
     )
@@ -98,16 +100,23 @@ def test_best_model_keras_is_the_best_epochs_model_written_by_the_chief(uninterr
     assert not os.path.exists(os.path.join(work, "backup"))
 
 
+@pytest.mark.parametrize("flavor", ["keras3", "tf_keras"])
 def test_a_chief_killed_right_after_a_commit_resumes_with_one_row_and_value_per_epoch(
-    tmp_path, uninterrupted
+    tmp_path, uninterrupted, flavor
 ):
-    a_work, (a0, _), _ = uninterrupted
+    if flavor == "keras3":
+        a_work, (a0, _), _ = uninterrupted
+    else:
+        a_work = tmp_path / "a"
+        run(a_work, tmp_path / "a-out", flavor=flavor)
+        a0, _ = read_rank_reports(os.path.join(tmp_path / "a-out", "rank-{rank}.json"))
     work, out = tmp_path / "b", tmp_path / "b-out"
-    killed = run(work, out, "--crash-after-commit", "3", expect_ok=False)
+    killed = run(work, out, "--crash-after-commit", "3", expect_ok=False, flavor=flavor)
     assert killed.returncode != 0
     assert len(csv_rows(work)) == 3  # epochs 1-3 were logged, then committed
-    resumed = run(work, out)
+    resumed = run(work, out, flavor=flavor)
     b0, b1 = read_rank_reports(os.path.join(out, "rank-{rank}.json"))
+    assert b0["flavor"] == a0["flavor"] == flavor
     # The resumed fit began at epoch 4, on both ranks, and ended as the uninterrupted one.
     assert [e["epoch"] for e in b0["seen"]] == [e["epoch"] for e in a0["seen"][3:]]
     assert b0["seen"] == b1["seen"] == a0["seen"][3:]
@@ -123,14 +132,34 @@ def test_a_chief_killed_right_after_a_commit_resumes_with_one_row_and_value_per_
         assert steps == sorted(set(steps)), (tag, steps)
         assert values == a_tb[tag], tag  # (step, value): the same training, bit for bit
     # The best model is the uninterrupted run's best.
-    keras = pytest.importorskip("keras")
-    from forge_dist.keras._compat import weights_fingerprint
+    if flavor == "keras3":
+        keras = pytest.importorskip("keras")
+        from forge_dist.keras._compat import weights_fingerprint
 
-    best = [keras.models.load_model(w / "models" / "best_model.keras") for w in (work, a_work)]
-    assert weights_fingerprint(best[0].get_weights()) == weights_fingerprint(best[1].get_weights())
+        paths = (work / "models" / "best_model.keras", a_work / "models" / "best_model.keras")
+        best = [keras.models.load_model(p) for p in paths]
+        assert weights_fingerprint(best[0].get_weights()) == weights_fingerprint(
+            best[1].get_weights()
+        )
     sides = []
     for w in (work, a_work):
         with open(w / "models" / "best_model.keras.manifest.json") as f:
             sides.append(json.load(f))
     assert sides[0]["epoch"] == sides[1]["epoch"]
     assert "resumed from step" in rank_output(resumed.output, 0)
+
+
+@pytest.mark.horovod
+def test_under_horovodrun_too_every_value_is_the_mean_and_decisions_agree(tmp_path):
+    from multiproc import horovodrun
+
+    out, work = tmp_path / "out", tmp_path / "w"
+    job = horovodrun(2, [TRAIN, "--work", str(work), "--out", str(out), "--backend", "auto"])
+    assert job.returncode == 0, job.output[-4000:]
+    r0, r1 = read_rank_reports(os.path.join(out, "rank-{rank}.json"))
+    assert r0["backend"] == "horovod"
+    for raw0, raw1, seen in zip(r0["raw"], r1["raw"], r0["seen"], strict=True):
+        mean = (raw0["val_accuracy"] + raw1["val_accuracy"]) / 2
+        assert seen["val_accuracy"] == pytest.approx(mean, rel=1e-12)
+    assert r0["seen"] == r1["seen"] and r0["final"] == r1["final"]
+    assert len(csv_rows(work)) == len(r0["seen"])
