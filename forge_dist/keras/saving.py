@@ -130,47 +130,23 @@ def save_to_store(
 ) -> None:
     """Commit ``snapshot`` (else ``model``) as ``step`` of ``store`` with its metrics,
     state and writer (``replace``: over a committed step of that number)."""
+
+    def step_writer() -> Any:
+        return store.writer(
+            step, metrics=metrics, state=state, writer=writer, run=run, lease=lease, replace=replace
+        )
+
     if snapshot is not None:
         with (
-            store.writer(
-                step,
-                metrics=metrics,
-                state=state,
-                writer=writer,
-                run=run,
-                lease=lease,
-                replace=replace,
-            ) as w,
+            step_writer() as w,
             w.open(payload_name(weights_only), hash_behind=snapshot.parallel) as f,
         ):
             snapshot.write(f, weights_only)  # (the arrays stay as they are until closed)
         return
     stream_save = None if weights_only else _compat.keras_fileobj_saver()
     if stream_save is not None:
-        with (
-            store.writer(
-                step,
-                metrics=metrics,
-                state=state,
-                writer=writer,
-                run=run,
-                lease=lease,
-                replace=replace,
-            ) as w,
-            w.open(MODEL_FILE) as f,
-        ):
+        with step_writer() as w, w.open(MODEL_FILE) as f:
             stream_save(model, f)
         return
-    with (
-        scratch_save(model, weights_only, "forge-dist-save-") as path,
-        store.writer(
-            step,
-            metrics=metrics,
-            state=state,
-            writer=writer,
-            run=run,
-            lease=lease,
-            replace=replace,
-        ) as w,
-    ):
+    with scratch_save(model, weights_only, "forge-dist-save-") as path, step_writer() as w:
         w.add_file(os.path.basename(path), path)

@@ -9,6 +9,7 @@ from forge_dist.comm import Communicator
 from forge_dist.errors import ConfigurationError
 from forge_dist.keras import _compat
 from forge_dist.keras._state import registry, root_key
+from forge_dist.keras.callbacks.base import is_save_freq
 from forge_dist.keras.callbacks.checkpoint import ChiefModelCheckpoint
 from forge_dist.keras.saving import WEIGHTS_FILE
 
@@ -66,9 +67,7 @@ class BackupAndRestore(ChiefModelCheckpoint):
                 f"Empty `backup_dir` argument passed (got {backup_dir!r}): give the folder "
                 "(any fsspec URL) the backups go in"
             )
-        if save_freq != "epoch" and (
-            isinstance(save_freq, bool) or not isinstance(save_freq, int) or save_freq < 1
-        ):
+        if not is_save_freq(save_freq):
             raise ConfigurationError(
                 f"Invalid value for argument `save_freq`. Received: save_freq={save_freq!r}. "
                 "Expected either 'epoch' or a positive integer."

@@ -47,6 +47,13 @@ def check_positive_int(name: str, value: Any, *, allow_none: bool = False) -> No
         raise ConfigurationError(f"{name} must be a positive int{extra}, got {value!r}")
 
 
+def is_save_freq(value: Any) -> bool:
+    """Keras' ``save_freq``: ``"epoch"`` or a positive number of batches."""
+    if value == "epoch":
+        return True
+    return not isinstance(value, bool) and isinstance(value, int) and value >= 1
+
+
 def keras_alias(name: str, value: Any, keras_name: str, keras_value: Any) -> Any:
     """``value``, or Keras' name for the same argument (``filepath``, ``filename``)."""
     if keras_value is None:
