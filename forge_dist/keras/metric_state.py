@@ -19,14 +19,45 @@ def metric_variables(model: Any) -> list[Any]:
     return [v for m in getattr(model, "metrics", []) or [] for v in m.variables]
 
 
+def metric_names(model: Any) -> list[str]:
+    """Each metric variable's name (Keras 3: its path, ``compile_metrics/accuracy/total``;
+    tf_keras: ``metric/variable``), in the order of :func:`metric_values`."""
+    return [
+        getattr(v, "path", None) or f"{m.name}/{v.name.split(':')[0]}"
+        for m in getattr(model, "metrics", []) or []
+        for v in m.variables
+    ]
+
+
 def metric_values(model: Any) -> list[list[float]]:
     """This rank's metric variables, each flattened to floats (JSON-able)."""
     return [np.ravel(_compat.to_numpy(v)).astype(float).tolist() for v in metric_variables(model)]
 
 
-def saved_state(ranks: list[list[list[float]]]) -> dict[str, Any]:
-    """What a mid-epoch checkpoint stores: every rank's values, in rank order."""
-    return {"world_size": len(ranks), "ranks": ranks}
+def saved_state(ranks: list[list[list[float]]], names: list[str] | None = None) -> dict[str, Any]:
+    """What a mid-epoch checkpoint stores: every rank's values, in rank order, and which
+    metric variable each is."""
+    out: dict[str, Any] = {"world_size": len(ranks), "ranks": ranks}
+    if names is not None:
+        out["names"] = names
+    return out
+
+
+def build_metrics(model: Any, x: Any, y: Any, sample_weight: Any = None) -> None:
+    """Keras creates a compiled metric's variables (``accuracy``'s total and count, an
+    ``AUC``'s confusion counts) at the first training step: a new process that resumes
+    mid-epoch has none yet to put the saved totals into. Build them now, on one sample
+    the fit will train on (a prediction and a metric update, then every metric reset:
+    the weights and the optimizer are not touched)."""
+    import contextlib
+
+    strategy = getattr(model, "distribute_strategy", None)
+    scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
+    with scope:
+        y_pred = model(x, training=False)
+        model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        for m in getattr(model, "metrics", []) or []:
+            m.reset_state()
 
 
 def values_for(state: Any, rank: int, size: int) -> list[list[float]] | None:
@@ -56,22 +87,52 @@ def values_for(state: Any, rank: int, size: int) -> list[list[float]] | None:
     ]
 
 
+def mismatch(model: Any, values: list[list[float]], names: list[str] | None) -> str | None:
+    """Why the saved values cannot go into this model's metric variables, or None."""
+    variables = metric_variables(model)
+    now = metric_names(model)
+    if names is not None and names != now:
+        gone = [n for n in names if n not in now]
+        new = [n for n in now if n not in names]
+        return (
+            f"the compiled metrics differ from the checkpoint's (saved only: {gone or 'none'}; "
+            f"now only: {new or 'none'})"
+        )
+    if len(variables) != len(values):
+        return f"{len(values)} metric variables were saved, the model has {len(variables)}"
+    for var, vals in zip(variables, values, strict=True):
+        if int(np.prod(tuple(var.shape))) != len(vals):
+            return f"metric variable {var.name} holds {len(vals)} values in the checkpoint"
+    return None
+
+
 class RestoreMetricState(_compat.Callback):
     """Puts ``values`` into the metric variables when the first epoch begins (after
     Keras has reset them)."""
 
-    def __init__(self, values: list[list[float]]) -> None:
+    def __init__(self, values: list[list[float]], names: list[str] | None = None) -> None:
         super().__init__()
         self.values: list[list[float]] | None = values
+        self.names = names
 
     def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
         if self.values is None:
             return
-        variables = metric_variables(self.model)
-        if len(variables) != len(self.values):
-            log.warning("the model's metrics changed since the checkpoint: not restored")
+        why = mismatch(self.model, self.values, self.names)
+        if why is not None:
+            log.warning(
+                "%s: the interrupted epoch's training metrics will cover only the batches "
+                "after the resume (its loss and metrics, and decisions on them, differ from "
+                "an uninterrupted run's)",
+                why,
+            )
+            print(
+                f"[forge_dist] warning: {why}: the interrupted epoch's training metrics "
+                "cover only the batches after the resume",
+                flush=True,
+            )
         else:
-            for var, vals in zip(variables, self.values, strict=True):
+            for var, vals in zip(metric_variables(self.model), self.values, strict=True):
                 dtype = np.dtype(getattr(var.dtype, "name", var.dtype))
                 var.assign(np.asarray(vals, dtype=dtype).reshape(tuple(var.shape)))
         self.values = None

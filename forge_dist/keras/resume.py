@@ -14,7 +14,12 @@ from forge_dist.comm import Communicator, get_communicator
 from forge_dist.errors import ConfigurationError
 from forge_dist.keras._state import registry
 from forge_dist.keras.callbacks.base import ForgeCallback
-from forge_dist.keras.metric_state import RestoreMetricState, values_for
+from forge_dist.keras.metric_state import (
+    RestoreMetricState,
+    build_metrics,
+    metric_variables,
+    values_for,
+)
 from forge_dist.keras.restore import RestoreResult, tell
 from forge_dist.keras.stack import check_distributed_callbacks, check_same_fit
 
@@ -171,10 +176,16 @@ def _finish_interrupted_epoch(
     # Batches counted in this epoch before the fit: at this job's size when sharded.
     before = offset // (batch_size * size) if plan is not None else skip
     reg.batch_offset, reg.partial_fit = before, epoch + 1 < epochs
-    saved = values_for(restored.state.get("metric_state"), rank, size)
+    metric_state = restored.state.get("metric_state")
+    saved = values_for(metric_state, rank, size)
     first = dict(args, epochs=epoch + 1, initial_epoch=epoch)
     if saved is not None:  # the interrupted epoch's running metric totals
-        first["callbacks"] = [RestoreMetricState(saved), *(args.get("callbacks") or [])]
+        if len(metric_variables(model)) < len(saved):  # a new process: not built yet
+            one = slice(0, 1)
+            sample_weight = _select(args.get("sample_weight"), one)
+            build_metrics(model, _select(x, one), _select(y, one), sample_weight)
+        names = metric_state.get("names")
+        first["callbacks"] = [RestoreMetricState(saved, names), *(args.get("callbacks") or [])]
     try:
         if plan is not None:
             return plan.fit(model, x, y, offset, **first)

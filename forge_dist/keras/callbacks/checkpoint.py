@@ -15,8 +15,13 @@ from forge_dist.keras import run as run_mod
 from forge_dist.keras._compat import to_float
 from forge_dist.keras._state import WEIGHTS_OF_EPOCH, collect_state, registry, root_key
 from forge_dist.keras.async_checkpoint import AsyncCheckpointer
-from forge_dist.keras.callbacks.base import ForgeCallback, check_positive_int, keras_alias
-from forge_dist.keras.metric_state import metric_values, saved_state
+from forge_dist.keras.callbacks.base import (
+    ForgeCallback,
+    check_positive_int,
+    is_save_freq,
+    keras_alias,
+)
+from forge_dist.keras.metric_state import metric_names, metric_values, saved_state
 from forge_dist.keras.preflight import check_room
 from forge_dist.keras.saving import Snapshot, StagedSaves, save_to_store, scratch_save
 from forge_dist.keras.snapshot import HostTwin
@@ -164,9 +169,7 @@ class ChiefModelCheckpoint(ForgeCallback):
                 "async_save is not available under MultiWorkerMirroredStrategy: every worker "
                 "takes part in each save there, so it cannot run behind the training loop"
             )
-        if save_freq != "epoch" and (
-            isinstance(save_freq, bool) or not isinstance(save_freq, int) or save_freq < 1
-        ):
+        if not is_save_freq(save_freq):
             raise ConfigurationError(
                 f"Unrecognized save_freq: {save_freq!r}: expected 'epoch' or a positive int "
                 "(save every N batches)"
@@ -372,7 +375,7 @@ class ChiefModelCheckpoint(ForgeCallback):
             # Mid-epoch: every rank's running metric totals, so the resumed epoch's
             # training metrics come out as an uninterrupted run's.
             ranks = self.comm.allgather(metric_values(self.model), name=f"{name} metrics")
-            state["metric_state"] = saved_state(ranks)
+            state["metric_state"] = saved_state(ranks, metric_names(self.model))
         if self.comm.collective_saves:
             self._collective_save(name, step, logs, state)
         elif self.async_save and not force:
