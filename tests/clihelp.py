@@ -40,12 +40,3 @@ def make_root(target, steps=(1, 2), payload=b"payload"):
 
 def opts(target) -> list[str]:
     return ["--storage-options", json.dumps(target.options)] if target.options else []
-
-
-def table_column(text: str, header: str) -> str:
-    """The cells of one column of a printed table, folded lines joined back."""
-    lines = text.splitlines()
-    head = next(line for line in lines if line.startswith("┃") and header in line)
-    index = [c.strip() for c in head.split("┃")].index(header)
-    rows = [line.split("│") for line in lines if line.startswith("│")]
-    return "".join(cells[index].strip() for cells in rows)

@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from clihelp import make_root, one_clear_line, run, table_column
+from clihelp import make_root, one_clear_line, run
 
 from forge_dist.storage import MANIFEST_NAME, CheckpointStore
 
@@ -92,16 +92,46 @@ def test_no_committed_checkpoint_exits_3_and_reports_staging(tmp_path):
 def test_ls_table_and_json(cli_target):
     t = cli_target
     make_root(t, steps=(3, 12))
-    out = run("ls", t.url, env=t.env)
+    out = run("ls", t.url, env=t.env)  # a pipe: one plain line per step
     assert out.returncode == 0
-    assert "step" in out.stdout and "12" in out.stdout
-    assert "val_loss=0.0833333" in table_column(out.stdout, "metrics")
+    lines = out.stdout.splitlines()
+    assert lines[1].startswith("12 ") and "val_loss=0.0833333" in lines[1], out.stdout
+    table = on_a_terminal(["ls", t.url], t.env)  # a terminal: a table
+    assert "┃ step" in table and "val_loss=0.0833333" in table, table
     js = json.loads(run("ls", t.url, "--json", env=t.env).stdout)
     assert [c["step"] for c in js["checkpoints"]] == [3, 12]
     c = js["checkpoints"][1]
     assert c["files"] == 2 and c["bytes"] == 7 * 12 + 12 and c["ok"] is True
     assert c["metrics"]["val_loss"] == pytest.approx(1 / 12)
     assert set(js) == {"command", "url", "exit_code", "checkpoints", "staging", "best_step"}
+
+
+def on_a_terminal(args, env, columns=160):
+    """What ``forge-dist ARGS`` prints with a terminal as its stdout."""
+    master, slave = pty.openpty()
+    import fcntl
+    import struct
+    import termios
+
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, columns, 0, 0))
+    proc = subprocess.Popen(
+        [FORGE, *args], stdout=slave, stderr=subprocess.DEVNULL, env={**os.environ, **env}
+    )
+    os.close(slave)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        seen += chunk
+    proc.wait(timeout=60)
+    os.close(master)
+    import re
+
+    return re.sub(r"\x1b\[[0-9;]*m", "", seen.decode(errors="replace"))  # colours off
 
 
 def test_put_then_gc(cli_target, tmp_path):

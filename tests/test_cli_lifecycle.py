@@ -8,7 +8,7 @@ import hashlib
 import json
 import os
 
-from clihelp import one_clear_line, opts, run, table_column
+from clihelp import one_clear_line, opts, run
 
 from forge_dist.cli import main as cli_main
 from forge_dist.storage import MANIFEST_NAME, CheckpointStore
@@ -77,7 +77,8 @@ def test_ls_marks_the_best_step_and_shows_epoch_and_run(cli_target):
     js = json.loads(out.stdout)
     assert js["best_step"] == 2  # val_score: max (the checkpoints recorded it)
     assert [c["best"] for c in js["checkpoints"]] == [False, True, False]
-    assert js["checkpoints"][0]["epoch"] == 0 and js["checkpoints"][0]["run"]["name"] == "exp"
+    # epochs counted from 1, as the table and Keras count them
+    assert js["checkpoints"][0]["epoch"] == 1 and js["checkpoints"][0]["run"]["name"] == "exp"
     folder = run(
         "ls", f"{cli_target.url}/step-00000002", "--json", *opts(cli_target), env=cli_target.env
     )
@@ -85,15 +86,50 @@ def test_ls_marks_the_best_step_and_shows_epoch_and_run(cli_target):
     assert [c["step"] for c in json.loads(folder.stdout)["checkpoints"]] == [2]
 
 
-def test_ls_wraps_metrics_instead_of_cutting_them(tmp_path):
+def test_ls_in_a_pipe_is_one_line_a_step_and_json_has_every_metric(tmp_path):
     store = CheckpointStore(str(tmp_path / "r"))
     names = {f"val_metric_number_{i}": i / 7 for i in range(6)}
-    with store.writer(1, metrics=names) as w:
-        w.add_bytes("a", b"a")
-    out = run("ls", str(tmp_path / "r"), env={"COLUMNS": "80"})
-    column = table_column(out.stdout, "metrics")  # its folded lines put back together
-    assert all(f"{name}={value:.6g}" in column for name, value in names.items()), out.stdout
-    assert "…" not in out.stdout
+    for step in (1, 2):
+        with store.writer(step, metrics={**names, "loss": 0.5}) as w:
+            w.add_bytes("a", b"a")
+    monitor = ["--monitor", "val_metric_number_5", "--mode", "max"]
+    out = run("ls", str(tmp_path / "r"), *monitor, env={"COLUMNS": "80"})
+    lines = [ln for ln in out.stdout.splitlines() if ln.strip()]
+    assert [ln.split()[0] for ln in lines[:2]] == ["1", "2"], out.stdout
+    assert "val_metric_number_5=0.714286" in lines[0] and "(+4)" in lines[0]  # monitor first
+    assert lines[1].endswith("committed, best") and lines[2].startswith("sizes checked")
+    js = json.loads(run("ls", str(tmp_path / "r"), "--json").stdout)
+    assert len(js["checkpoints"][0]["metrics"]) == 7
+
+
+def test_ls_checks_sizes_and_says_contents_are_not_hashed(tmp_path):
+    store = CheckpointStore(str(tmp_path / "r"))
+    for step in (1, 2, 3):
+        with store.writer(step) as w:
+            w.add_bytes("model.keras", b"K" * 100)
+    (tmp_path / "r" / "step-00000001" / "model.keras").write_bytes(b"")  # emptied
+    (tmp_path / "r" / "step-00000002" / "model.keras").write_bytes(b"X" * 100)  # flipped
+    out = run("ls", str(tmp_path / "r"))
+    lines = out.stdout.splitlines()
+    assert "damaged: model.keras" in lines[0] and lines[1].endswith("committed")
+    assert "contents are hashed by forge-dist verify --all" in out.stdout
+    js = json.loads(run("ls", str(tmp_path / "r"), "--json").stdout)
+    assert [c["ok"] for c in js["checkpoints"]] == [False, True, True]
+
+
+def test_verify_names_a_step_folder_whose_manifest_is_gone(tmp_path):
+    store = CheckpointStore(str(tmp_path / "r"))
+    for step in (1, 2):
+        with store.writer(step) as w:
+            w.add_bytes("model.keras", b"K" * 100)
+    (tmp_path / "r" / "step-00000002" / MANIFEST_NAME).unlink()
+    out = run("verify", str(tmp_path / "r"))
+    assert out.returncode == 1, out.stdout
+    assert "step-00000002: a step folder without its manifest" in out.stdout
+    doc = json.loads(run("verify", str(tmp_path / "r"), "--json").stdout)
+    assert [s["kind"] for s in doc["staging"]] == ["orphan"] and not doc["ok"]
+    gc = run("gc", str(tmp_path / "r"), "--keep-last", "1", "--grace", "0")
+    assert gc.returncode == 0 and (tmp_path / "r" / "step-00000002").is_dir()  # kept
 
 
 def test_export_writes_the_model_verified(cli_target, tmp_path):
@@ -166,6 +202,58 @@ def test_cp_and_rm_in_memory(capsys):
     assert CheckpointStore(src).steps() == [1]
     assert cli_main.main(["rm", src, "--step", "2"]) == 3
     capsys.readouterr()
+
+
+def test_put_a_keras_file_then_export_and_inspect_it(tmp_path):
+    src = tmp_path / "s3best.keras"
+    src.write_bytes(b"PK" * 64)
+    root = str(tmp_path / "r")
+    out = run("put", str(src), root, "--step", "7", "--meta", "note=from the cluster")
+    assert out.returncode == 0 and "(as model.keras)" in out.stdout, out.stdout + out.stderr
+    assert [e.path for e in CheckpointStore(root).get(7).manifest.files] == ["model.keras"]
+    dest = tmp_path / "not" / "yet" / "there.keras"  # a folder that does not exist yet
+    exported = run("export", root, str(dest))
+    assert exported.returncode == 0, exported.stderr
+    assert dest.read_bytes() == src.read_bytes() and f"to {dest} (" in exported.stdout
+    shown = run("inspect", root)
+    assert "meta        note=from the cluster" in shown.stdout
+
+
+def test_cp_keeps_when_a_checkpoint_was_taken(tmp_path):
+    store = CheckpointStore(str(tmp_path / "a"))
+    with store.writer(1) as w:
+        w.add_bytes("f", b"x")
+    assert run("cp", str(tmp_path / "a"), str(tmp_path / "b")).returncode == 0
+    copied = CheckpointStore(str(tmp_path / "b")).get(1).manifest
+    assert copied.created == store.get(1).manifest.created
+
+
+def test_rm_takes_a_step_folder(tmp_path):
+    store = CheckpointStore(str(tmp_path / "r"))
+    for s in (1, 2):
+        with store.writer(s) as w:
+            w.add_bytes("f", b"x")
+    out = run("rm", str(tmp_path / "r" / "step-00000001"))
+    assert out.returncode == 0 and store.steps() == [2], out.stderr
+    neither = run("rm", str(tmp_path / "r"))
+    assert neither.returncode == 2 and "pass --step N" in one_clear_line(neither)
+
+
+def test_gc_keeps_the_best_alone_warns_on_a_reversed_mode_and_a_dry_run_would_keep(tmp_path):
+    from conftest import Target
+
+    keras_root(Target("local", str(tmp_path / "r"), None, {}))
+    dry = run("gc", str(tmp_path / "r"), "--keep-best", "1", "--monitor", "val_acc", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "would delete step 1" in dry.stdout and "would keep 1 committed" in dry.stdout
+    assert "kept" not in dry.stdout
+    assert CheckpointStore(str(tmp_path / "r")).steps() == [1, 2, 3]
+    reversed_ = run(
+        "gc", str(tmp_path / "r"), "--keep-best", "1", "--monitor", "val_acc", "--mode", "min"
+    )
+    assert "'val_acc' is normally maximised" in reversed_.stderr
+    none = run("gc", str(tmp_path / "r"))
+    assert none.returncode == 2 and "say what to keep" in one_clear_line(none)
 
 
 def test_rm_takes_the_marker_first(tmp_path):

@@ -138,3 +138,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
     con.print("[bold]summary[/]: " + line)
     con.print(f"  inspect: forge-dist ls {store.display}")
     return EXIT_OK if not bad else EXIT_INTEGRITY
+
+
+def register(sub: Any, common: argparse.ArgumentParser) -> None:
+    demo = sub.add_parser(
+        "demo", parents=[common], help="a real 2-process data-parallel Keras training, then verify"
+    )
+    demo.add_argument("--url", default="./forge-runs/demo", help="checkpoint root (any URL)")
+    demo.add_argument("--epochs", type=int, default=30)
+    demo.add_argument(
+        "--fresh",
+        action="store_true",
+        help="clear an earlier demo's local folder first (otherwise it resumes)",
+    )
+    demo.add_argument(
+        "--strategy",
+        action="store_true",
+        help="use MirroredStrategy in one process instead of mpirun",
+    )
+    demo.add_argument("--timeout", type=float, default=600.0, help="wall-clock bound (s)")
+    demo.set_defaults(func=cmd_demo)

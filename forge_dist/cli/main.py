@@ -16,7 +16,7 @@ from typing import Any
 
 from forge_dist import __version__
 from forge_dist._urls import redact_text, redact_url, url_secrets
-from forge_dist.cli import commands
+from forge_dist.cli import commands, demo
 from forge_dist.cli.common import (
     EXIT_ERROR,
     EXIT_INTEGRITY,
@@ -24,10 +24,8 @@ from forge_dist.cli.common import (
     EXIT_OK,
     UsageError,
 )
-from forge_dist.cli.demo import cmd_demo
 from forge_dist.cli.output import print_json
 from forge_dist.errors import ForgeDistError, IntegrityError, NoCheckpointError
-from forge_dist.storage.retention import DEFAULT_GRACE_S
 
 __all__ = [
     "EXIT_ERROR",
@@ -61,103 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"forge-dist {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    v = sub.add_parser("verify", parents=[common], help="check checkpoints against manifests")
-    v.add_argument("url", help="a checkpoint root, or one checkpoint folder")
-    v.add_argument("--step", type=int, help="verify this step (default: the newest)")
-    v.add_argument("--all", action="store_true", help="verify every committed step")
-    v.add_argument("--fast", action="store_true", help="presence and sizes only, no hashing")
-    v.add_argument("--strict", action="store_true", help="unlisted files are failures")
-    v.add_argument("--json", action="store_true", help="machine-readable output")
-    v.set_defaults(func=commands.cmd_verify)
-
-    ls = sub.add_parser("ls", parents=[common], help="list committed checkpoints")
-    ls.add_argument("url", help="a checkpoint root, or one checkpoint folder")
-    ls.add_argument("--monitor", metavar="M", help="mark the best step by this metric")
-    ls.add_argument("--mode", choices=("auto", "min", "max"), default="auto")
-    ls.add_argument("--json", action="store_true")
-    ls.set_defaults(func=commands.cmd_ls)
-
-    ins = sub.add_parser("inspect", parents=[common], help="show one checkpoint's manifest")
-    ins.add_argument("url", help="a checkpoint root, or one checkpoint folder")
-    ins.add_argument("--step", type=int, help="this step of the root (default: the newest)")
-    ins.add_argument("--json", action="store_true")
-    ins.set_defaults(func=commands.cmd_inspect)
-
-    ex = sub.add_parser("export", parents=[common], help="a step's model as one local file")
-    ex.add_argument("url", help="a checkpoint root, or one checkpoint folder")
-    ex.add_argument("out", help="the file to write: NAME.keras or NAME.weights.h5")
-    ex.add_argument("--step", type=int, help="this step of the root (default: the newest)")
-    ex.add_argument("--force", action="store_true", help="replace OUT if it exists")
-    ex.add_argument("--json", action="store_true")
-    ex.set_defaults(func=commands.cmd_export)
-
-    cp = sub.add_parser("cp", parents=[common], help="copy committed steps to another root")
-    cp.add_argument("src", help="a checkpoint root, or one checkpoint folder")
-    cp.add_argument("dst", help="the destination root (any URL)")
-    cp.add_argument("--step", type=int, help="this step (default: the newest)")
-    cp.add_argument("--all", action="store_true", help="every committed step")
-    cp.add_argument("--replace", action="store_true", help="overwrite a committed step")
-    cp.add_argument("--json", action="store_true")
-    cp.set_defaults(func=commands.cmd_cp)
-
-    rm = sub.add_parser("rm", parents=[common], help="remove one committed step")
-    rm.add_argument("url", help="a checkpoint root")
-    rm.add_argument("--step", type=int, required=True)
-    rm.add_argument("--json", action="store_true")
-    rm.set_defaults(func=commands.cmd_rm)
-
-    put = sub.add_parser("put", parents=[common], help="commit a local file or folder as a step")
-    put.add_argument("src")
-    put.add_argument("url")
-    put.add_argument("--step", type=int, required=True)
-    put.add_argument(
-        "--meta",
-        action="append",
-        metavar="KEY=VALUE",
-        help="numbers go to the manifest's metrics, text to state.meta",
-    )
-    put.add_argument("--replace", action="store_true", help="overwrite a committed step")
-    put.add_argument("--json", action="store_true")
-    put.set_defaults(func=commands.cmd_put)
-
-    gc = sub.add_parser("gc", parents=[common], help="apply retention, remove dead staging")
-    gc.add_argument("url")
-    gc.add_argument("--keep-last", type=int, required=True, metavar="N")
-    gc.add_argument("--keep-best", type=int, metavar="K")
-    gc.add_argument("--monitor", metavar="M")
-    gc.add_argument(
-        "--mode",
-        choices=("auto", "min", "max"),
-        default="auto",
-        help="auto: Keras' rule for the name, else the direction the checkpoints recorded",
-    )
-    gc.add_argument(
-        "--grace",
-        type=float,
-        default=DEFAULT_GRACE_S,
-        metavar="SECONDS",
-        help=f"staging unchanged this long counts as abandoned (default {DEFAULT_GRACE_S:g})",
-    )
-    gc.add_argument("--dry-run", action="store_true")
-    gc.add_argument("--json", action="store_true")
-    gc.set_defaults(func=commands.cmd_gc)
-    demo = sub.add_parser(
-        "demo", parents=[common], help="a real 2-process data-parallel Keras training, then verify"
-    )
-    demo.add_argument("--url", default="./forge-runs/demo", help="checkpoint root (any URL)")
-    demo.add_argument("--epochs", type=int, default=30)
-    demo.add_argument(
-        "--fresh",
-        action="store_true",
-        help="clear an earlier demo's local folder first (otherwise it resumes)",
-    )
-    demo.add_argument(
-        "--strategy",
-        action="store_true",
-        help="use MirroredStrategy in one process instead of mpirun",
-    )
-    demo.add_argument("--timeout", type=float, default=600.0, help="wall-clock bound (s)")
-    demo.set_defaults(func=cmd_demo)
+    for command in (*commands.COMMANDS, demo):
+        command.register(sub, common)
     return p
 
 

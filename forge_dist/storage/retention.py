@@ -81,7 +81,7 @@ def remove_staging(
     removed: list[str] = []
     kept: list[str] = []
     for st in store.list_staging():
-        if not (st.kind == "del" or st.owner_dead or stale(st)):
+        if st.kind == "orphan" or not (st.kind == "del" or st.owner_dead or stale(st)):
             kept.append(st.name)
             continue
         if not dry_run:

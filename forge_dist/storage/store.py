@@ -118,17 +118,21 @@ class CheckpointStore:
         return [c.step for c in self.list() if c.readable]
 
     def list_staging(self) -> list[StagingInfo]:
-        """Unfinished saves and deletes (never trusted by readers)."""
+        """Unfinished saves and deletes, and step folders without a manifest (never
+        trusted by readers)."""
         now = time.time()
         out = []
         for name, is_dir in self._backend.list_root():
             m = STAGING_RE.match(name)
             if m:
                 step, kind, owner_dead = int(m.group(1)), m.group(2), owner_is_dead(m.group(3))
-            elif (
-                not self._backend.rename_commit and is_dir and parse_step_dirname(name) is not None
-            ) and self._backend.read_manifest(name) is None:
-                step, kind, owner_dead = parse_step_dirname(name), "uncommitted", False
+            elif (is_dir and parse_step_dirname(name) is not None) and self._backend.read_manifest(
+                name
+            ) is None:
+                # Object stores: a save cut off before its manifest. A POSIX root never has
+                # one (a save is renamed in with its manifest): there, the manifest is gone.
+                kind = "orphan" if self._backend.rename_commit else "uncommitted"
+                step, owner_dead = parse_step_dirname(name), False
             else:
                 continue
             mtime = self._backend.newest_mtime(name)
@@ -204,6 +208,7 @@ class CheckpointStore:
         replace: bool = False,
         run: Mapping[str, Any] | None = None,
         lease: Lease | None = None,
+        created: str | None = None,
     ) -> CheckpointWriter:
         """A :class:`CheckpointWriter` for ``step``; use it as a context manager.
         ``run`` identifies the run that writes it (see :class:`Manifest`); with
@@ -223,6 +228,7 @@ class CheckpointStore:
             after_commit=self.cleanup_dead_writers,
             run=run,
             lease=lease,
+            created=created,
         )
 
     def put(
@@ -233,8 +239,9 @@ class CheckpointStore:
         metrics: Mapping[str, float] | None = None,
         state: Mapping[str, Any] | None = None,
         replace: bool = False,
+        name: str | None = None,
     ) -> CheckpointInfo:
-        """Commit a local file or folder as ``step``."""
+        """Commit a local file (as ``name``, default its own) or folder as ``step``."""
         src = os.fspath(src)
         if not os.path.lexists(src):
             raise StorageError(f"{src} does not exist")
@@ -242,7 +249,7 @@ class CheckpointStore:
             if os.path.isdir(src) and not os.path.islink(src):
                 w.add_tree(src)
             else:
-                w.add_file(os.path.basename(src), src)
+                w.add_file(name or os.path.basename(src), src)
         assert w.committed is not None
         return w.committed
 

@@ -29,7 +29,13 @@ def copy_step(
         raise IntegrityError(f"{info.name} in {src.display} is corrupt: {info.error}")
     m = info.manifest
     with dst.writer(
-        m.step, metrics=m.metrics, state=m.state, writer=m.writer, run=m.run, replace=replace
+        m.step,
+        metrics=m.metrics,
+        state=m.state,
+        writer=m.writer,
+        run=m.run,
+        replace=replace,
+        created=m.created,  # a copy is the same checkpoint: when it was taken stays
     ) as w:
         for entry in m.files:
             with src.open_file(info.name, entry.path) as f:

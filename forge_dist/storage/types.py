@@ -86,8 +86,9 @@ class CheckpointInfo:
 
 @dataclass(frozen=True)
 class StagingInfo:
-    """An unfinished save (``tmp``), an interrupted delete (``del``), or an object-store
-    prefix without a manifest (``uncommitted``)."""
+    """An unfinished save (``tmp``), an interrupted delete (``del``), an object-store
+    prefix without a manifest (``uncommitted``), or a local step folder whose manifest is
+    gone (``orphan``: damage, kept for a person to look at)."""
 
     name: str
     step: int | None

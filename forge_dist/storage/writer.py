@@ -52,8 +52,10 @@ class CheckpointWriter:
         after_commit: Callable[[], None] | None = None,
         run: Mapping[str, Any] | None = None,
         lease: Lease | None = None,
+        created: str | None = None,
     ) -> None:
         self._backend = backend
+        self.created = created  # None: now (a copy keeps the source's)
         self.display = display
         self.step = step
         self.name = step_dirname(step)
@@ -201,9 +203,11 @@ class CheckpointWriter:
             unfinished = [e.path for e in self._entries.values() if e.size < 0]
             if unfinished:
                 raise ConfigurationError(f"files still being written: {unfinished}")
+            when = {"created": self.created} if self.created else {}
             manifest = Manifest(
                 step=self.step,
                 files=tuple(self.files),
+                **when,
                 writer=self.writer_info,
                 metrics=normalise_metrics(self.metrics),
                 state=self.state,

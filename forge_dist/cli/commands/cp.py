@@ -4,6 +4,7 @@ root or store, verified while read, committed by the destination's protocol."""
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from forge_dist.cli.common import EXIT_OK, UsageError, open_store, resolve
 from forge_dist.cli.output import human_bytes, print_json, stdout_console
@@ -39,3 +40,14 @@ def cmd_cp(args: argparse.Namespace) -> int:
             f"from {src.display} to {dst.display}, sha256 checked"
         )
     return EXIT_OK
+
+
+def register(sub: Any, common: argparse.ArgumentParser) -> None:
+    cp = sub.add_parser("cp", parents=[common], help="copy committed steps to another root")
+    cp.add_argument("src", help="a checkpoint root, or one checkpoint folder")
+    cp.add_argument("dst", help="the destination root (any URL)")
+    cp.add_argument("--step", type=int, help="this step (default: the newest)")
+    cp.add_argument("--all", action="store_true", help="every committed step")
+    cp.add_argument("--replace", action="store_true", help="overwrite a committed step")
+    cp.add_argument("--json", action="store_true")
+    cp.set_defaults(func=cmd_cp)

@@ -66,6 +66,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if m.metrics:
         metrics = ", ".join(f"{k}={fmt_metric(v)}" for k, v in sorted(m.metrics.items()))
         lines.append(f"  metrics     {metrics}")
+    if state.get("meta"):  # forge-dist put --meta KEY=TEXT
+        meta = ", ".join(f"{k}={v}" for k, v in sorted(state["meta"].items()))
+        lines.append(f"  meta        {meta}")
     if state.get("learning_rate") is not None:
         lines.append(f"  lr          {state['learning_rate']:.6g}")
     for name, cb_state in sorted((state.get("callbacks") or {}).items()):
@@ -73,3 +76,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for line in lines:
         con.print(line, markup=line.startswith("[bold]"), highlight=False)
     return code
+
+
+def register(sub: Any, common: argparse.ArgumentParser) -> None:
+    ins = sub.add_parser("inspect", parents=[common], help="show one checkpoint's manifest")
+    ins.add_argument("url", help="a checkpoint root, or one checkpoint folder")
+    ins.add_argument("--step", type=int, help="this step of the root (default: the newest)")
+    ins.add_argument("--json", action="store_true")
+    ins.set_defaults(func=cmd_inspect)

@@ -85,7 +85,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if all(any(p.kind == "uncommitted" for p in r.problems) for r in reports):
         message = f"{targets[0]} in {store.display} is not committed (no manifest)"
         return _emit(args, Outcome(store, reports, staging, EXIT_NO_CHECKPOINT, message))
-    code = EXIT_OK if all(r.ok for r in reports) else EXIT_INTEGRITY
+    orphans = [s for s in staging if s.kind == "orphan"]
+    ok = all(r.ok for r in reports) and not orphans
+    code = EXIT_OK if ok else EXIT_INTEGRITY
     return _emit(args, Outcome(store, reports, staging, code, None))
 
 
@@ -162,7 +164,14 @@ def _print_human(args: argparse.Namespace, out: Outcome) -> None:
             if p.kind == "hash_mismatch":
                 con.print(f"      expected sha256 {p.expected}\n      actual   sha256 {p.actual}")
     for s in out.staging:
-        con.print(f"[dim]note {s.name}: uncommitted staging (ignored by readers)[/]")
+        if s.kind == "orphan":
+            con.print(
+                f"[red]error[/] {s.name}: a step folder without its manifest (removed or "
+                "lost: its files cannot be checked; readers ignore it)",
+                markup=True,
+            )
+        else:
+            con.print(f"[dim]note {s.name}: uncommitted staging (ignored by readers)[/]")
     if message:
         con.print(f"[yellow]NO CHECKPOINT[/] {message}")
         return
@@ -180,8 +189,22 @@ def _print_human(args: argparse.Namespace, out: Outcome) -> None:
         )
         con.print(f"[green]OK[/] {place}: {n_files} files, {human_bytes(n_bytes)} {mode}")
         return
-    bad = [r.name for r in reports if not r.ok]
+    bad = [r.name for r in reports if not r.ok] + [
+        s.name for s in out.staging if s.kind == "orphan"
+    ]
     n_problems = sum(1 for r in reports for p in r.problems if p.fatal)
+    n_problems += sum(1 for s in out.staging if s.kind == "orphan")
     place = ", ".join(bad)
     place = store.display if store.display.endswith("/" + place) else f"{place} in {store.display}"
     con.print(f"[red]FAILED[/] {place}: {n_problems} problem{'s' if n_problems != 1 else ''}")
+
+
+def register(sub: Any, common: argparse.ArgumentParser) -> None:
+    v = sub.add_parser("verify", parents=[common], help="check checkpoints against manifests")
+    v.add_argument("url", help="a checkpoint root, one checkpoint folder, or one Keras file")
+    v.add_argument("--step", type=int, help="verify this step (default: the newest)")
+    v.add_argument("--all", action="store_true", help="verify every committed step")
+    v.add_argument("--fast", action="store_true", help="presence and sizes only, no hashing")
+    v.add_argument("--strict", action="store_true", help="unlisted files are failures")
+    v.add_argument("--json", action="store_true", help="machine-readable output")
+    v.set_defaults(func=cmd_verify)
