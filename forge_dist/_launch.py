@@ -54,3 +54,10 @@ def launch_environment(env: Mapping[str, str] | None = None) -> Launch:
             return here
         found = found or here
     return found or Launch(None, 0, 1)
+
+
+def restarts(env: Mapping[str, str] | None = None) -> int:
+    """How often the scheduler has restarted this job (SLURM's ``SLURM_RESTART_COUNT``
+    after a requeue); 0 for a first start."""
+    env = os.environ if env is None else env
+    return _int(env, "SLURM_RESTART_COUNT") or 0

@@ -43,6 +43,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--patience", type=int, default=3)
     ap.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     ap.add_argument(
+        "--resume-step",
+        type=int,
+        metavar="N",
+        help="continue from step N (forge-dist ls shows them)",
+    )
+    ap.add_argument(
+        "--resume-epoch-end",
+        action="store_true",
+        help="continue from the newest checkpoint taken at an epoch's end (e.g. on another "
+        "number of ranks, where a mid-epoch position does not carry over)",
+    )
+    ap.add_argument(
         "--optimizer",
         choices=["forge", "horovod"],
         default="forge",
@@ -228,9 +240,14 @@ def main(argv: list[str] | None = None) -> int:
         model.compile(optimizer=opt, loss="mse")
 
     restored = None
-    if args.resume:  # the chief says what it restored
-        restored = fk.restore_latest(
-            model, args.checkpoint_dir, storage_options=options, communicator=comm
+    if args.resume or args.resume_step is not None or args.resume_epoch_end:
+        restored = fk.restore_latest(  # the chief says what it restored
+            model,
+            args.checkpoint_dir,
+            storage_options=options,
+            communicator=comm,
+            step=args.resume_step,
+            epoch_end_only=args.resume_epoch_end,
         )
     if args.signal_before_fit == rank:
         import signal

@@ -86,6 +86,20 @@ def _weights_of_epoch(
     return None
 
 
+def _not_a_root(directory: str, storage_options: Any) -> None:
+    """A step folder given where a root belongs is an error naming the root."""
+    from forge_dist.storage import CheckpointStore
+    from forge_dist.storage.manifest import parse_step_dirname
+
+    root, _, base = directory.rstrip("/").rpartition("/")
+    step = parse_step_dirname(base)
+    if step is not None and root and CheckpointStore(root, storage_options).is_committed(base):
+        raise ConfigurationError(
+            f"{redact_url(directory)} is one checkpoint folder, not a checkpoint root: pass "
+            f"{redact_url(root)} (with step={step} for that one)"
+        )
+
+
 def _chief_restore(
     directory: str,
     storage_options: Any,
@@ -93,19 +107,41 @@ def _chief_restore(
     model: Any,
     custom_objects: Any,
     epoch_end_only: bool = False,
+    step: int | None = None,
 ) -> Any:
     """Chief: ``(loaded or None, corrupt steps skipped, passed over)``: the newest intact
     step (with ``epoch_end_only``, the newest taken at an epoch's end; ``passed over``
-    names the newer mid-epoch ones, and ``loaded`` is None with only those)."""
+    names the newer mid-epoch ones, and ``loaded`` is None with only those; with
+    ``step``, that one, or an error)."""
     from forge_dist.storage import CheckpointStore
+    from forge_dist.storage.manifest import STEP_RE
 
     store = CheckpointStore(directory, storage_options)
     if not store.root_exists():
-        return None, [], []  # a first run: nothing saved yet
+        if step is not None:
+            raise ConfigurationError(
+                f"no step {step} to restore: {redact_url(directory)} does not exist"
+            )
+        return ("missing",), [], []  # a first run: nothing saved yet
+    if STEP_RE.match(directory.rstrip("/").rsplit("/", 1)[-1]):
+        _not_a_root(directory, storage_options)
     infos = store.list()
     skipped: list[str] = []
     passed: list[Any] = []
     chosen = None
+    if step is not None:
+        wanted = [c for c in infos if c.step == step]
+        have = ", ".join(str(c.step) for c in infos) or "none"
+        if not wanted:
+            raise ConfigurationError(
+                f"no committed step {step} in {redact_url(directory)} (steps there: {have})"
+            )
+        if not store.is_intact(wanted[0], verify):
+            raise ConfigurationError(
+                f"step {step} in {redact_url(directory)} is damaged (forge-dist verify "
+                f"{redact_url(directory)} --step {step} says how); steps there: {have}"
+            )
+        infos = wanted
     for info in reversed(infos):
         if not store.is_intact(info, verify):
             skipped.append(info.name)
@@ -179,13 +215,35 @@ def restore_latest(
     verify: str = "full",
     custom_objects: dict[str, Any] | None = None,
     verbose: int = 1,
+    step: int | None = None,
+    epoch_end_only: bool = False,
 ) -> RestoreResult:
     """Restore ``model`` (built and compiled) on every rank from the newest intact
     checkpoint under ``directory``; return what was restored and the ``initial_epoch``.
-    With no checkpoint yet, nothing changes and ``initial_epoch`` is 0. With
-    ``verbose`` the chief says what it restored."""
+
+    ``step=N`` restores that step (an error when it is missing or damaged);
+    ``epoch_end_only=True`` the newest taken at an epoch's end (to continue on another
+    number of ranks, say, where a mid-epoch position does not carry over). With no
+    checkpoint yet, nothing changes and ``initial_epoch`` is 0, and the chief says so;
+    a job that the scheduler restarted (``SLURM_RESTART_COUNT``) finding no directory at
+    all is an error on every rank (the first attempt made it: a wrong directory would
+    otherwise start over silently). A step folder given as ``directory`` is an error
+    naming the root.
+    ``verbose`` (default 1) has the chief say what it restored."""
     comm = communicator if communicator is not None else get_communicator("auto")
-    return restore(model, directory, storage_options, comm, verify, custom_objects, verbose)
+    if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
+        raise ConfigurationError(f"step must be a step number (an int >= 0), got {step!r}")
+    return restore(
+        model,
+        directory,
+        storage_options,
+        comm,
+        verify,
+        custom_objects,
+        verbose,
+        epoch_end_only,
+        step,
+    )
 
 
 def restore(
@@ -197,9 +255,12 @@ def restore(
     custom_objects: dict[str, Any] | None = None,
     verbose: int = 1,
     epoch_end_only: bool = False,
+    step: int | None = None,
 ) -> RestoreResult:
     """:func:`restore_latest`; with ``epoch_end_only`` from the newest step taken at an
     epoch's end (what a plain ``model.fit`` can continue from)."""
+    from forge_dist._launch import restarts
+
     if comm.multi_worker:
         import tensorflow as tf
 
@@ -215,10 +276,22 @@ def restore(
         comm,
         "restore_latest",
         lambda: _chief_restore(
-            directory, storage_options, verify, model, custom_objects, epoch_end_only
+            directory, storage_options, verify, model, custom_objects, epoch_end_only, step
         ),
     )
     where = redact_url(directory)
+    if loaded is not None and loaded[0] == "missing":
+        loaded = None
+        if restarts():
+            raise ConfigurationError(
+                f"this job was restarted (SLURM_RESTART_COUNT={restarts()}) but "
+                f"{where} does not exist: no checkpoint to resume from (is the checkpoint "
+                "directory the one the first attempt wrote?)"
+            )
+        if verbose:
+            tell(comm, f"no checkpoint in {where} (it does not exist yet): training from the start")
+    elif loaded is None and not skipped and verbose:
+        tell(comm, f"no checkpoint in {where} yet: training from the start")
     if passed and verbose:
         tell(
             comm,
@@ -236,6 +309,17 @@ def restore(
             )
         return RestoreResult(False, skipped=skipped)
     step, state, weights, opt_values, restored, run = loaded
+    saved_by = state.get("world_size")
+    if not state.get("epoch_done", True) and state.get("samples") is None and (
+        saved_by is not None and saved_by != comm.size
+    ):
+        raise ConfigurationError(
+            f"step {step} in {where} was saved mid-epoch by {saved_by} rank(s), each on its "
+            f"own data, and this job has {comm.size}: a rank's position in its own data does "
+            f"not carry over. Run on {saved_by} rank(s), or continue from the newest "
+            "checkpoint taken at an epoch end: restore_latest(..., epoch_end_only=True) "
+            "(scripts/train.py --resume-epoch-end). Nothing was restored"
+        )
     _apply(model, weights, opt_values, state)
     registry(model).runs[root_key(directory)] = run
     set_pending(model, restored, state.get("epoch"), step, state.get("epoch_done", True))

@@ -139,9 +139,11 @@ def _check_resumable(restored: RestoreResult, plan: _ShardPlan | None, size: int
         raise ConfigurationError(
             f"{where} by {saved} rank(s), each on its own data, and this job has {size}: a "
             f"rank's position in its own data does not carry over to another rank count. "
-            f"Resume on {saved} rank(s), or from a checkpoint taken at an epoch end; with "
-            "fit_resumed(shard=True) (every rank passing the whole dataset) the position is "
-            "a global sample offset that any rank count continues from"
+            f"Resume on {saved} rank(s), or from the newest checkpoint taken at an epoch end "
+            "(restore_latest(..., epoch_end_only=True); scripts/train.py "
+            "--resume-epoch-end); with fit_resumed(shard=True) (every rank passing the whole "
+            "dataset) the position is a global sample offset that any rank count continues "
+            "from"
         )
 
 

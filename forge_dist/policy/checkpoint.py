@@ -69,6 +69,7 @@ def decide_retention(
     keep_best: int | None = None,
     mode: str = "min",
     protect: Sequence[int] = (),
+    superseded: Sequence[int] = (),
 ) -> RetentionDecision:
     """Keep the newest ``keep_last`` steps, the ``keep_best`` best by metric, always the
     newest step and every step in ``protect`` (e.g. the one just committed). With
@@ -76,7 +77,9 @@ def decide_retention(
 
     ``metrics`` maps a step to its monitored value; a NaN is never "best" (it may be
     deleted), but a step with no value at all (None: the metric was not logged there)
-    is kept, not ranked. Ties prefer the newer step.
+    is kept, not ranked, unless it is ``superseded`` (taken mid-epoch, with a later
+    epoch's end committed: it has no validation value and never will). Ties prefer the
+    newer step.
     """
     check_count("keep_last", keep_last)
     check_count("keep_best", keep_best)
@@ -103,7 +106,7 @@ def decide_retention(
         for s in ranked[:keep_best]:
             reasons.setdefault(s, f"among the best {keep_best} ({metrics[s]:.6g})")
         for s in ordered:
-            if metrics.get(s) is None:
+            if metrics.get(s) is None and s not in superseded:
                 reasons.setdefault(s, "no value of the monitored metric: kept, not ranked")
     keep = tuple(s for s in ordered if s in reasons)
     delete = tuple(s for s in ordered if s not in reasons)

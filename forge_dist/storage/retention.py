@@ -38,7 +38,9 @@ def apply_retention(
     protect_epochs: Sequence[int] = (),
 ) -> tuple[list[int], list[int]]:
     """Delete committed steps beyond keep-last N / keep-best K; return (kept, deleted).
-    The newest committed step and the ``protect`` ones are always kept, and the newest
+    A step taken mid-epoch (a preemption's) lacks validation values: it is kept, not
+    ranked, until a later epoch's end is committed. The newest committed step and the
+    ``protect`` ones are always kept, and the newest
     step taken at the end of each of ``protect_epochs`` (the epochs whose weights a
     callback's state needs back, e.g. early stopping's best). With ``run_id`` only that
     run's steps are counted, ranked or deleted; another run's are left alone."""
@@ -54,6 +56,12 @@ def apply_retention(
             if c.state.get("epoch_done", True) and c.state.get("epoch") in wanted:
                 ends[c.state["epoch"]] = c.step
         protect = [*protect, *ends.values()]
+    ends = [c.step for c in infos if c.state.get("epoch_done", True)]
+    superseded = [
+        c.step
+        for c in infos
+        if not c.state.get("epoch_done", True) and any(e > c.step for e in ends)
+    ]
     decision = decide_retention(
         [c.step for c in infos],
         metrics,
@@ -61,6 +69,7 @@ def apply_retention(
         keep_best=keep_best,
         mode=mode,
         protect=protect,
+        superseded=superseded,
     )
     for step in decision.delete:
         if not dry_run:
