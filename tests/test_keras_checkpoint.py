@@ -32,7 +32,7 @@ def test_checkpoints_load_with_plain_keras_and_carry_callback_state(tmp_path):
     assert store.steps() == [8, 12]  # 4 batches per epoch; the first step was retained out
     info = store.newest(verify="full")
     assert info.state["epoch"] == 2 and info.state["step"] == 12
-    assert info.state["callbacks"]["early_stopping"]["best"] == pytest.approx(es.best)
+    assert info.state["callbacks"][es.state_name]["best"] == pytest.approx(es.best)
     # The manifest carries the logs of the epoch it saved.
     assert info.metrics["val_loss"] == pytest.approx(history.history["val_loss"][-1])
     assert info.metrics["loss"] == pytest.approx(history.history["loss"][-1])

@@ -102,7 +102,7 @@ def test_the_checkpoint_records_how_far_the_csv_goes(tmp_path):
         fk.ChiefModelCheckpoint(root, communicator=LOCAL),
     ]
     fit(make_model(), stack, epochs=2)
-    state = CheckpointStore(root).newest().state["callbacks"]["csv_logger"]
+    state = CheckpointStore(root).newest().state["callbacks"]["csv_logger[history.csv]"]
     assert state == {"last_epoch": 1, "rows": 2}
 
 

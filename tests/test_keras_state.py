@@ -64,10 +64,14 @@ def test_each_callback_gets_its_own_state_back_under_its_registered_name(tmp_pat
     second = fk.SyncEarlyStopping(monitor="loss", patience=9, communicator=LOCAL)
     counter = Counter()
     fit(model, [first, second, counter, fk.ChiefModelCheckpoint(root, communicator=LOCAL)])
-    assert (first.state_name, second.state_name) == ("early_stopping", "early_stopping#2")
+    # Named by kind and monitor (two alike would be told apart by #2).
+    assert (first.state_name, second.state_name) == (
+        "early_stopping[val_loss]",
+        "early_stopping[loss]",
+    )
     saved = CheckpointStore(root).newest().state["callbacks"]
-    assert saved["early_stopping"]["best"] == first.best
-    assert saved["early_stopping#2"]["best"] == second.best != first.best
+    assert saved["early_stopping[val_loss]"]["best"] == first.best
+    assert saved["early_stopping[loss]"]["best"] == second.best != first.best
     assert saved["counter"] == {"epochs": 3}
 
     fresh = make_model()
@@ -88,7 +92,7 @@ def test_a_state_that_asks_for_an_earlier_epochs_weights_gets_them(tmp_path):
     es, stack = best_weights_stack(root)
     fit(make_model(), stack, epochs=4)
     store = CheckpointStore(root)
-    assert store.newest().state["callbacks"]["early_stopping"]["weights_of_epoch"] == 1
+    assert store.newest().state["callbacks"]["early_stopping[val_score]"]["weights_of_epoch"] == 1
     at_best = next(c for c in store.list() if c.state["epoch"] == 1)
     dest = store.download(at_best.step, tmp_path / "best")
     expected = keras.models.load_model(os.path.join(dest, "model.keras")).get_weights()
@@ -116,3 +120,15 @@ def test_without_a_checkpoint_of_that_epoch_the_state_does_without(tmp_path):
     again.on_train_begin()
     assert again.best == 1.0 and not again.state.has_best_weights
     assert again.best_weights is None
+
+
+def test_a_checkpoint_from_before_names_carried_settings_still_gives_state_back():
+    from forge_dist.keras._state import Restored, set_pending
+
+    model = make_model()
+    es = fk.SyncEarlyStopping(monitor="val_loss", patience=9, communicator=LOCAL)
+    es.set_model(model)
+    old = {"mode": "min", "wait": 2, "best": 0.25, "best_epoch": 1, "stopped_epoch": 0}
+    set_pending(model, {"early_stopping": Restored(old)}, epoch=2)
+    es.on_train_begin()
+    assert (es.state_name, es.wait, es.best) == ("early_stopping[val_loss]", 2, 0.25)

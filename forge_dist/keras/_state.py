@@ -76,13 +76,23 @@ def register(model: Any, callback: Any) -> str:
     reg = registry(model)
     alive = [r for r in reg.callbacks if r() is not None and r() is not callback]
     taken = {getattr(r(), "state_name", None) for r in alive}
-    key, n = callback.state_key, 1
+    base = callback.state_id()
+    key, n = base, 1
     while key in taken:
         n += 1
-        key = f"{callback.state_key}#{n}"
+        key = f"{base}#{n}"
     alive.append(weakref.ref(callback))
     reg.callbacks = alive
     return key
+
+
+def register_fit(model: Any, callbacks: list[Any]) -> None:
+    """A fit begins with ``callbacks``: they alone are the model's now (a callback of an
+    earlier fit neither saves its state nor takes a name), named in list order."""
+    reg = registry(model)
+    reg.callbacks = []
+    for cb in callbacks:
+        cb.state_name = register(model, cb)
 
 
 def collect_state(model: Any) -> dict[str, Any]:
@@ -141,5 +151,11 @@ def restored_position(model: Any, seen: int) -> tuple[int, int, int] | None:
     return reg.restored_complete_epoch, reg.restored_step, reg.restores
 
 
-def take_pending(model: Any, name: str) -> Restored | None:
-    return registry(model).pending.pop(name, None)
+def take_pending(model: Any, name: str, legacy: str | None = None) -> Restored | None:
+    """The restored state stored under ``name`` (or, from a checkpoint written before
+    names carried settings, under the bare ``legacy`` kind)."""
+    pending = registry(model).pending
+    found = pending.pop(name, None)
+    if found is None and legacy is not None and "[" in name:
+        found = pending.pop(legacy, None)
+    return found

@@ -121,7 +121,7 @@ def find_callback_list() -> Any:
 def current(model: Any, cb: Any, forge_cls: type) -> tuple[Fit, bool]:
     """This fit (made by the first forge_dist callback to begin it), and whether ``cb``
     is the one that made it."""
-    from forge_dist.keras._state import registry
+    from forge_dist.keras._state import register_fit, registry
 
     reg = registry(model)
     source = find_callback_list()
@@ -139,6 +139,7 @@ def current(model: Any, cb: Any, forge_cls: type) -> tuple[Fit, bool]:
     )
     reg.fit = fit
     reg.synced_epoch = None
+    register_fit(model, fit.callbacks)
     return fit, True
 
 

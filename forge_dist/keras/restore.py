@@ -310,8 +310,10 @@ def restore(
         return RestoreResult(False, skipped=skipped)
     step, state, weights, opt_values, restored, run = loaded
     saved_by = state.get("world_size")
-    if not state.get("epoch_done", True) and state.get("samples") is None and (
-        saved_by is not None and saved_by != comm.size
+    if (
+        not state.get("epoch_done", True)
+        and state.get("samples") is None
+        and (saved_by is not None and saved_by != comm.size)
     ):
         raise ConfigurationError(
             f"step {step} in {where} was saved mid-epoch by {saved_by} rank(s), each on its "

@@ -107,6 +107,12 @@ class ForgeCallback(Callback):
         self.state_name = register(model, self)
         watch_train_function(model, self.comm)
 
+    def state_id(self) -> str:
+        """The name this callback's state is stored under: its kind and the setting that
+        tells it from another of its kind (a monitor, a file's name), so reordering the
+        list never hands one callback another's state (``#2`` only for two alike)."""
+        return self.state_key
+
     # -- the fit (Keras' hooks; subclasses implement train_begin / epoch_end)
     def on_train_begin(self, logs: Any = None) -> None:
         fit, made = fitmod.current(self.model, self, ForgeCallback)
@@ -193,7 +199,7 @@ class ForgeCallback(Callback):
         (:func:`~forge_dist.keras.fit_resumed`), else take the restored one, else reset."""
         if registry(self.model).keep_state:
             return
-        restored = take_pending(self.model, self.state_name)
+        restored = take_pending(self.model, self.state_name, self.state_key)
         if restored is None:
             self.reset_state()
         else:

@@ -178,6 +178,10 @@ class ChiefModelCheckpoint(ForgeCallback):
         check_positive_int("keep_best", keep_best, allow_none=True)
 
     # -- the state protocol
+    def state_id(self) -> str:
+        target = (self.filepath or self.directory).rstrip("/").rsplit("/", 1)[-1]
+        return f"{self.state_key}[{target}]"
+
     def get_state(self) -> dict[str, Any]:
         return {"best": self.best, "mode": self._resolved_mode}
 

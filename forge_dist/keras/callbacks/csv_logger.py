@@ -70,6 +70,9 @@ class ChiefCSVLogger(ForgeCallback):
         self._restored_rows = None
 
     # -- Keras hooks
+    def state_id(self) -> str:
+        return f"{self.state_key}[{str(self.url).rstrip('/').rsplit('/', 1)[-1]}]"
+
     def train_begin(self, logs: Any = None) -> None:
         self.begin_state()
         self._agree("ChiefCSVLogger(train begin)", self._start)

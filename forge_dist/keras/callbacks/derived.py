@@ -50,6 +50,9 @@ class DerivedMetric(ForgeCallback):
             raise ConfigurationError(f"mode must be 'min' or 'max', got {mode!r}")
         self.name, self.fn, self.mode = name, fn, mode
 
+    def state_id(self) -> str:
+        return f"{self.state_key}[{self.name}]"
+
     def set_model(self, model: Any) -> None:
         super().set_model(model)
         registry(model).directions[self.name] = DIRECTIONS[self.mode]

@@ -87,6 +87,9 @@ class SyncEarlyStopping(PolicyState, ForgeCallback):
         return self.config.min_delta
 
     # -- the state protocol
+    def state_id(self) -> str:
+        return f"{self.state_key}[{self.monitor}]"
+
     def get_state(self) -> dict[str, Any]:
         best_weights = self.state.best_epoch if self.state.has_best_weights else None
         return {**super().get_state(), WEIGHTS_OF_EPOCH: best_weights}

@@ -27,6 +27,11 @@ class OnChief(ForgeCallback):
     never a hang. Batch hooks are forwarded only with ``batch_hooks=True``, and then
     agreed at every batch (one small broadcast a batch); they see the chief's own
     batch values.
+
+    A callback that keeps state across resumes (an alert that fired once, a counter)
+    says so with ``get_state() -> dict`` (JSON-able) and ``set_state(state)``: its state
+    is then saved in every checkpoint and given back after a restore, after its own
+    ``on_train_begin`` (``reset_state()``, if it has one, is called at a fresh start).
     """
 
     state_key = "on_chief"
@@ -56,6 +61,24 @@ class OnChief(ForgeCallback):
         self._in_fit = False
         self.name = type(callback).__name__
 
+    def state_id(self) -> str:
+        return f"{self.state_key}[{self.name}]"
+
+    # -- the wrapped callback's own state, if it keeps one (get_state / set_state)
+    def get_state(self) -> dict[str, Any] | None:
+        get = getattr(self.callback, "get_state", None)
+        return {"state": get()} if callable(get) and self.comm.is_chief else None
+
+    def set_state(self, state: dict[str, Any], weights: list[Any] | None = None) -> None:
+        put = getattr(self.callback, "set_state", None)
+        if callable(put) and "state" in state:
+            put(state["state"])
+
+    def reset_state(self) -> None:
+        reset = getattr(self.callback, "reset_state", None)
+        if callable(reset):
+            reset()
+
     def set_model(self, model: Any) -> None:
         super().set_model(model)
         if self.comm.is_chief:
@@ -83,6 +106,7 @@ class OnChief(ForgeCallback):
     def train_begin(self, logs: Any = None) -> None:
         self._in_fit = True
         self._run("on_train_begin", logs)
+        self.begin_state()  # after its own train begin, which may reset what it keeps
 
     def on_train_end(self, logs: Any = None) -> None:
         self._in_fit = False

@@ -56,6 +56,9 @@ class SyncReduceLROnPlateau(PolicyState, ForgeCallback):
         return self.state.cooldown_counter > 0
 
     # -- the state protocol (get_state from PolicyState)
+    def state_id(self) -> str:
+        return f"{self.state_key}[{self.monitor}]"
+
     def set_state(self, state: dict[str, Any], weights: list[Any] | None = None) -> None:
         self.state = policy.PlateauState.from_json(state)
 

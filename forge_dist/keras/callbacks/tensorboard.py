@@ -104,6 +104,9 @@ class ChiefTensorBoard(ForgeCallback):
         self._t_epoch = self._t_batch = 0.0
         self._iterations_at_epoch_start = 0
 
+    def state_id(self) -> str:
+        return f"{self.state_key}[{str(self.log_dir).rstrip('/').rsplit('/', 1)[-1]}]"
+
     # -- the state protocol: how far the logs go (recorded in each manifest)
     def get_state(self) -> dict[str, Any]:
         return {"epoch": self.last_epoch, "step": self.last_step}
