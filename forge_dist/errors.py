@@ -72,6 +72,12 @@ class CollectiveTimeoutError(ForgeDistError, TimeoutError):
         self.missing = list(missing or [])
 
 
+class RankFailedError(ForgeDistError, RuntimeError):
+    """Another rank raised an error outside any collective (a bad argument on that rank
+    alone, a failed data load) and said so before exiting: raised on every rank waiting
+    for it, at once, naming that rank and its error."""
+
+
 class CollectiveMismatchError(ForgeDistError, RuntimeError):
     """Ranks called different collectives or passed incompatible data (e.g. different
     metric names). Raised on every rank, never on just one."""

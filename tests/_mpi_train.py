@@ -28,6 +28,7 @@ ap.add_argument("--kill-rank", type=int, default=1, help="which rank --kill-rank
 ap.add_argument("--stop-rank1-at-epoch", type=int, default=None, help="SIGSTOP: a hung rank")
 ap.add_argument("--resume", action="store_true")
 ap.add_argument("--bad", default=None, help="a misconfiguration to construct")
+ap.add_argument("--bad-rank", type=int, default=None, help="--bad on this rank only")
 ap.add_argument("--backend", default="mpi", choices=["mpi", "horovod", "auto"])
 ap.add_argument(
     "--hvd-optimizer",
@@ -144,10 +145,10 @@ if args.mode == "control":
         Recorder(),
     ]
 else:
-    if args.bad:
+    if args.bad and args.bad_rank in (None, comm.rank):
         kwargs = json.loads(args.bad)
         cls = getattr(fk, kwargs.pop("class"))
-        cls(**kwargs)  # must raise on every rank
+        cls(**kwargs)  # must raise (on every rank, or on --bad-rank alone)
     if args.resume:
         restored = fk.restore_latest(model, root)
         initial_epoch = restored.initial_epoch

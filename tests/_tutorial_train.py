@@ -149,7 +149,7 @@ history = model.fit(
     epochs=args.epochs,
     batch_size=32,
     shuffle=False,
-    verbose=0,
+    verbose=2,  # Keras' epoch lines: the chief's only
     callbacks=callbacks,
 )
 stopper = callbacks[3]

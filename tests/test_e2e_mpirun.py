@@ -117,6 +117,29 @@ def test_bad_configuration_fails_on_every_rank_at_construction(tmp_path, bad, me
     assert run.output.count(message) >= 2, run.output[-3000:]  # once per rank
 
 
+def test_a_bad_argument_on_one_rank_ends_every_rank_at_once_naming_it(tmp_path):
+    """A rank-dependent mistake (rank 1 alone passes mode="maximum"): rank 1 raises at
+    construction, rank 0 would wait in its first collective until the 600 s deadline;
+    rank 1 tells it on its way out, and rank 0 raises at once, naming rank 1's error."""
+    bad = json.dumps({"class": "SyncEarlyStopping", "mode": "maximum"})
+    run, _, _ = train(
+        tmp_path,
+        "bad",
+        "--bad",
+        bad,
+        "--bad-rank",
+        "1",
+        expect_ok=False,
+        bound_s=90,  # far below the deadline (FORGE_DIST_TIMEOUT, 600 s)
+        mpi_flags=["--output", "tag"],
+    )
+    assert run.returncode != 0
+    said = rank_output(run.output, 0)
+    assert "RankFailedError" in said and "rank 1 failed before reaching it" in said, said[-2000:]
+    assert "mode must be 'auto', 'min' or 'max', got 'maximum'" in said
+    assert "mode must be" in rank_output(run.output, 1)
+
+
 COLLECTIVES = """
 import json, sys
 import numpy as np

@@ -78,6 +78,9 @@ def test_every_value_logged_and_decided_on_is_the_mean_across_ranks(uninterrupte
     # The tutorial's own alert runs on every rank: the chief says how to run it once.
     note = "AlertCallback is not a forge_dist callback: it runs on every rank"
     assert note in rank_output(job.output, 0) and note not in rank_output(job.output, 1)
+    # Keras' progress lines come from the chief alone (not twice, interleaved).
+    assert "Epoch 1/8" in rank_output(job.output, 0)
+    assert "Epoch 1/" not in rank_output(job.output, 1)
 
 
 def test_best_model_keras_is_the_best_epochs_model_written_by_the_chief(uninterrupted):

@@ -4,6 +4,8 @@ counted from 1, a resume that says what it restored."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 pytestmark = pytest.mark.keras
@@ -233,3 +235,52 @@ def test_production_callbacks_names_its_own_arguments_in_errors(tmp_path):
     )
     with pytest.raises(ConfigurationError, match="overwrite='delete' to production_callbacks"):
         fit(make_model(), stack, epochs=1)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda root, comm: fk.ChiefModelCheckpoint(
+            root, monitor="val_acc", save_best_only=True, communicator=comm
+        ),
+        lambda root, comm: fk.SyncEarlyStopping(monitor="val_acc", communicator=comm),
+        lambda root, comm: fk.SyncReduceLROnPlateau(monitor="val_acc", communicator=comm),
+    ],
+)
+def test_a_monitor_typo_is_one_error_on_every_rank_listing_the_metrics(tmp_path, make):
+    """Keras warns (ModelCheckpoint then saves every epoch: "best" is the last)."""
+
+    def rank_fn(comm):
+        model = make_model()
+        fit(model, [make(str(tmp_path / f"best{comm.rank}.keras"), comm)], epochs=2)
+
+    results = run_ranks(2, rank_fn, timeout=60)
+    for e in results:
+        assert isinstance(e, ConfigurationError), results
+        assert "monitor 'val_acc' is not in the logs (available: loss, mae, val_loss" in str(e)
+    assert not list(tmp_path.glob("best*")), "nothing saved"
+
+
+def test_epochs_without_validation_neither_decide_nor_replace_the_best_model(tmp_path):
+    """validation_freq=2: val_loss exists every other epoch. Early stopping waits for it
+    (as Keras does); the best model is never replaced by an unvalidated one (Keras would
+    save it)."""
+    path = tmp_path / "best.keras"
+    seen = []
+
+    class Saves(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            seen.append((epoch, "val_loss" in logs, path.exists() and os.path.getmtime(path)))
+
+    es = fk.SyncEarlyStopping(monitor="val_loss", patience=9, communicator=LOCAL)
+    ckpt = fk.ChiefModelCheckpoint(
+        str(path), monitor="val_loss", save_best_only=True, communicator=LOCAL
+    )
+    make_model().fit(X, Y, validation_data=(X[:32], Y[:32]), validation_freq=2, epochs=4,
+                     batch_size=32, verbose=0, callbacks=[es, ckpt, Saves()])  # fmt: skip
+    validated = [e for e, has, _ in seen if has]
+    assert validated == [1, 3]
+    saved_at = [t for _, _, t in seen]
+    assert saved_at[0] is False  # epoch 1 (no validation): nothing saved yet
+    assert saved_at[2] == saved_at[1]  # epoch 3 (no validation): the file untouched
+    assert es.best == ckpt.best is not None

@@ -39,6 +39,18 @@ def test_each_save_replaces_the_file_and_its_sidecar_records_the_ones_before(tmp
     assert found.report.ok and found.note is None and found.report.step == 30
 
 
+def test_a_file_gets_the_permissions_a_plain_save_gives_it(tmp_path):
+    old = os.umask(0o027)
+    try:
+        FileTarget(str(tmp_path / "m.keras")).write(lambda f: f.write(b"x"), {})
+        with open(tmp_path / "plain", "w") as f:
+            f.write("x")
+    finally:
+        os.umask(old)
+    mode = os.stat(tmp_path / "m.keras").st_mode & 0o777
+    assert mode == os.stat(tmp_path / "plain").st_mode & 0o777 == 0o640
+
+
 def test_a_failed_save_leaves_the_previous_file_and_no_temporary(tmp_path):
     url = str(tmp_path / "best.keras")
     target = FileTarget(url)

@@ -33,6 +33,7 @@ from forge_dist.errors import (
     CollectiveMismatchError,
     CollectiveTimeoutError,
     ConfigurationError,
+    RankFailedError,
 )
 
 log = logging.getLogger("forge_dist.comm")
@@ -43,6 +44,7 @@ _TAG_ROLLCALL = 17003  # "are you there?" after a timeout
 _TAG_PRESENT = 17004  # the answer
 _TAG_GAVE_UP = 17005  # "I timed out; the job will abort" (payload: the ranks missing)
 _TAG_HEARD = 17006  # "my own error is out": the aborting rank may go on
+_TAG_FAILED = 17007  # "I raised an error outside any collective" (payload: its text)
 _ROLLCALL_S = 5.0  # how long a roll call waits for answers
 _HEARD_S = 5.0  # how long the abort at exit waits for the ranks it told
 _ABORT_CODE = 70
@@ -89,6 +91,34 @@ class MPICommunicator(Communicator):
         self._told: set[int] = set()  # ranks this one told, not yet heard from
         self._abandoned: list[Any] = []  # requests of collectives given up: never freed
         self._abort_registered = False
+        self._failed: list[tuple[int, str]] = []  # (rank, its error) said before exiting
+        if self._size > 1:
+            self._hook_uncaught()
+
+    def _hook_uncaught(self) -> None:
+        """An error this rank raises outside any collective (a bad argument on this rank
+        alone) would leave the others waiting in their next collective until the
+        deadline, this rank stuck in ``MPI_Finalize`` meanwhile: after its traceback is
+        out, tell every other rank, which then raise at once (:class:`RankFailedError`)."""
+        previous = sys.excepthook
+
+        def hook(exc_type: Any, exc: Any, tb: Any) -> None:
+            previous(exc_type, exc, tb)
+            if self._broken is None and not isinstance(exc, KeyboardInterrupt):
+                with contextlib.suppress(Exception):
+                    self._tell_failed(f"{exc_type.__name__}: {exc}")
+
+        sys.excepthook = hook
+
+    def _tell_failed(self, text: str) -> None:
+        import numpy as np
+
+        data = np.frombuffer(" ".join(text.split())[:2000].encode(), dtype=np.uint8).copy()
+        for r in range(self._size):
+            if r != self._rank:  # small messages: sent eagerly, nothing to wait for
+                self._replies.append(
+                    (self._comm.Isend([data, self._MPI.BYTE], dest=r, tag=_TAG_FAILED), data)
+                )
 
     @property
     def rank(self) -> int:
@@ -116,6 +146,11 @@ class MPICommunicator(Communicator):
             buf = np.empty(status.Get_count(MPI.INT64_T), dtype=np.int64)
             self._comm.Recv([buf, MPI.INT64_T], source=src, tag=_TAG_GAVE_UP)
             self._gave_up.append((src, buf.tolist()))
+        while self._comm.Iprobe(source=MPI.ANY_SOURCE, tag=_TAG_FAILED, status=status):
+            src = status.Get_source()
+            raw = np.empty(status.Get_count(MPI.BYTE), dtype=np.uint8)
+            self._comm.Recv([raw, MPI.BYTE], source=src, tag=_TAG_FAILED)
+            self._failed.append((src, raw.tobytes().decode(errors="replace")))
         self._replies = [(r, b) for r, b in self._replies if not r.Test()]
 
     def _send_ints(self, values: list[int], dest: int, tag: int) -> None:
@@ -128,6 +163,14 @@ class MPICommunicator(Communicator):
         """Between two looks at a pending operation: answer roll calls; if another rank
         gave up on the job meanwhile, stop waiting and raise this rank's own error."""
         self._answer_rollcalls()
+        if self._failed:
+            src, text = self._failed[0]
+            self._broken = (
+                f"collective {name!r} given up on rank {self._rank}: rank {src} failed "
+                f"before reaching it ({text}); every rank stops"
+            )
+            log.error(self._broken)
+            raise RankFailedError(self._broken)
         if self._gave_up:
             src, missing = self._gave_up[0]
             found = (

@@ -164,3 +164,10 @@ def keras_fileobj_saver() -> Any:
         return None
     save = getattr(saving_lib, "save_model", None)
     return save if callable(save) else None
+
+
+def averages_gradients(optimizer: Any) -> bool:
+    """The optimizer averages gradients across ranks: forge_dist's DistributedOptimizer,
+    or Horovod's (tf_keras)."""
+    cls = type(optimizer)
+    return bool(getattr(cls, "_forge_dist_wrapped", False)) or cls.__module__.startswith("horovod")

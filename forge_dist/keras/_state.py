@@ -60,6 +60,7 @@ class Registry:
     shard: tuple[int, int, int] | None = None
     sample_offset: int = 0
     partial_fit: bool = False  # another fit follows: training does not end here
+    display_epochs: int | None = None  # the run's epochs, for the progress bar
     keep_state: bool = False  # a fit that continues the previous one: keep state
 
 

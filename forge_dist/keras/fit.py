@@ -147,7 +147,10 @@ def check(comm: Any, fit: Fit, params: dict[str, Any] | None) -> None:
     """Every rank, at train begin of a multi-rank fit: one all-gather of what each rank
     is about to run; a Keras callback that acts on its own, or any difference between
     the ranks, is a :class:`ConfigurationError` on every rank."""
-    if comm.size <= 1 or not fit.seen:
+    if not fit.seen:
+        return
+    _progress_on_chief_only(comm, fit)
+    if comm.size <= 1:
         return
     params = params or {}
     mine = {
@@ -174,6 +177,37 @@ def check(comm: Any, fit: Fit, params: dict[str, Any] | None) -> None:
                 )
     if comm.is_chief:
         _note_user_callbacks(fit)
+        _note_optimizer(comm, fit)
+
+
+def _progress_on_chief_only(comm: Any, fit: Fit) -> None:
+    """Keras' progress bar prints on the chief only (every rank's bar interleaved in one
+    job's output, with the same synced values at each epoch's end, said nothing more);
+    a fit that finishes an interrupted epoch counts its epochs as the whole run does."""
+    from forge_dist.keras._state import registry
+
+    total = registry(fit.callbacks[0].model).display_epochs if fit.callbacks else None
+    for cb in fit.others:
+        if type(cb).__name__ == "ProgbarLogger":
+            if not comm.is_chief:
+                cb.verbose = 0
+            if total is not None:
+                cb.epochs = total
+
+
+def _note_optimizer(comm: Any, fit: Fit) -> None:
+    """Say, on the chief, when the ranks' gradients are not averaged: each rank then
+    trains its own model, and the weights part after the first step."""
+    model = fit.callbacks[0].model if fit.callbacks else None
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is None or comm.averages_gradients or _compat.averages_gradients(optimizer):
+        return
+    print(
+        f"[forge_dist] warning: {type(optimizer).__name__} does not average gradients across "
+        f"the {comm.size} ranks: each rank trains its own model. Compile with "
+        "forge_dist.keras.DistributedOptimizer(optimizer)",
+        flush=True,
+    )
 
 
 def _note_user_callbacks(fit: Fit) -> None:

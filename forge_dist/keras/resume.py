@@ -178,6 +178,7 @@ def _finish_interrupted_epoch(
     # Batches counted in this epoch before the fit: at this job's size when sharded.
     before = offset // (batch_size * size) if plan is not None else skip
     reg.batch_offset, reg.partial_fit = before, epoch + 1 < epochs
+    reg.display_epochs = epochs  # (this fit runs one epoch; the bar says "Epoch 4/10")
     metric_state = restored.state.get("metric_state")
     saved = values_for(metric_state, rank, size)
     first = dict(args, epochs=epoch + 1, initial_epoch=epoch)
@@ -196,7 +197,7 @@ def _finish_interrupted_epoch(
             first["sample_weight"] = _select(first["sample_weight"], rows)
         return model.fit(_select(x, rows), _select(y, rows), **first)
     finally:
-        reg.batch_offset, reg.partial_fit = 0, False
+        reg.batch_offset, reg.partial_fit, reg.display_epochs = 0, False, None
 
 
 def fit_resumed(

@@ -120,6 +120,8 @@ class FileTarget:
             else:
                 fd, tmp = tempfile.mkstemp(prefix="forge-dist-file-")
             try:
+                if self.local:  # mkstemp makes 0600: the file gets what open() would give
+                    os.fchmod(fd, 0o666 & ~_umask())
                 with os.fdopen(fd, "wb") as raw:
                     out = HashingWriter(raw)
                     produce(out)
@@ -159,6 +161,12 @@ class FileTarget:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # (read by setting; put back at once)
+    os.umask(mask)
+    return mask
 
 
 def _record(sidecar: dict[str, Any]) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from forge_dist.comm import Communicator, agree, get_communicator
 from forge_dist.errors import ConfigurationError
 from forge_dist.keras import _compat
 from forge_dist.keras import fit as fitmod
-from forge_dist.keras._compat import Callback
+from forge_dist.keras._compat import Callback, to_float
 from forge_dist.keras._state import deciding_digest, register, registered, registry, take_pending
 from forge_dist.keras.in_graph import watch_train_function
 
@@ -71,6 +71,19 @@ def missing_monitor(monitor: str, logs: dict[str, Any], who: str) -> Configurati
         f"{who}: monitor {monitor!r} is not in the logs (available: {keys}); "
         "check the metric name, and that validation data is passed to fit"
     )
+
+
+def monitor_value(logs: dict[str, Any], monitor: str, who: str) -> float | None:
+    """This epoch's value of ``monitor``; None when validation did not run this epoch (a
+    ``val_*`` monitor and no ``val_*`` value at all: Keras' ``validation_freq``). A name
+    the logs lack otherwise is a typo: an error listing what there is (the logs are the
+    same on every rank, so every rank raises it alike)."""
+    value = to_float(logs.get(monitor))
+    if value is not None:
+        return value
+    if monitor.startswith("val_") and not any(str(k).startswith("val_") for k in logs):
+        return None
+    raise missing_monitor(monitor, logs, who)
 
 
 class ForgeCallback(Callback):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import socket
-import warnings
 from typing import Any
 
 from forge_dist import policy
@@ -20,6 +19,7 @@ from forge_dist.keras.callbacks.base import (
     check_positive_int,
     is_save_freq,
     keras_alias,
+    monitor_value,
 )
 from forge_dist.keras.metric_state import metric_names, metric_values, saved_state
 from forge_dist.keras.preflight import check_room
@@ -28,6 +28,7 @@ from forge_dist.keras.snapshot import HostTwin
 from forge_dist.storage.files import FileTarget
 
 WHEN_BUSY = ("wait", "skip")
+BUSY = "the previous save is still in flight"
 
 
 def _check_run_arguments(run_name: Any, overwrite: Any) -> None:
@@ -298,19 +299,23 @@ class ChiefModelCheckpoint(ForgeCallback):
             self.async_checkpointer.check_for_errors()
 
     # -- saving
-    def _decide(self, logs: dict[str, Any], force: bool) -> policy.SaveDecision:
+    def _decide(
+        self, logs: dict[str, Any], force: bool, epoch_end: bool = True
+    ) -> policy.SaveDecision:
         """Chief: whether this save point saves."""
         self._check_background()
         if force:
             return policy.SaveDecision(True, self.best, policy.Reason.SAVE)
         busy = self.async_checkpointer is not None and self.async_checkpointer.busy
         if self.when_busy == "skip" and busy:
-            return policy.SaveDecision(
-                False, self.best, policy.Reason.SKIP, "the previous save is still in flight"
-            )
+            return policy.SaveDecision(False, self.best, policy.Reason.SKIP, BUSY)
         current = to_float(logs.get(self.monitor))
-        if current is None and self.save_best_only:  # saved anyway, as Keras does
-            warnings.warn(f"Can save best model only with {self.monitor} available.", stacklevel=2)
+        if current is None and self.save_best_only and epoch_end:
+            # (A typo was refused before: validation did not run this epoch.) Keras saves
+            # then; an unvalidated model must not replace the best one.
+            return policy.SaveDecision(
+                False, self.best, policy.Reason.SKIP, f"no {self.monitor} this epoch"
+            )
         return policy.save_step(
             self.monitor, self._resolved_mode or "min", self.best, current, self.save_best_only
         )
@@ -319,15 +324,18 @@ class ChiefModelCheckpoint(ForgeCallback):
         """Keras' lines for a save point (``verbose > 0``, on the chief)."""
         current = to_float(logs.get(self.monitor))
         best = "None" if prev is None else f"{prev:.5f}"
-        if not self.save_best_only or current is None:
-            self._say_as_keras(f"\nEpoch {epoch + 1}: saving model to {where}")
-        elif decision.save:
+        ranked = self.save_best_only and current is not None
+        if decision.save and ranked:
             self._say_as_keras(
                 f"\nEpoch {epoch + 1}: {self.monitor} improved from {best} to {current:.5f}, "
                 f"saving model to {where}"
             )
-        else:
+        elif decision.save:
+            self._say_as_keras(f"\nEpoch {epoch + 1}: saving model to {where}")
+        elif ranked and decision.message != BUSY:
             self._say_as_keras(f"\nEpoch {epoch + 1}: {self.monitor} did not improve from {best}")
+        else:  # in flight (when_busy="skip"), or no validation this epoch
+            self._say_as_keras(f"\nEpoch {epoch + 1}: {decision.message}: not saved")
 
     def _save(
         self,
@@ -353,8 +361,10 @@ class ChiefModelCheckpoint(ForgeCallback):
         if self.filepath is not None:  # every rank: a bad template fails everywhere alike
             path = keras_files.format_filepath(self.filepath, epoch, batch, logs)
         where = path or f"{self.directory} (step {step})"
+        if self.save_best_only and not force and epoch_done:  # a typo: one error everywhere
+            monitor_value(logs, self.monitor, "ChiefModelCheckpoint")
         prev = self.best
-        decision = self._agree(name, lambda: self._decide(logs, force))
+        decision = self._agree(name, lambda: self._decide(logs, force, epoch_done))
         self.best = decision.best
         if not force:
             self._tell(epoch, decision, prev, logs, where)

@@ -7,9 +7,8 @@ from typing import Any
 
 from forge_dist import policy
 from forge_dist.comm import Communicator
-from forge_dist.keras._compat import to_float
 from forge_dist.keras._state import WEIGHTS_OF_EPOCH, registry
-from forge_dist.keras.callbacks.base import ForgeCallback, PolicyState, missing_monitor
+from forge_dist.keras.callbacks.base import ForgeCallback, PolicyState, monitor_value
 
 
 class SyncEarlyStopping(PolicyState, ForgeCallback):
@@ -115,9 +114,9 @@ class SyncEarlyStopping(PolicyState, ForgeCallback):
         self._finish_mode(final=True)
 
         def decide() -> policy.EarlyStopDecision:
-            current = to_float(logs.get(self.monitor))
-            if current is None and epoch >= self.config.start_from_epoch:
-                raise missing_monitor(self.monitor, logs, "SyncEarlyStopping")
+            current = None
+            if epoch >= self.config.start_from_epoch:  # (None: no validation this epoch)
+                current = monitor_value(logs, self.monitor, "SyncEarlyStopping")
             return policy.early_stop_step(self.config, self.state, epoch, current)
 
         decision = self._decide(epoch, f"SyncEarlyStopping(epoch {epoch})", decide)

@@ -16,6 +16,24 @@ log = logging.getLogger("forge_dist.keras")
 ON_MISMATCH = ("raise", "warn", "repair")
 
 
+def likely_causes(model: Any, comm: Communicator) -> str:
+    """What usually makes ranks' weights part, most likely first."""
+    causes = []
+    optimizer = getattr(model, "optimizer", None)
+    averaged = comm.averages_gradients or _compat.averages_gradients(optimizer)
+    if optimizer is not None and not averaged:
+        causes.append(
+            "the optimizer does not average gradients across ranks (each rank trains "
+            "its own model): wrap it, forge_dist.keras.DistributedOptimizer(optimizer)"
+        )
+    causes.append(
+        "the ranks started from different weights: seed every rank alike "
+        "(keras.utils.set_random_seed) or put forge_dist.keras.BroadcastInitialState() first"
+    )
+    causes.append("a layer that behaves differently per rank (its own random seed)")
+    return "Likely causes: " + "; ".join(f"({i + 1}) {c}" for i, c in enumerate(causes))
+
+
 class ConsistencyGuard(ForgeCallback):
     """Compares a fingerprint of every rank's weights every ``every_n_epochs`` epochs.
 
@@ -53,7 +71,8 @@ class ConsistencyGuard(ForgeCallback):
         self.mismatches += 1
         msg = (
             f"epoch {epoch + 1}: weights differ from rank 0 on rank(s) "
-            f"{', '.join(map(str, differing))} (a silent desync)"
+            f"{', '.join(map(str, differing))} (a silent desync). "
+            + likely_causes(self.model, self.comm)
         )
         if self.on_mismatch == "raise":
             raise CollectiveMismatchError(msg)

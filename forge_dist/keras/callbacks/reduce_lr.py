@@ -8,8 +8,7 @@ from forge_dist import policy
 from forge_dist.comm import Communicator
 from forge_dist.errors import LearningRateNotSettable
 from forge_dist.keras import _compat
-from forge_dist.keras._compat import to_float
-from forge_dist.keras.callbacks.base import ForgeCallback, PolicyState, missing_monitor
+from forge_dist.keras.callbacks.base import ForgeCallback, PolicyState, monitor_value
 
 
 class SyncReduceLROnPlateau(PolicyState, ForgeCallback):
@@ -89,9 +88,7 @@ class SyncReduceLROnPlateau(PolicyState, ForgeCallback):
         self._finish_mode(final=True)
 
         def decide() -> tuple[policy.PlateauDecision, float]:
-            current = to_float(logs.get(self.monitor))
-            if current is None:
-                raise missing_monitor(self.monitor, logs, "SyncReduceLROnPlateau")
+            current = monitor_value(logs, self.monitor, "SyncReduceLROnPlateau")
             lr = _compat.get_lr(self.model.optimizer)
             return policy.plateau_step(self.config, self.state, epoch, current, lr), lr
 
