@@ -284,3 +284,16 @@ def test_epochs_without_validation_neither_decide_nor_replace_the_best_model(tmp
     assert saved_at[0] is False  # epoch 1 (no validation): nothing saved yet
     assert saved_at[2] == saved_at[1]  # epoch 3 (no validation): the file untouched
     assert es.best == ckpt.best is not None
+
+
+def test_a_rank_dependent_setting_fails_on_every_rank_before_the_first_step():
+    steps = [Steps(), Steps()]
+
+    def rank_fn(comm):
+        es = fk.SyncEarlyStopping(patience=3 + comm.rank, communicator=comm)  # rank 1: 4
+        fit(make_model(), [es, steps[comm.rank]], epochs=1)
+
+    results = run_ranks(2, rank_fn, timeout=30)
+    assert all(isinstance(e, ConfigurationError) for e in results), results
+    assert all("rank 1's early-stopping / learning-rate callbacks" in str(e) for e in results)
+    assert [s.batches for s in steps] == [0, 0]

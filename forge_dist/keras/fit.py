@@ -72,10 +72,14 @@ def replaceable(cb: Any) -> str | None:
 
 
 def describe(cb: Any) -> str:
-    """A callback as the fit check names it (an ``OnChief`` with what it wraps)."""
+    """A callback as the fit check names it: its class, and what it monitors (an
+    ``OnChief`` with what it wraps). Paths are left out: a rank may name its own."""
     name = type(cb).__name__
     inner = getattr(cb, "callback", None)
-    return f"{name}({type(inner).__name__})" if inner is not None else name
+    if inner is not None:
+        return f"{name}({type(inner).__name__})"
+    monitor = getattr(cb, "monitor", None)
+    return f"{name}[{monitor}]" if isinstance(monitor, str) else name
 
 
 @dataclass
@@ -152,11 +156,16 @@ def check(comm: Any, fit: Fit, params: dict[str, Any] | None) -> None:
     _progress_on_chief_only(comm, fit)
     if comm.size <= 1:
         return
+    from forge_dist.keras._state import deciding_digest
+
     params = params or {}
+    model = fit.callbacks[0].model
     mine = {
         "callbacks": [describe(cb) for cb in fit.callbacks],
         "keras": [n for cb in fit.others if (n := replaceable(cb))],
         "settings": {k: repr(params.get(k)) for k in ("epochs", "steps")},
+        # what the decisions read besides the logs: the deciders' arguments and state
+        "deciding": deciding_digest(model, fit.callbacks),
     }
     seen = comm.allgather(mine, name="train begin (the fit every rank runs)")
     for rank, theirs in enumerate(seen):
@@ -175,6 +184,12 @@ def check(comm: Any, fit: Fit, params: dict[str, Any] | None) -> None:
                     f"rank 0's: {theirs[part]} vs {seen[0][part]} (each step and epoch end "
                     "is a collective every rank must join)"
                 )
+        if theirs["deciding"] != seen[0]["deciding"]:
+            raise ConfigurationError(
+                f"every rank must decide alike, but rank {rank}'s early-stopping / "
+                "learning-rate callbacks were given other arguments (or restored other "
+                "state) than rank 0's: build them the same way on every rank"
+            )
     if comm.is_chief:
         _note_user_callbacks(fit)
         _note_optimizer(comm, fit)
