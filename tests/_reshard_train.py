@@ -39,6 +39,7 @@ ap.add_argument(
 ap.add_argument("--from", dest="step_dir", default=None)
 ap.add_argument("--offset", type=int, default=0)
 ap.add_argument("--epoch", type=int, default=0)
+ap.add_argument("--shuffle", action="store_true", help="fit_resumed(shuffle=True)")
 args = ap.parse_args()
 
 import numpy as np  # noqa: E402
@@ -161,17 +162,30 @@ if args.mode == "plain":
     cbs = [EpochOf(record)]
     rest, whole = my_part(len(x), args.offset, rank, size), my_part(len(x), 0, rank, size)
     record["rest_samples"] = len(rest)
-    model.fit(
-        x[rest], y[rest], epochs=args.epoch + 1, initial_epoch=args.epoch, callbacks=cbs, **common
-    )
-    model.fit(
-        x[whole],
-        y[whole],
-        epochs=args.epochs,
-        initial_epoch=args.epoch + 1,
-        callbacks=cbs,
-        **common,
-    )
+    if args.shuffle:
+        # Each epoch in the order its seed gives (the seed the checkpoint recorded):
+        # TensorFlow's stateless shuffle of the sample indices, as documented.
+        with open(os.path.join(args.step_dir, "manifest.json")) as f:
+            data_seed = json.load(f)["state"]["data_seed"]
+
+        def order(epoch):
+            seed = tf.constant([data_seed, epoch], tf.int64)
+            return tf.random.experimental.stateless_shuffle(
+                tf.range(len(x), dtype=tf.int64), seed=seed
+            ).numpy()
+
+        first = order(args.epoch)[rest]
+        model.fit(x[first], y[first], epochs=args.epoch + 1, initial_epoch=args.epoch,
+                  callbacks=cbs, **common)  # fmt: skip
+        for epoch in range(args.epoch + 1, args.epochs):
+            rows = order(epoch)[whole]
+            model.fit(x[rows], y[rows], epochs=epoch + 1, initial_epoch=epoch,
+                      callbacks=cbs, **common)  # fmt: skip
+    else:
+        model.fit(x[rest], y[rest], epochs=args.epoch + 1, initial_epoch=args.epoch,
+                  callbacks=cbs, **common)  # fmt: skip
+        model.fit(x[whole], y[whole], epochs=args.epochs, initial_epoch=args.epoch + 1,
+                  callbacks=cbs, **common)  # fmt: skip
     record["fingerprint"] = _compat.weights_fingerprint(model.get_weights())
     report(rank, record)
     sys.exit(0)
@@ -230,6 +244,7 @@ try:
         batch_size=args.batch_size,
         callbacks=callbacks,
         shard=True,
+        shuffle=args.shuffle,
         verbose=0,
     )
 except Preempted as stop:

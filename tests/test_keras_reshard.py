@@ -173,21 +173,29 @@ def _run(ranks, root, out, *extra):
 
 @pytest.mark.mpi
 @pytest.mark.slow
-@pytest.mark.parametrize("before, after", [(2, 1), (1, 2), (2, 4)])
-def test_a_mid_epoch_resume_on_another_rank_count_trains_every_sample_once(tmp_path, before, after):
+@pytest.mark.parametrize(
+    "before, after, shuffle",
+    [(2, 1, False), (1, 2, False), (2, 4, False), (2, 2, True), (2, 1, True), (1, 2, True)],
+)
+def test_a_mid_epoch_resume_on_another_rank_count_trains_every_sample_once(
+    tmp_path, before, after, shuffle
+):
+    """With shuffle=True every epoch has its own order (from the seed each checkpoint
+    records): the resumed epoch goes on with the samples of that order not reached."""
     from multiproc import read_rank_reports
 
     root = tmp_path / "root"
+    order = ["--shuffle"] if shuffle else []
     # The last rank signals itself after batch 3 of epoch 1: every rank saves once, exits 75.
     run = _run(before, root, tmp_path / "a{rank}.json", "--signal-at", "1:3",
-               "--signal-rank", str(before - 1))  # fmt: skip
+               "--signal-rank", str(before - 1), *order)  # fmt: skip
     assert run.returncode == PREEMPTED_EXIT_CODE, run.output[-3000:]
     first = read_rank_reports(str(tmp_path / "a{rank}.json"), ranks=before)
     step = first[0]["preempted"]["step"]
     assert {r["preempted"]["step"] for r in first} == {step}
     shutil.copytree(root, tmp_path / "saved")  # the checkpoint as the resume found it
 
-    run = _run(after, root, tmp_path / "b{rank}.json", "--resume")
+    run = _run(after, root, tmp_path / "b{rank}.json", "--resume", *order)
     assert run.returncode == 0, run.output[-3000:]
     offset = (3 + 1) * BATCH * before  # 4 steps at `before` ranks
     assert f"epoch 2 at sample {offset}" in run.output  # what the chief says it restored
@@ -199,6 +207,9 @@ def test_a_mid_epoch_resume_on_another_rank_count_trains_every_sample_once(tmp_p
         seen = collections.Counter(i for r in first + second for i in r["ids"].get(epoch, []))
         assert sorted(seen) == list(range(SAMPLES)), f"epoch {epoch}: samples missing"
         assert set(seen.values()) == {1}, f"epoch {epoch}: samples trained twice"
+    if shuffle:  # really shuffled: not the arrays' order, and another one each epoch
+        ids0, ids2 = first[0]["ids"]["0"], second[0]["ids"]["2"]
+        assert ids0 != sorted(ids0) and ids0[:8] != ids2[:8]
     # The new rank count agrees on everything (the epoch losses are SyncMetrics' means).
     for r in second[1:]:
         for key in ("fingerprints", "lrs", "loss", "fingerprint"):
@@ -209,7 +220,7 @@ def test_a_mid_epoch_resume_on_another_rank_count_trains_every_sample_once(tmp_p
     store = CheckpointStore(str(tmp_path / "saved"))
     step_dir = os.path.join(str(tmp_path / "saved"), store.get(step).name)
     run = _run(after, "-", tmp_path / "p{rank}.json", "--mode", "plain", "--from", step_dir,
-               "--offset", str(offset), "--epoch", "1")  # fmt: skip
+               "--offset", str(offset), "--epoch", "1", *order)  # fmt: skip
     assert run.returncode == 0, run.output[-3000:]
     plain = read_rank_reports(str(tmp_path / "p{rank}.json"), ranks=after)
     for mine, ref in zip(second, plain, strict=True):

@@ -61,6 +61,8 @@ class Registry:
     sample_offset: int = 0
     partial_fit: bool = False  # another fit follows: training does not end here
     display_epochs: int | None = None  # the run's epochs, for the progress bar
+    #: fit_resumed(shuffle=True): the seed of every epoch's order (in each checkpoint).
+    data_seed: int | None = None
     keep_state: bool = False  # a fit that continues the previous one: keep state
 
 

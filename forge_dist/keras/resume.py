@@ -4,7 +4,9 @@ interrupted epoch included, with ``shard=True`` on any number of ranks (the layo
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -14,12 +16,14 @@ from forge_dist.comm import Communicator, get_communicator
 from forge_dist.errors import ConfigurationError
 from forge_dist.keras._state import registry
 from forge_dist.keras.callbacks.base import ForgeCallback
+from forge_dist.keras.epoch_order import EpochOrder, new_seed
 from forge_dist.keras.metric_state import (
     RestoreMetricState,
     build_metrics,
     metric_variables,
     values_for,
 )
+from forge_dist.keras.pipeline import check_replayable, is_dataset
 from forge_dist.keras.restore import RestoreResult, tell
 from forge_dist.keras.stack import check_distributed_callbacks, check_same_fit
 
@@ -98,16 +102,26 @@ class _ShardPlan:
                 "shard? then leave shard= out)"
             )
 
-    def fit(self, model: Any, x: Any, y: Any, offset: int, **fit_args: Any) -> Any:
-        """``model.fit`` on this rank's part of ``samples[offset:]`` (then whole epochs)."""
-        ranges = policy.shard_rows(self.n, offset, self.batch_size, self.size, self.rank)
-        rows = np.concatenate([np.arange(r.start, r.stop) for r in ranges])
+    def fit(
+        self, model: Any, x: Any, y: Any, offset: int, rows: Any = None, **fit_args: Any
+    ) -> Any:
+        """``model.fit`` on this rank's part of ``samples[offset:]`` (then whole epochs);
+        ``rows``: those samples already chosen (a shuffled epoch's)."""
+        if rows is None:
+            ranges = policy.shard_rows(self.n, offset, self.batch_size, self.size, self.rank)
+            rows = np.concatenate([np.arange(r.start, r.stop) for r in ranges])
         if fit_args.get("sample_weight") is not None:
             fit_args["sample_weight"] = _select(fit_args["sample_weight"], rows)
+        with self.positions(model, offset):
+            return model.fit(_select(x, rows), _select(y, rows), **fit_args)
+
+    @contextlib.contextmanager
+    def positions(self, model: Any, offset: int) -> Iterator[None]:
+        """Around a fit: checkpoints record positions as global sample offsets."""
         reg = registry(model)
         reg.shard, reg.sample_offset = (self.n, self.batch_size, self.size), offset
         try:
-            return model.fit(_select(x, rows), _select(y, rows), **fit_args)
+            yield
         finally:
             reg.shard, reg.sample_offset = None, 0
 
@@ -153,6 +167,9 @@ def _nothing_left(
     """Whether the interrupted epoch has no sample left to train on."""
     if plan is not None:
         return (restored.initial_sample or 0) >= plan.n
+    if is_dataset(x):
+        batches = int(x.cardinality())
+        return batches >= 0 and restored.initial_batch >= batches
     leaves = _leaves(x)
     n = int(leaves[0].shape[0]) if leaves and getattr(leaves[0], "shape", ()) else None
     return n is not None and restored.initial_batch * batch_size >= n
@@ -167,9 +184,11 @@ def _finish_interrupted_epoch(
     comm: Any,
     plan: _ShardPlan | None,
     args: dict[str, Any],
+    order: EpochOrder | None = None,
 ) -> Any:
-    """The rest of the interrupted epoch: the samples its first batches did not cover,
-    with the epoch's running metric totals put back first."""
+    """The rest of the interrupted epoch: the samples its first batches did not cover
+    (in the epoch's own order when shuffled), with the epoch's running metric totals put
+    back first."""
     epoch, skip = restored.initial_epoch, restored.initial_batch
     batch_size = args.get("batch_size") or 32  # Keras' default batch size
     reg = registry(model)
@@ -185,19 +204,59 @@ def _finish_interrupted_epoch(
     if saved is not None:  # the interrupted epoch's running metric totals
         if len(metric_variables(model)) < len(saved):  # a new process: not built yet
             one = slice(0, 1)
-            sample_weight = _select(args.get("sample_weight"), one)
-            build_metrics(model, _select(x, one), _select(y, one), sample_weight)
+            if is_dataset(x):  # its first batch: (x, y) or (x, y, sample_weight)
+                first_batch = next(iter(x.take(1)))
+                parts = [_select(p, one) for p in first_batch] + [None]
+                build_metrics(model, parts[0], parts[1], parts[2])
+            else:
+                sample_weight = _select(args.get("sample_weight"), one)
+                build_metrics(model, _select(x, one), _select(y, one), sample_weight)
         names = metric_state.get("names")
         first["callbacks"] = [RestoreMetricState(saved, names), *(args.get("callbacks") or [])]
+    if order is not None:
+        first["shuffle"] = False  # (the rows come in the epoch's order)
     try:
         if plan is not None:
-            return plan.fit(model, x, y, offset, **first)
+            rows = None if order is None else order.rows(epoch, offset, batch_size)
+            return plan.fit(model, x, y, offset, rows=rows, **first)
+        if is_dataset(x):  # a replayable pipeline (checked): the same batches again
+            return model.fit(x.skip(skip), **{k: v for k, v in first.items() if k != "batch_size"})
         rows = slice(skip * batch_size, None)
+        if order is not None:
+            rows = order.rows(epoch, skip * batch_size, batch_size)
         if first.get("sample_weight") is not None:
             first["sample_weight"] = _select(first["sample_weight"], rows)
         return model.fit(_select(x, rows), _select(y, rows), **first)
     finally:
         reg.batch_offset, reg.partial_fit, reg.display_epochs = 0, False, None
+
+
+def _arrays(data: Any) -> bool:
+    """Array inputs (NumPy arrays or tensors, or lists/tuples/dicts of them)."""
+    leaves = _leaves(data)
+    return bool(leaves) and all(
+        hasattr(leaf, "shape") and getattr(leaf, "shape", ()) and hasattr(leaf, "__getitem__")
+        for leaf in leaves
+    )
+
+
+def _split_validation(x: Any, y: Any, args: dict[str, Any]) -> tuple[Any, Any]:
+    """Keras' ``validation_split``, taken here (the last fraction, before any shuffling)
+    because the shuffled epochs are fed as a dataset, which Keras cannot split."""
+    split = args.pop("validation_split", None)
+    if not split:
+        return x, y
+    if args.get("validation_data") is not None:
+        raise ConfigurationError("pass validation_data or validation_split, not both")
+    n = int(_leaves(x)[0].shape[0])
+    at = int(np.floor(n * (1.0 - float(split))))
+    sw = args.get("sample_weight")
+    train, held = slice(0, at), slice(at, n)
+    val = (_select(x, held), _select(y, held))
+    if sw is not None:
+        val, args["sample_weight"] = (*val, _select(sw, held)), _select(sw, train)
+    args["validation_data"] = val
+    return _select(x, train), _select(y, train)
 
 
 def fit_resumed(
@@ -209,7 +268,7 @@ def fit_resumed(
     batch_size: int | None = None,
     epochs: int = 1,
     callbacks: list[Any] | None = None,
-    shuffle: bool = False,
+    shuffle: bool = True,
     shard: bool = False,
     communicator: Communicator | None = None,
     **fit_kwargs: Any,
@@ -221,8 +280,12 @@ def fit_resumed(
     ``save_freq=N``) it first trains the rest of that epoch on the samples its first
     ``restored.initial_batch`` batches did not cover, then the remaining epochs, with the
     same callback objects and their state carried between the two fits, so the result is
-    the one an uninterrupted run would have reached. That needs the same batches in the
-    same order: array inputs with ``shuffle=False``. Returns the last fit's History.
+    the one an uninterrupted run would have reached. Returns the last fit's History.
+
+    ``shuffle=True`` (Keras' default) with array inputs gives every epoch its own random
+    order from a seed recorded in every checkpoint (:mod:`forge_dist.keras.epoch_order`):
+    a resumed epoch goes on with the samples of that order it had not reached, each
+    trained once. ``shuffle=False`` keeps the arrays' order.
 
     With ``shard=True`` every rank passes the whole dataset (the same arrays) and trains
     on its part of each global batch of ``batch_size × ranks`` samples
@@ -248,6 +311,16 @@ def fit_resumed(
             f"{epoch}, and epochs={epochs}; pass a larger epochs to train on",
         )
     args = dict(fit_kwargs, batch_size=batch_size, callbacks=callbacks, shuffle=shuffle)
+    if is_dataset(x):  # a pipeline orders itself (Keras would warn that it ignores shuffle)
+        args["shuffle"] = False
+    ordered = bool(shuffle) and _arrays(x)
+    if ordered:
+        if fit_kwargs.get("steps_per_epoch") is not None:
+            raise ConfigurationError(
+                "shuffle=True with array inputs orders whole epochs: leave steps_per_epoch "
+                "out (or pass shuffle=False)"
+            )
+        x, y = _split_validation(x, y, args)
     plan = None
     if shard:
         if fit_kwargs.get("steps_per_epoch") is not None:
@@ -255,10 +328,21 @@ def fit_resumed(
                 "shard=True cuts every epoch into global batches of the whole dataset: "
                 "leave steps_per_epoch out"
             )
-        data = [x, y, fit_kwargs.get("sample_weight")]
+        data = [x, y, args.get("sample_weight")]
         plan = _ShardPlan(comm, data, batch_size or 32)
+    order = None
+    if ordered:
+        seed = restored.state.get("data_seed") if restored is not None else None
+        if seed is None:
+            seed = new_seed(comm)
+        registry(model).data_seed = int(seed)
+        n = plan.n if plan is not None else int(_leaves(x)[0].shape[0])
+        where = (plan.n, plan.size) if plan is not None else None
+        order = EpochOrder(int(seed), n, comm.rank if comm is not None else 0, where)
 
     def fit(first_epoch: int) -> Any:
+        if order is not None:
+            return _fit_ordered(model, order, x, y, first_epoch, epochs, plan, args)
         if plan is not None:
             return plan.fit(model, x, y, 0, epochs=epochs, initial_epoch=first_epoch, **args)
         return model.fit(x, y, epochs=epochs, initial_epoch=first_epoch, **args)
@@ -278,12 +362,14 @@ def fit_resumed(
             "end-of-epoch decisions are not repeated)",
         )
         return fit(epoch + 1) if epoch + 1 < epochs else None
-    if shuffle:
+    if is_dataset(x):
+        check_replayable(x, restored.step)
+    elif shuffle and order is None:
         raise ConfigurationError(
             "resuming mid-epoch needs the interrupted epoch's batches in their order: "
-            "pass shuffle=False"
+            "array inputs (shuffled by fit_resumed), or shuffle=False"
         )
-    history = _finish_interrupted_epoch(model, restored, x, y, epochs, comm, plan, args)
+    history = _finish_interrupted_epoch(model, restored, x, y, epochs, comm, plan, args, order)
     if model.stop_training or epoch + 1 >= epochs:
         return history
     reg = registry(model)
@@ -292,3 +378,27 @@ def fit_resumed(
         return fit(epoch + 1)
     finally:
         reg.keep_state = False
+
+
+def _fit_ordered(
+    model: Any,
+    order: EpochOrder,
+    x: Any,
+    y: Any,
+    first_epoch: int,
+    epochs: int,
+    plan: _ShardPlan | None,
+    args: dict[str, Any],
+) -> Any:
+    """Epochs ``first_epoch..`` as one fit on a dataset of each epoch's ordered batches."""
+    batch_size = args.get("batch_size") or 32
+    rest = {k: v for k, v in args.items() if k not in ("batch_size", "shuffle", "sample_weight")}
+    sw = args.get("sample_weight")
+    arrays = (x, y) if sw is None else (x, y, sw)
+    ds, steps = order.dataset(arrays, first_epoch, epochs, batch_size)
+    fit_args = dict(rest, epochs=epochs, initial_epoch=first_epoch, steps_per_epoch=steps)
+    fit_args["shuffle"] = False  # (the dataset is in order already; Keras would warn)
+    if plan is None:
+        return model.fit(ds, **fit_args)
+    with plan.positions(model, 0):
+        return model.fit(ds, **fit_args)

@@ -385,6 +385,8 @@ class ChiefModelCheckpoint(ForgeCallback):
         }
         if samples is not None:
             state["samples"] = samples
+        if reg.data_seed is not None:  # the epochs' order (fit_resumed(shuffle=True))
+            state["data_seed"] = reg.data_seed
         if not epoch_done and not self.comm.collective_saves:
             # Mid-epoch: every rank's running metric totals, so the resumed epoch's
             # training metrics come out as an uninterrupted run's.
