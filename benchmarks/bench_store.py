@@ -40,6 +40,8 @@ import sys
 import tempfile
 import time
 
+from forge_dist.policy import Retention
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 FORGE = os.path.join(os.path.dirname(sys.executable), "forge-dist")
 #: Fractions of the total: one big weight file, a few smaller ones (like a sharded save).
@@ -140,7 +142,7 @@ def s3_bench(src_mb: int, reps: int, base: str) -> dict:
                 hashlib.sha256(fs.cat_file(f"bench/plain-{rep}/{name}")).hexdigest()
             t["read_sha256"].append(time.perf_counter() - t0)
             fs.rm(f"bench/plain-{rep}", recursive=True)
-            store.apply_retention(keep_last=1)
+            store.apply_retention(Retention(keep_last=1))
         med = {k: statistics.median(v) for k, v in t.items()}
         faults = faulty_network(("127.0.0.1", port), options)
         return {

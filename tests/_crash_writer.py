@@ -4,6 +4,7 @@ at every named point until the parent says "go" (or SIGKILLs it there)."""
 import json
 import sys
 
+from forge_dist.policy import Retention
 from forge_dist.storage import CheckpointStore, _faults
 
 
@@ -20,7 +21,7 @@ def main() -> None:
     with store.writer(3, metrics={"val_loss": 0.1}) as w:
         for name in ("a.bin", "b.bin", "c.bin"):
             w.add_bytes(name, name.encode() * 100_000)
-    store.apply_retention(keep_last=1)
+    store.apply_retention(Retention(keep_last=1))
     print("DONE", flush=True)
 
 

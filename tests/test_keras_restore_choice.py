@@ -16,6 +16,7 @@ from kerashelp import LOCAL, fit, make_model  # noqa: E402
 
 from forge_dist import keras as fk  # noqa: E402
 from forge_dist.errors import ConfigurationError  # noqa: E402
+from forge_dist.policy import Retention  # noqa: E402
 from forge_dist.storage import CheckpointStore  # noqa: E402
 
 
@@ -107,6 +108,6 @@ def test_retention_lets_a_mid_epoch_step_go_once_a_later_epoch_ended(tmp_path):
         state = {"epoch": epoch, "epoch_done": done}
         with store.writer(step, metrics=metrics, state=state) as w:
             w.add_bytes("f", b"x")
-    kept, deleted = store.apply_retention(keep_last=1, keep_best=1, monitor="val_loss")
+    kept, deleted = store.apply_retention(Retention(keep_last=1, keep_best=1, monitor="val_loss"))
     # 7 (mid-epoch, epoch 2 has ended since) goes; 11 (mid-epoch, newest) stays.
     assert kept == [8, 11] and deleted == [4, 7]

@@ -15,6 +15,7 @@ from forge_dist.errors import (
     ConfigurationError,
     StorageError,
 )
+from forge_dist.policy import Retention
 from forge_dist.storage import MANIFEST_NAME, CheckpointStore
 from forge_dist.storage.backends import posix as backends_mod
 
@@ -84,7 +85,7 @@ def test_symlinks_pointing_outside_are_never_followed(tmp_path):
     assert kinds == {("unsafe_path", "model.bin"), ("unsafe_path", "sub/x.bin")}
     assert reads == [], "nothing behind a link may be opened"
     assert store.newest() is None
-    store.gc(keep_last=1, grace_s=0)
+    store.gc(Retention(keep_last=1), grace_s=0)
     assert secret.read_bytes() == b"do not read me"
     assert (outside_dir / "x.bin").read_bytes() == b"abc"
 
@@ -102,7 +103,7 @@ def test_a_manifest_pointing_outside_is_rejected_and_nothing_outside_is_touched(
     manifest.write_text(json.dumps(doc))
     report = store.verify(1)
     assert report.problems[0].kind == "bad_manifest"
-    store.gc(keep_last=1)
+    store.gc(Retention(keep_last=1))
     assert victim.read_bytes() == b"precious"
     # The corrupt step is left for a person to inspect, not deleted.
     assert (root / "step-00000001").is_dir()

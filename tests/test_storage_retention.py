@@ -6,20 +6,22 @@ import os
 
 from storehelp import commit
 
+from forge_dist.policy import Retention
+
 
 def test_retention_keeps_last_and_best_and_always_the_newest(target):
     store = target.store()
     losses = {1: 0.9, 2: 0.1, 3: 0.5, 4: 0.4, 5: 0.8, 6: 0.7}
     for step, loss in losses.items():
         commit(store, step, {"w": str(step).encode()}, metrics={"val_loss": loss})
-    kept, deleted = store.apply_retention(keep_last=2, keep_best=1, monitor="val_loss")
+    kept, deleted = store.apply_retention(Retention(keep_last=2, keep_best=1, monitor="val_loss"))
     assert kept == [2, 5, 6]
     assert deleted == [1, 3, 4]
     assert store.steps() == [2, 5, 6]
     assert all(store.verify(s).ok for s in store.steps())
     assert store.list_staging() == []
     # keep_last=1 alone still keeps the newest only.
-    store.apply_retention(keep_last=1)
+    store.apply_retention(Retention(keep_last=1))
     assert store.steps() == [6]
 
 
@@ -31,7 +33,7 @@ def test_retention_keeps_a_step_that_lacks_the_monitored_value(target):
         commit(
             store, step, {"w": b"x"}, metrics={"loss": 1.0, **({"val_loss": loss} if loss else {})}
         )
-    kept, deleted = store.apply_retention(keep_last=1, keep_best=1, monitor="val_loss")
+    kept, deleted = store.apply_retention(Retention(keep_last=1, keep_best=1, monitor="val_loss"))
     assert kept == [2, 3, 4, 6]  # the newest, the best (3), and the two without a value
     assert deleted == [1, 5]
     assert store.steps() == [2, 3, 4, 6]
@@ -44,7 +46,7 @@ def test_retention_keeps_the_end_of_an_epoch_whose_weights_are_asked_back(target
     ends = {3: (0, True), 5: (1, False), 6: (1, True), 9: (2, True), 12: (3, True)}
     for step, (epoch, done) in ends.items():
         commit(store, step, {"w": b"x"}, state={"epoch": epoch, "epoch_done": done})
-    kept, deleted = store.apply_retention(keep_last=1, protect_epochs=[1])
+    kept, deleted = store.apply_retention(Retention(keep_last=1), protect_epochs=[1])
     assert kept == [6, 12] and deleted == [3, 5, 9]
 
 

@@ -50,12 +50,6 @@ def checkpoint_bytes(model: Any) -> int:
     return int(state_bytes(model) * ARCHIVE_OVERHEAD) + ARCHIVE_EXTRA_BYTES
 
 
-def kept_checkpoints(keep_last: int | None, keep_best: int | None) -> int:
-    """How many checkpoints retention holds at most, plus the one being written."""
-    kept = (keep_last or 0) + (keep_best or 0)
-    return max(kept, 1) + 1
-
-
 def memory_available() -> int | None:
     """Linux's MemAvailable, in bytes; None elsewhere."""
     try:
@@ -71,8 +65,7 @@ def memory_available() -> int | None:
 def check_room(
     store: Any,
     model: Any,
-    keep_last: int | None,
-    keep_best: int | None,
+    retention: Any,
     async_save: bool,
     infos: list[Any],
 ) -> None:
@@ -80,7 +73,7 @@ def check_room(
     what retention keeps plus one, and (async saves) the host has memory for the twin.
     One :class:`StorageError` naming the URL, the need and what is free."""
     one = checkpoint_bytes(model)
-    n = kept_checkpoints(keep_last, keep_best)
+    n = retention.most_kept + 1  # what retention holds at most, and the one being written
     free = store.free_bytes()
     if free is not None:
         present = sum(c.manifest.total_bytes for c in infos if c.manifest is not None)
@@ -88,8 +81,8 @@ def check_room(
         if free < need:
             raise StorageError(
                 f"checkpoint root {store.display} has {human_bytes(free)} free, but keeping "
-                f"{n - 1} checkpoint(s) of about {human_bytes(one)} (keep_last={keep_last}, "
-                f"keep_best={keep_best}) while writing the next needs about "
+                f"{n - 1} checkpoint(s) of about {human_bytes(one)} ({retention}) while "
+                "writing the next needs about "
                 f"{human_bytes(need)} more; "
                 "free space, keep fewer, or choose another root"
             )

@@ -17,6 +17,7 @@ each rank trains on when every rank holds the whole dataset).
 """
 
 from forge_dist.policy.checkpoint import (
+    Retention,
     RetentionDecision,
     SaveDecision,
     decide_retention,
@@ -53,6 +54,7 @@ __all__ = [
     "PlateauDecision",
     "PlateauState",
     "Reason",
+    "Retention",
     "RetentionDecision",
     "SaveDecision",
     "check_count",

@@ -53,6 +53,58 @@ def rank_best(values: Mapping[int, float | None], mode: str) -> list[int]:
 
 
 @dataclass(frozen=True)
+class Retention:
+    """What to keep: the newest ``keep_last`` steps and the ``keep_best`` best by
+    ``monitor`` (``mode`` "min" or "max"); neither count: keep everything. One value
+    from where it is chosen (a callback's arguments, ``forge-dist gc``'s flags) to where
+    it is applied."""
+
+    keep_last: int | None = None
+    keep_best: int | None = None
+    monitor: str | None = None
+    mode: str = "min"
+
+    def __post_init__(self) -> None:
+        check_count("keep_last", self.keep_last)
+        check_count("keep_best", self.keep_best)
+        check_mode(self.mode)
+        if self.keep_best is not None and not self.monitor:
+            raise ConfigurationError("keep_best needs monitor= (the metric to rank steps by)")
+
+    @property
+    def active(self) -> bool:
+        return self.keep_last is not None or self.keep_best is not None
+
+    @property
+    def most_kept(self) -> int:
+        """How many steps it keeps at most (beyond the newest it always keeps)."""
+        return max((self.keep_last or 0) + (self.keep_best or 0), 1)
+
+    def decide(
+        self,
+        steps: Sequence[int],
+        metrics: Mapping[int, float | None] | None,
+        protect: Sequence[int] = (),
+        superseded: Sequence[int] = (),
+    ) -> RetentionDecision:
+        return decide_retention(
+            steps,
+            metrics,
+            keep_last=self.keep_last,
+            keep_best=self.keep_best,
+            mode=self.mode,
+            protect=protect,
+            superseded=superseded,
+        )
+
+    def __str__(self) -> str:
+        parts = [f"keep_last={self.keep_last}", f"keep_best={self.keep_best}"]
+        if self.keep_best is not None:
+            parts.append(f"monitor={self.monitor!r} ({self.mode})")
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True)
 class RetentionDecision:
     """Which committed steps to keep and which to delete, with a reason for each kept one."""
 

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from forge_dist.errors import ConfigurationError, StorageError
-from forge_dist.policy import decide_retention
+from forge_dist.policy import Retention
 from forge_dist.storage import _faults
 from forge_dist.storage.types import GcReport, StagingInfo
 
@@ -26,51 +26,36 @@ DEFAULT_GRACE_S = 3600.0
 
 def apply_retention(
     store: CheckpointStore,
+    retention: Retention,
     *,
-    keep_last: int | None = None,
-    keep_best: int | None = None,
-    monitor: str | None = None,
-    mode: str = "min",
     dry_run: bool = False,
     protect: Sequence[int] = (),
     run_id: str | None = None,
     lease: Lease | None = None,
     protect_epochs: Sequence[int] = (),
 ) -> tuple[list[int], list[int]]:
-    """Delete committed steps beyond keep-last N / keep-best K; return (kept, deleted).
+    """Delete committed steps ``retention`` does not keep; return (kept, deleted).
     A step taken mid-epoch (a preemption's) lacks validation values: it is kept, not
     ranked, until a later epoch's end is committed. The newest committed step and the
-    ``protect`` ones are always kept, and the newest
-    step taken at the end of each of ``protect_epochs`` (the epochs whose weights a
-    callback's state needs back, e.g. early stopping's best). With ``run_id`` only that
-    run's steps are counted, ranked or deleted; another run's are left alone."""
-    if keep_best is not None and not monitor:
-        raise ConfigurationError("keep_best needs monitor= (the metric to rank steps by)")
+    ``protect`` ones are always kept, and the newest step taken at the end of each of
+    ``protect_epochs`` (the epochs whose weights a callback's state needs back, e.g.
+    early stopping's best). With ``run_id`` only that run's steps are counted, ranked or
+    deleted; another run's are left alone."""
     infos = [c for c in store.list() if c.readable]
     if run_id is not None:
         infos = [c for c in infos if c.manifest is not None and c.manifest.run.get("id") == run_id]
+    monitor = retention.monitor
     metrics = {c.step: c.metrics.get(monitor) for c in infos} if monitor else None
     if protect_epochs:
-        wanted, ends = set(protect_epochs), {}
+        wanted, at_end = set(protect_epochs), {}
         for c in infos:  # (oldest first: the newest step of an epoch's end wins)
             if c.state.get("epoch_done", True) and c.state.get("epoch") in wanted:
-                ends[c.state["epoch"]] = c.step
-        protect = [*protect, *ends.values()]
+                at_end[c.state["epoch"]] = c.step
+        protect = [*protect, *at_end.values()]
     ends = [c.step for c in infos if c.state.get("epoch_done", True)]
-    superseded = [
-        c.step
-        for c in infos
-        if not c.state.get("epoch_done", True) and any(e > c.step for e in ends)
-    ]
-    decision = decide_retention(
-        [c.step for c in infos],
-        metrics,
-        keep_last=keep_last,
-        keep_best=keep_best,
-        mode=mode,
-        protect=protect,
-        superseded=superseded,
-    )
+    mid = [c.step for c in infos if not c.state.get("epoch_done", True)]
+    superseded = [s for s in mid if any(e > s for e in ends)]
+    decision = retention.decide([c.step for c in infos], metrics, protect, superseded)
     for step in decision.delete:
         if not dry_run:
             _faults.point(f"retention-delete:{step}")
@@ -108,11 +93,8 @@ def remove_staging(
 
 def gc(
     store: CheckpointStore,
+    retention: Retention | None = None,
     *,
-    keep_last: int | None = None,
-    keep_best: int | None = None,
-    monitor: str | None = None,
-    mode: str = "min",
     grace_s: float = DEFAULT_GRACE_S,
     dry_run: bool = False,
     strict: bool = False,
@@ -123,7 +105,7 @@ def gc(
         raise ConfigurationError(f"grace_s must be >= 0, got {grace_s}")
     report = GcReport(dry_run=dry_run)
     report.kept_steps, report.deleted_steps = apply_retention(
-        store, keep_last=keep_last, keep_best=keep_best, monitor=monitor, mode=mode, dry_run=dry_run
+        store, retention or Retention(), dry_run=dry_run
     )
     report.removed_staging, report.kept_staging = remove_staging(
         store, lambda st: st.age_s is None or st.age_s > grace_s, dry_run, strict

@@ -20,9 +20,10 @@ from forge_dist.errors import (
     NoCheckpointError,
     StorageError,
 )
-from forge_dist.policy import rank_best
+from forge_dist.policy import Retention, rank_best
 from forge_dist.storage import lease as lease_mod
-from forge_dist.storage import retention, transfer
+from forge_dist.storage import retention as retention_mod
+from forge_dist.storage import transfer
 from forge_dist.storage._errors import storage_errors
 from forge_dist.storage.backends import Backend, make_backend, owner_is_dead, writer_id
 from forge_dist.storage.hashing import Progress
@@ -324,28 +325,23 @@ class CheckpointStore:
 
     def apply_retention(
         self,
+        retention: Retention,
         *,
-        keep_last: int | None = None,
-        keep_best: int | None = None,
-        monitor: str | None = None,
-        mode: str = "min",
         dry_run: bool = False,
         protect: Sequence[int] = (),
         run_id: str | None = None,
         lease: Lease | None = None,
         protect_epochs: Sequence[int] = (),
     ) -> tuple[list[int], list[int]]:
-        """Delete committed steps beyond keep-last N / keep-best K; return (kept,
-        deleted). The newest committed step and ``protect`` are always kept, so this is
-        safe to call right after a commit, and so is the newest step of each epoch end in
-        ``protect_epochs``; with ``run_id`` only that run's steps count;
-        with ``lease`` nothing is deleted once a newer writer holds the root."""
-        return retention.apply_retention(
+        """Delete committed steps ``retention`` (:class:`forge_dist.policy.Retention`)
+        does not keep; return (kept, deleted). The newest committed step and ``protect``
+        are always kept, so this is safe to call right after a commit, and so is the
+        newest step of each epoch end in ``protect_epochs``; with ``run_id`` only that
+        run's steps count; with ``lease`` nothing is deleted once a newer writer holds
+        the root."""
+        return retention_mod.apply_retention(
             self,
-            keep_last=keep_last,
-            keep_best=keep_best,
-            monitor=monitor,
-            mode=mode,
+            retention,
             dry_run=dry_run,
             protect=protect,
             run_id=run_id,
@@ -355,28 +351,16 @@ class CheckpointStore:
 
     def gc(
         self,
+        retention: Retention | None = None,
         *,
-        keep_last: int | None = None,
-        keep_best: int | None = None,
-        monitor: str | None = None,
-        mode: str = "min",
         grace_s: float = DEFAULT_GRACE_S,
         dry_run: bool = False,
         strict: bool = False,
     ) -> GcReport:
-        """Apply retention, then remove staging left by dead writers (see
-        :func:`forge_dist.storage.retention.gc`); ``strict`` raises an I/O error instead
-        of reporting that staging as kept."""
-        return retention.gc(
-            self,
-            keep_last=keep_last,
-            keep_best=keep_best,
-            monitor=monitor,
-            mode=mode,
-            grace_s=grace_s,
-            dry_run=dry_run,
-            strict=strict,
-        )
+        """Apply ``retention`` (none: keep every step), then remove staging left by dead
+        writers (see :func:`forge_dist.storage.retention.gc`); ``strict`` raises an I/O
+        error instead of reporting that staging as kept."""
+        return retention_mod.gc(self, retention, grace_s=grace_s, dry_run=dry_run, strict=strict)
 
     def cleanup_dead_writers(self) -> list[str]:
         """Remove staging whose writer is known dead (same host, pid gone) or was a delete.
@@ -387,4 +371,4 @@ class CheckpointStore:
         a manifest read per step."""
         if not self._backend.rename_commit:
             return []
-        return retention.remove_staging(self, lambda st: False, dry_run=False)[0]
+        return retention_mod.remove_staging(self, lambda st: False, dry_run=False)[0]

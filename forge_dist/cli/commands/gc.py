@@ -73,11 +73,10 @@ def cmd_gc(args: argparse.Namespace) -> int:
         mode = resolve_monitor_mode([c for c in store.list() if c.readable], args.monitor, mode)
         if args.mode != "auto" and (warning := _contradiction(args.monitor, args.mode)):
             stderr_console().print(warning, markup=False)
+    from forge_dist.policy import Retention
+
     report = store.gc(
-        keep_last=args.keep_last,
-        keep_best=args.keep_best,
-        monitor=args.monitor,
-        mode=mode,
+        Retention(args.keep_last, args.keep_best, args.monitor, mode),
         grace_s=args.grace,
         dry_run=args.dry_run,
         strict=True,  # an I/O error is an error here, not a staging "kept"

@@ -229,7 +229,7 @@ class ChiefModelCheckpoint(ForgeCallback):
             return
         self.store.probe_writable()  # (also makes a local root, so listing it works)
         infos = self.store.list()
-        check_room(self.store, self.model, self.keep_last, self.keep_best, self.async_save, infos)
+        check_room(self.store, self.model, self.retention(), self.async_save, infos)
         runs = registry(self.model).runs
         key = root_key(self.store.url)
         if self.run is None:
@@ -414,6 +414,15 @@ class ChiefModelCheckpoint(ForgeCallback):
         self.last_saved_step = step
         self.saved_steps.append(step)
 
+    def retention(self) -> policy.Retention:
+        """What is kept, as one value (the mode once ``mode="auto"`` is resolved)."""
+        return policy.Retention(
+            self.keep_last,
+            self.keep_best,
+            self.monitor if self.keep_best else None,
+            self._resolved_mode or "min",
+        )
+
     def _may_replace(self, step: int) -> bool:
         restored = registry(self.model).restored_step
         return restored is None or step > restored
@@ -526,12 +535,9 @@ class ChiefModelCheckpoint(ForgeCallback):
             # over): reaching that step again rewrites it.
             replace=self._may_replace(step),
         )
-        if self.keep_last or self.keep_best:
+        if self.retention().active:
             self.store.apply_retention(
-                keep_last=self.keep_last,
-                keep_best=self.keep_best,
-                monitor=self.monitor if self.keep_best else None,
-                mode=self._resolved_mode or "min",
+                self.retention(),
                 protect=[step],  # never the step just committed
                 run_id=(self.run or {}).get("id"),  # only this run's steps
                 lease=self._lease,
