@@ -400,7 +400,8 @@ class ChiefModelCheckpoint(ForgeCallback):
             self._agree(f"{name} commit", lambda: self._commit_now(step, logs, state))
         self.last_saved_step = step
         self.saved_steps.append(step)
-        self._say_as_keras(f"\nEpoch {epoch + 1}: finished saving model to {where}")
+        if not force:  # (a preemption's save is said by the preemption, as such)
+            self._say_as_keras(f"\nEpoch {epoch + 1}: finished saving model to {where}")
 
     def _save_file(self, name: str, step: int, logs: dict[str, Any], state: dict[str, Any]):
         """Keras' file at ``state["file"]``: written by the chief (every worker takes part
