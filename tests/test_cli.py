@@ -106,6 +106,19 @@ def test_ls_table_and_json(cli_target):
     assert set(js) == {"command", "url", "exit_code", "checkpoints", "staging", "best_step"}
 
 
+def read_all(fd):
+    """Everything a pseudo-terminal's other end wrote, until it closed."""
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:
+            return seen
+        if not chunk:
+            return seen
+        seen += chunk
+
+
 def on_a_terminal(args, env, columns=160):
     """What ``forge-dist ARGS`` prints with a terminal as its stdout."""
     master, slave = pty.openpty()
@@ -118,15 +131,7 @@ def on_a_terminal(args, env, columns=160):
         [FORGE, *args], stdout=slave, stderr=subprocess.DEVNULL, env={**os.environ, **env}
     )
     os.close(slave)
-    seen = b""
-    while True:
-        try:
-            chunk = os.read(master, 65536)
-        except OSError:
-            break
-        if not chunk:
-            break
-        seen += chunk
+    seen = read_all(master)
     proc.wait(timeout=60)
     os.close(master)
     import re
@@ -282,15 +287,7 @@ def test_progress_bar_on_a_terminal(tmp_path):
     master, slave = pty.openpty()
     proc = subprocess.Popen([FORGE, "verify", str(root)], stdout=subprocess.PIPE, stderr=slave)
     os.close(slave)
-    seen = b""
-    while True:
-        try:
-            chunk = os.read(master, 65536)
-        except OSError:
-            break
-        if not chunk:
-            break
-        seen += chunk
+    seen = read_all(master)
     assert proc.wait(timeout=60) == 0
     assert b"hashing" in seen and b"20.0 MB" in seen
     # Not on a pipe: scripts get clean output.
