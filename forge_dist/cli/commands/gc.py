@@ -68,9 +68,11 @@ def cmd_gc(args: argparse.Namespace) -> int:
     positive("--keep-last", args.keep_last)
     positive("--keep-best", args.keep_best)
     store = open_store(args.url, args.storage_options)
-    mode = args.mode
+    mode = "min"  # not used without a monitor
     if args.monitor is not None:
-        mode = resolve_monitor_mode([c for c in store.list() if c.readable], args.monitor, mode)
+        mode = resolve_monitor_mode(
+            [c for c in store.list() if c.readable], args.monitor, args.mode
+        )
         if args.mode != "auto" and (warning := _contradiction(args.monitor, args.mode)):
             stderr_console().print(warning, markup=False)
     from forge_dist.policy import Retention
