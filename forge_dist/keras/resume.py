@@ -398,6 +398,10 @@ def _fit_ordered(
     ds, steps = order.dataset(arrays, first_epoch, epochs, batch_size)
     fit_args = dict(rest, epochs=epochs, initial_epoch=first_epoch, steps_per_epoch=steps)
     fit_args["shuffle"] = False  # (the dataset is in order already; Keras would warn)
+    # Keras validates in batches of validation_batch_size, else batch_size: the same
+    # batches as the arrays' fit would, or validation totals differ in the last bits.
+    if fit_args.get("validation_batch_size") is None and args.get("batch_size"):
+        fit_args["validation_batch_size"] = args["batch_size"]
     if plan is None:
         return model.fit(ds, **fit_args)
     with plan.positions(model, 0):
