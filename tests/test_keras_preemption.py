@@ -173,14 +173,6 @@ def test_a_second_preemption_during_the_resumed_partial_epoch(tmp_path, uninterr
 
 
 @pytest.mark.keras
-def test_fit_resumed_refuses_shuffle_mid_epoch():
-    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
-    model.compile(optimizer="adam", loss="mse")
-    with pytest.raises(ConfigurationError, match="shuffle=False"):
-        fk.fit_resumed(model, fk.RestoreResult(True, 4, 0, 0, 4), X, Y, batch_size=16, shuffle=True)
-
-
-@pytest.mark.keras
 def test_preemption_checkpoint_arguments_fail_at_construction(tmp_path):
     ckpt = fk.ChiefModelCheckpoint(str(tmp_path), communicator=LOCAL)
     with pytest.raises(ConfigurationError, match="ChiefModelCheckpoint"):

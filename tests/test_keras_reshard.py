@@ -46,7 +46,7 @@ def test_shard_on_one_rank_is_a_plain_fit():
     plain, sharded = _model(), _model()
     plain.fit(X, Y, batch_size=16, epochs=2, shuffle=False, verbose=0)
     fk.fit_resumed(sharded, None, X, Y, batch_size=16, epochs=2, shard=True, communicator=LOCAL,
-                   verbose=0)  # fmt: skip
+                   shuffle=False, verbose=0)  # fmt: skip
     fingerprint = _compat.weights_fingerprint
     assert fingerprint(sharded.get_weights()) == fingerprint(plain.get_weights())
 
