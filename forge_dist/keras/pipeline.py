@@ -82,3 +82,68 @@ def check_replayable(dataset: Any, step: int) -> None:
         "reshuffle_each_iteration=False and keep maps deterministic, or resume from a "
         "checkpoint taken at an epoch end (restore_latest(..., epoch_end_only=True))"
     )
+
+
+# ------------------------------------------------------- shard=True: one global stream
+def check_same_stream(dataset: Any) -> None:
+    """``fit_resumed(shard=True)`` on a pipeline: every rank must read the same samples
+    in the same order, so an unseeded shuffle or a non-deterministic map is refused at
+    the start (a seeded shuffle that reshuffles each epoch gives every rank the same
+    orders; only a mid-epoch resume needs ``reshuffle_each_iteration=False``)."""
+    why = replay_problem(dataset)
+    if why is None or "shuffles anew each epoch" in why:
+        return
+    raise ConfigurationError(
+        f"shard=True reads one stream of samples, the same on every rank, and this "
+        f"tf.data pipeline gives each process its own: {why}. Seed its shuffle and keep "
+        "its maps deterministic, or leave shard= out (each rank its own shard)"
+    )
+
+
+def count_samples(samples: Any) -> int:
+    """How many samples one epoch of ``samples`` (an unbatched pipeline) holds: its
+    cardinality where TensorFlow knows it, else one pass over it (at the fit's start)."""
+    import tensorflow as tf
+
+    known = int(samples.cardinality())
+    if known == int(tf.data.INFINITE_CARDINALITY):
+        raise ConfigurationError(
+            "shard=True needs a finite tf.data pipeline (one epoch's samples, cut into "
+            "global batches); this one repeats forever"
+        )
+    if known >= 0:
+        return known
+    return int(samples.reduce(tf.constant(0, tf.int64), lambda count, _: count + 1))
+
+
+def stream_digest(samples: Any, n: int) -> str:
+    """A digest of the stream: its length, element spec and first 64 samples."""
+    import hashlib
+
+    import tensorflow as tf
+
+    digest = hashlib.sha256(repr((n, samples.element_spec)).encode())
+    for element in samples.take(64):
+        for leaf in tf.nest.flatten(element):
+            digest.update(leaf.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def rank_batches(samples: Any, n: int, offset: int, batch_size: int, rank: int, size: int) -> Any:
+    """Rank ``rank``'s batches of ``samples[offset:n]``: the stream cut in order into
+    global batches of ``batch_size × size``, this rank's part of each as
+    :func:`forge_dist.policy.shard_rows` lays it out (a short last global batch in
+    ``size`` contiguous pieces, the first ``rest % size`` one longer)."""
+    import tensorflow as tf
+
+    def part(*batch: Any) -> Any:
+        m = tf.shape(tf.nest.flatten(batch)[0], out_type=tf.int64)[0]
+        base, extra = m // size, m % size
+        start = rank * base + tf.minimum(tf.constant(rank, tf.int64), extra)
+        length = base + tf.cast(rank < extra, tf.int64)
+        cut = tf.nest.map_structure(lambda t: t[start : start + length], batch)
+        return cut if len(cut) > 1 else cut[0]
+
+    steps = -(-max(n - offset, 0) // (batch_size * size))
+    batches = samples.skip(offset).batch(batch_size * size).map(part)
+    return batches.apply(tf.data.experimental.assert_cardinality(steps))  # (Keras' steps)

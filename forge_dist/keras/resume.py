@@ -23,7 +23,14 @@ from forge_dist.keras.metric_state import (
     metric_variables,
     values_for,
 )
-from forge_dist.keras.pipeline import check_replayable, is_dataset
+from forge_dist.keras.pipeline import (
+    check_replayable,
+    check_same_stream,
+    count_samples,
+    is_dataset,
+    rank_batches,
+    stream_digest,
+)
 from forge_dist.keras.restore import RestoreResult, tell
 from forge_dist.keras.stack import check_distributed_callbacks, check_same_fit
 
@@ -55,17 +62,21 @@ def _leaves(data: Any) -> list[Any]:
     return [data]
 
 
+def _one_process_per_rank(comm: Any) -> None:
+    if comm.averages_gradients:  # a tf.distribute strategy splits the batches itself
+        raise ConfigurationError(
+            "shard=True is for one process per rank (mpirun, horovodrun, srun): under a "
+            "tf.distribute strategy the strategy splits each batch across replicas "
+            "itself; pass the whole dataset without shard="
+        )
+
+
 class _ShardPlan:
     """``fit_resumed(shard=True)``: every rank holds the whole dataset and trains on its
     part of each global batch (see :mod:`forge_dist.policy.shards`)."""
 
     def __init__(self, comm: Any, data: list[Any], batch_size: int) -> None:
-        if comm.averages_gradients:  # a tf.distribute strategy splits the batches itself
-            raise ConfigurationError(
-                "shard=True is for one process per rank (mpirun, horovodrun, srun): under a "
-                "tf.distribute strategy the strategy splits each batch across replicas "
-                "itself; pass the whole dataset without shard="
-            )
+        _one_process_per_rank(comm)
         leaves = [leaf for d in data for leaf in _leaves(d)]
         for leaf in leaves:
             if not hasattr(leaf, "shape") or not getattr(leaf, "shape", ()):
@@ -124,6 +135,49 @@ class _ShardPlan:
             yield
         finally:
             reg.shard, reg.sample_offset = None, 0
+
+
+class _PipelineShardPlan(_ShardPlan):
+    """``fit_resumed(shard=True)`` on a ``tf.data`` pipeline, the same on every rank: its
+    samples (batched pipelines are unbatched) form one stream, cut like arrays into
+    global batches of ``batch_size × ranks`` (``batch_size``: else the pipeline's own
+    batch size), so a position is again a global sample offset."""
+
+    def __init__(self, comm: Any, dataset: Any, batch_size: int | None) -> None:
+        _one_process_per_rank(comm)
+        check_same_stream(dataset)
+        if batch_size is None:  # the pipeline's own: its first batch's
+            first = next(iter(dataset.take(1)), None)
+            if first is None:
+                raise ConfigurationError("shard=True: the tf.data pipeline yields nothing")
+            batch_size = int(_leaves(first)[0].shape[0])
+        self.samples = dataset.unbatch()
+        self.n, self.batch_size = count_samples(self.samples), batch_size
+        self.rank, self.size = comm.rank, comm.size
+        if self.size > 1:
+            seen = comm.allgather(stream_digest(self.samples, self.n), name="shard=True data")
+            other = [r for r, d in enumerate(seen) if d != seen[0]]
+            if other:
+                raise ConfigurationError(
+                    "shard=True needs the same tf.data pipeline on every rank; rank(s) "
+                    f"{', '.join(map(str, other))} read other samples than rank 0. Each rank's "
+                    "own shard? Then leave shard= out. A seeded shuffle also follows the "
+                    "global seed (tf.random.set_seed, keras.utils.set_random_seed): build the "
+                    "pipeline under the same one on every rank"
+                )
+        policy.check_shardable(self.n, 0, batch_size, self.size)
+
+    def fit(
+        self, model: Any, x: Any, y: Any, offset: int, rows: Any = None, **fit_args: Any
+    ) -> Any:
+        policy.check_shardable(self.n, offset, self.batch_size, self.size)
+        batches = rank_batches(self.samples, self.n, offset, self.batch_size, self.rank, self.size)
+        fit_args.pop("batch_size", None)
+        fit_args["shuffle"] = False  # (the pipeline orders itself)
+        if fit_args.get("validation_batch_size") is None:
+            fit_args["validation_batch_size"] = self.batch_size
+        with self.positions(model, offset):
+            return model.fit(batches, **fit_args)
 
 
 def _communicator_of(callbacks: list[Any] | None) -> Any:
@@ -191,6 +245,8 @@ def _finish_interrupted_epoch(
     back first."""
     epoch, skip = restored.initial_epoch, restored.initial_batch
     batch_size = args.get("batch_size") or 32  # Keras' default batch size
+    if plan is not None:
+        batch_size = plan.batch_size
     reg = registry(model)
     rank, size = (comm.rank, comm.size) if comm is not None else (0, 1)
     offset = restored.initial_sample or 0
@@ -291,7 +347,9 @@ def fit_resumed(
     on its part of each global batch of ``batch_size × ranks`` samples
     (:mod:`forge_dist.policy.shards`); a mid-epoch position is then a global sample
     offset, so a checkpoint continues on any number of ranks with every sample of the
-    interrupted epoch trained on exactly once. The ranks come from ``communicator``, else
+    interrupted epoch trained on exactly once. A ``tf.data`` pipeline, the same on every
+    rank, is cut the same way (its samples one stream; ``batch_size``: the pipeline's
+    own unless given). The ranks come from ``communicator``, else
     from the first forge_dist callback, else from the launcher.
     """
     epoch = restored.initial_epoch if restored is not None else 0
@@ -328,8 +386,10 @@ def fit_resumed(
                 "shard=True cuts every epoch into global batches of the whole dataset: "
                 "leave steps_per_epoch out"
             )
-        data = [x, y, args.get("sample_weight")]
-        plan = _ShardPlan(comm, data, batch_size or 32)
+        if is_dataset(x):
+            plan = _PipelineShardPlan(comm, x, batch_size)
+        else:
+            plan = _ShardPlan(comm, [x, y, args.get("sample_weight")], batch_size or 32)
     order = None
     if ordered:
         seed = restored.state.get("data_seed") if restored is not None else None
