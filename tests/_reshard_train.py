@@ -5,6 +5,7 @@ of ``x`` is each sample's id; the model's first layer strips it, and, in trainin
 only, records the ids that reached the model (the model runs eagerly), so a test sees
 exactly which samples every rank trained on. ``--signal-at E:B`` makes ``--signal-rank``
 send itself SIGUSR1 after batch B of epoch E: every rank saves once and exits 75.
+``--tf-data`` passes a tf.data pipeline instead of the arrays.
 ``--mode plain --from STEPDIR --offset O --epoch E`` is the reference: every rank loads
 the step's ``model.keras`` with Keras, takes its part of the data by its own reading of
 the layout, and trains on from sample O of epoch E with plain ``model.fit`` (gradients
@@ -40,6 +41,11 @@ ap.add_argument("--from", dest="step_dir", default=None)
 ap.add_argument("--offset", type=int, default=0)
 ap.add_argument("--epoch", type=int, default=0)
 ap.add_argument("--shuffle", action="store_true", help="fit_resumed(shuffle=True)")
+ap.add_argument(
+    "--tf-data",
+    action="store_true",
+    help="the data as a tf.data pipeline (seeded shuffle, map, batch), the same on every rank",
+)
 args = ap.parse_args()
 
 import numpy as np  # noqa: E402
@@ -100,6 +106,21 @@ def dataset(n: int) -> tuple:
 
 x, y = dataset(args.samples)
 xv, yv = x[:64], y[:64]
+
+
+def pipeline():
+    """The user's pipeline: shuffled once with a seed (the same order every epoch, so an
+    epoch can be replayed), a deterministic map, batched. A shuffle's order follows the
+    global seed too, which build() sets per rank: the same one here on every rank."""
+    tf.random.set_seed(1)
+    ds = tf.data.Dataset.from_tensor_slices((x, y))
+    ds = ds.shuffle(len(x), seed=3, reshuffle_each_iteration=False)
+    return ds.map(lambda a, b: (a, b * 1.0)).batch(args.batch_size)
+
+
+def stream_order() -> np.ndarray:
+    """The sample indices in the order the pipeline yields them (read from tf.data)."""
+    return np.asarray([int(a[0]) for a, _ in pipeline().unbatch().as_numpy_iterator()])
 
 
 def report(rank: int, record: dict) -> None:
@@ -181,6 +202,14 @@ if args.mode == "plain":
             rows = order(epoch)[whole]
             model.fit(x[rows], y[rows], epochs=epoch + 1, initial_epoch=epoch,
                       callbacks=cbs, **common)  # fmt: skip
+    elif args.tf_data:  # the pipeline's order, cut by the reference's reading
+        perm = stream_order()
+        assert sorted(perm.tolist()) == list(range(len(x))) and perm.tolist() != sorted(perm)
+        first, rows = perm[rest], perm[whole]
+        model.fit(x[first], y[first], epochs=args.epoch + 1, initial_epoch=args.epoch,
+                  callbacks=cbs, **common)  # fmt: skip
+        model.fit(x[rows], y[rows], epochs=args.epochs, initial_epoch=args.epoch + 1,
+                  callbacks=cbs, **common)  # fmt: skip
     else:
         model.fit(x[rest], y[rest], epochs=args.epoch + 1, initial_epoch=args.epoch,
                   callbacks=cbs, **common)  # fmt: skip
@@ -234,14 +263,14 @@ callbacks = fk.production_callbacks(
 callbacks[-1:-1] = mine  # before PreemptionCheckpoint, which is last
 code = 0
 try:
+    data = (pipeline(), None) if args.tf_data else (x, y)
     fk.fit_resumed(
         model,
         restored,
-        x,
-        y,
+        *data,
         validation_data=(xv, yv),
         epochs=args.epochs,
-        batch_size=args.batch_size,
+        batch_size=None if args.tf_data else args.batch_size,  # (the pipeline's own)
         callbacks=callbacks,
         shard=True,
         shuffle=args.shuffle,

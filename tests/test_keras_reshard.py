@@ -51,6 +51,67 @@ def test_shard_on_one_rank_is_a_plain_fit():
     assert fingerprint(sharded.get_weights()) == fingerprint(plain.get_weights())
 
 
+def _pipeline(**shuffle):
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensor_slices((X, Y))
+    if shuffle:
+        ds = ds.shuffle(len(X), **shuffle)
+    return ds.map(lambda a, b: (a, b * 1.0)).batch(16)
+
+
+@pytest.mark.keras
+def test_a_sharded_pipeline_on_one_rank_is_a_plain_fit_on_it():
+    plain, sharded = _model(), _model()
+    pipeline = _pipeline(seed=3, reshuffle_each_iteration=False)
+    plain.fit(pipeline, epochs=2, verbose=0)
+    fk.fit_resumed(sharded, None, pipeline, epochs=2, shard=True, communicator=LOCAL, verbose=0)
+    fingerprint = _compat.weights_fingerprint
+    assert fingerprint(sharded.get_weights()) == fingerprint(plain.get_weights())
+
+
+@pytest.mark.keras
+def test_ranks_cut_a_pipeline_as_they_cut_arrays():
+    """Each rank's batches of one stream: every sample once, laid out as shard_rows
+    lays out arrays (a short last global batch in pieces, the first ranks one longer)."""
+    import tensorflow as tf
+
+    from forge_dist.keras.pipeline import rank_batches
+    from forge_dist.policy import shard_rows
+
+    samples = tf.data.Dataset.range(45)
+    for offset in (0, 6):  # (45 and 39 samples: short last global batches of 9 and 3)
+        for r in range(3):
+            got = [b.numpy().tolist() for b in rank_batches(samples, 45, offset, 4, r, 3)]
+            assert got == [list(rows) for rows in shard_rows(45, offset, 4, 3, r)]
+
+
+@pytest.mark.keras
+def test_a_pipeline_each_process_shuffles_its_own_way_cannot_be_sharded():
+    import tensorflow as tf
+
+    model = _model()
+    tf.random.set_seed(None)  # (a global seed would seed an unseeded shuffle by op count)
+    with pytest.raises(ConfigurationError, match="shuffle has no seed") as info:
+        fk.fit_resumed(model, None, _pipeline(reshuffle_each_iteration=False), shard=True,
+                       communicator=LOCAL, verbose=0)  # fmt: skip
+    assert "Seed its shuffle" in str(info.value)
+
+
+@pytest.mark.keras
+def test_ranks_that_pass_different_pipelines_fail_together():
+    import tensorflow as tf
+    from threadcomm import run_ranks
+
+    def rank(comm):
+        ds = tf.data.Dataset.from_tensor_slices((X + comm.rank, Y)).batch(16)
+        with pytest.raises(ConfigurationError, match="rank\\(s\\) 1 read other samples"):
+            fk.fit_resumed(_model(), None, ds, shard=True, communicator=comm, verbose=0)
+        return True
+
+    assert run_ranks(2, rank) == [True, True]
+
+
 @pytest.mark.keras
 @pytest.mark.parametrize(
     "restored, shard, match",
@@ -174,18 +235,23 @@ def _run(ranks, root, out, *extra):
 @pytest.mark.mpi
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "before, after, shuffle",
-    [(2, 1, False), (1, 2, False), (2, 4, False), (2, 2, True), (2, 1, True), (1, 2, True)],
-)
+    "before, after, data",
+    [(2, 1, "arrays"), (1, 2, "arrays"), (2, 4, "arrays"), (2, 2, "shuffled"),
+     (2, 1, "shuffled"), (1, 2, "shuffled"), (2, 2, "tf.data"), (2, 1, "tf.data"),
+     (1, 2, "tf.data")],
+)  # fmt: skip
 def test_a_mid_epoch_resume_on_another_rank_count_trains_every_sample_once(
-    tmp_path, before, after, shuffle
+    tmp_path, before, after, data
 ):
     """With shuffle=True every epoch has its own order (from the seed each checkpoint
-    records): the resumed epoch goes on with the samples of that order not reached."""
+    records): the resumed epoch goes on with the samples of that order not reached. A
+    tf.data pipeline (a seeded shuffle, a map, batched) is one stream of samples, the
+    same on every rank, cut into global batches like the arrays."""
     from multiproc import read_rank_reports
 
     root = tmp_path / "root"
-    order = ["--shuffle"] if shuffle else []
+    shuffle = data == "shuffled"
+    order = {"arrays": [], "shuffled": ["--shuffle"], "tf.data": ["--tf-data"]}[data]
     # The last rank signals itself after batch 3 of epoch 1: every rank saves once, exits 75.
     run = _run(before, root, tmp_path / "a{rank}.json", "--signal-at", "1:3",
                "--signal-rank", str(before - 1), *order)  # fmt: skip
@@ -207,9 +273,11 @@ def test_a_mid_epoch_resume_on_another_rank_count_trains_every_sample_once(
         seen = collections.Counter(i for r in first + second for i in r["ids"].get(epoch, []))
         assert sorted(seen) == list(range(SAMPLES)), f"epoch {epoch}: samples missing"
         assert set(seen.values()) == {1}, f"epoch {epoch}: samples trained twice"
-    if shuffle:  # really shuffled: not the arrays' order, and another one each epoch
-        ids0, ids2 = first[0]["ids"]["0"], second[0]["ids"]["2"]
-        assert ids0 != sorted(ids0) and ids0[:8] != ids2[:8]
+    ids0, ids2 = first[0]["ids"]["0"], second[0]["ids"]["2"]
+    if data != "arrays":  # really shuffled: not the arrays' order
+        assert ids0 != sorted(ids0)
+    if shuffle:  # and another order each epoch
+        assert ids0[:8] != ids2[:8]
     # The new rank count agrees on everything (the epoch losses are SyncMetrics' means).
     for r in second[1:]:
         for key in ("fingerprints", "lrs", "loss", "fingerprint"):
