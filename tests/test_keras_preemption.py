@@ -45,7 +45,7 @@ class SignalAt(keras.callbacks.Callback):
             os.kill(os.getpid(), self.sig)
 
 
-def run(root, epochs=8, restored_from=None, extra=(), **kw):
+def run(root, epochs=8, restored_from=None, extra=(), fit_verbose=0, **kw):
     keras.utils.set_random_seed(5)
     model = keras.Sequential(
         [keras.Input((4,)), keras.layers.Dense(8, activation="tanh"), keras.layers.Dense(1)]
@@ -72,7 +72,7 @@ def run(root, epochs=8, restored_from=None, extra=(), **kw):
         validation_data=(XV, YV),
         epochs=epochs,
         batch_size=16,
-        verbose=0,
+        verbose=fit_verbose,
         callbacks=cbs,
     )
     es = next(c for c in cbs if isinstance(c, fk.SyncEarlyStopping))
@@ -170,6 +170,23 @@ def test_a_second_preemption_during_the_resumed_partial_epoch(tmp_path, uninterr
     model, _ = run(root, restored_from=str(root))
     assert _compat.weights_fingerprint(model.get_weights()) == uninterrupted[0]
     assert csv_rows(root) == uninterrupted[2]
+
+
+@pytest.mark.keras
+def test_the_resumed_epochs_progress_bar_counts_as_the_whole_run(tmp_path, capsys):
+    """Preempted after 3 of epoch 2's 10 batches: the resumed fit's bar says "Epoch 2/8"
+    (not "Epoch 2/2") and ends that epoch at step 10/10 (not 7/7)."""
+    root = tmp_path / "root"
+    with pytest.raises(Preempted):
+        run(root, extra=[SignalAt(1, 2)])
+    capsys.readouterr()
+    run(root, epochs=3, restored_from=str(root), fit_verbose=1)
+    out = capsys.readouterr().out
+    epochs = [line for line in out.splitlines() if line.startswith("Epoch ")]
+    assert epochs == ["Epoch 2/3", "Epoch 3/3"], out[-2000:]
+    bars = out.split("Epoch 3/3")
+    assert "10/10" in bars[0] and "7/7" not in bars[0], bars[0][-1500:]
+    assert "10/10" in bars[1]
 
 
 @pytest.mark.keras

@@ -198,16 +198,33 @@ def check(comm: Any, fit: Fit, params: dict[str, Any] | None) -> None:
 def _progress_on_chief_only(comm: Any, fit: Fit) -> None:
     """Keras' progress bar prints on the chief only (every rank's bar interleaved in one
     job's output, with the same synced values at each epoch's end, said nothing more);
-    a fit that finishes an interrupted epoch counts its epochs as the whole run does."""
+    a fit that finishes an interrupted epoch counts its epochs and that epoch's steps as
+    the whole run does ("Epoch 4/10", then "5/8" where 4 of 8 steps ran before)."""
     from forge_dist.keras._state import registry
 
-    total = registry(fit.callbacks[0].model).display_epochs if fit.callbacks else None
+    if not fit.callbacks:
+        return
+    reg = registry(fit.callbacks[0].model)
     for cb in fit.others:
         if type(cb).__name__ == "ProgbarLogger":
             if not comm.is_chief:
                 cb.verbose = 0
-            if total is not None:
-                cb.epochs = total
+            if reg.display_epochs is not None:
+                cb.epochs = reg.display_epochs
+            if reg.batch_offset and getattr(cb, "target", None) is not None:
+                cb.target += reg.batch_offset
+                _count_from_offset(cb, reg)
+
+
+def _count_from_offset(progbar: Any, reg: Any) -> None:
+    """The bar's step count goes on from the batches the interrupted epoch had run (the
+    offset is 0 again once that epoch's fit ends)."""
+    update = type(progbar).on_train_batch_end
+
+    def on_train_batch_end(batch: int, logs: Any = None) -> None:
+        update(progbar, batch + reg.batch_offset, logs)
+
+    progbar.on_train_batch_end = on_train_batch_end
 
 
 def _note_optimizer(comm: Any, fit: Fit) -> None:
