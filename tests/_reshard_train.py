@@ -86,14 +86,16 @@ class EpochOf(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         # Keras' running mean of this rank's epoch so far, and the samples behind it.
-        self.record["running_loss"][str(current["epoch"])] = float(logs["loss"])
+        for name in ("loss", "mae"):  # the loss, and a compiled metric
+            self.record[f"running_{name}"][str(current["epoch"])] = float(logs[name])
 
     def on_epoch_end(self, epoch, logs=None):
         self.record["fingerprints"][str(epoch)] = _compat.weights_fingerprint(
             self.model.get_weights()
         )
         self.record["lrs"][str(epoch)] = float(_compat.get_lr(self.model.optimizer))
-        self.record["loss"][str(epoch)] = float(logs["loss"])
+        for name in ("loss", "mae"):
+            self.record[name][str(epoch)] = float(logs[name])
 
 
 def dataset(n: int) -> tuple:
@@ -171,14 +173,14 @@ if args.mode == "plain":
 
         model = build(0)
         opt = fk.DistributedOptimizer(keras.optimizers.Adam(0.01), communicator=comm)
-        model.compile(optimizer=opt, loss="mse")
+        model.compile(optimizer=opt, loss="mse", metrics=["mae"])
         model.set_weights(loaded.get_weights())
         model.optimizer.build(model.trainable_variables)
         for mine, saved in zip(model.optimizer.variables, loaded.optimizer.variables, strict=True):
             mine.assign(saved)
     model.run_eagerly = True
-    record = {"rank": rank, "size": size, "fingerprints": {}, "lrs": {}, "loss": {}}
-    record["running_loss"] = {}
+    record = {"rank": rank, "size": size, "fingerprints": {}, "lrs": {}, "loss": {}, "mae": {}}
+    record["running_loss"], record["running_mae"] = {}, {}
     common = dict(batch_size=args.batch_size, shuffle=False, verbose=0)
     cbs = [EpochOf(record)]
     rest, whole = my_part(len(x), args.offset, rank, size), my_part(len(x), 0, rank, size)
@@ -226,9 +228,11 @@ from forge_dist.preemption import Preempted  # noqa: E402
 comm = get_communicator("auto")
 rank, size = comm.rank, comm.size
 model = build(11 + rank)  # the chief's initial weights are broadcast
-model.compile(optimizer=fk.DistributedOptimizer(keras.optimizers.Adam(0.01)), loss="mse")
+opt = fk.DistributedOptimizer(keras.optimizers.Adam(0.01))
+model.compile(optimizer=opt, loss="mse", metrics=["mae"])
 model.run_eagerly = True
-record = {"rank": rank, "size": size, "fingerprints": {}, "lrs": {}, "loss": {}, "running_loss": {}}
+record = {"rank": rank, "size": size, "fingerprints": {}, "lrs": {}, "loss": {}, "mae": {}}
+record["running_loss"], record["running_mae"] = {}, {}
 restored = fk.restore_latest(model, args.root, communicator=comm) if args.resume else None
 if restored is not None:
     record["resumed"] = {

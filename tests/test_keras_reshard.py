@@ -280,7 +280,7 @@ def test_a_mid_epoch_resume_on_another_rank_count_trains_every_sample_once(
         assert ids0[:8] != ids2[:8]
     # The new rank count agrees on everything (the epoch losses are SyncMetrics' means).
     for r in second[1:]:
-        for key in ("fingerprints", "lrs", "loss", "fingerprint"):
+        for key in ("fingerprints", "lrs", "loss", "mae", "fingerprint"):
             assert r[key] == second[0][key], f"rank {r['rank']}'s {key} differ"
     # An uninterrupted run at the new count from the resume point: plain Keras loading
     # the step's file on every rank and training on from the same sample, its data cut
@@ -293,14 +293,14 @@ def test_a_mid_epoch_resume_on_another_rank_count_trains_every_sample_once(
     plain = read_rank_reports(str(tmp_path / "p{rank}.json"), ranks=after)
     for mine, ref in zip(second, plain, strict=True):
         assert mine["fingerprints"] == ref["fingerprints"], f"rank {mine['rank']}"
-    # The interrupted epoch's training loss is the whole epoch's: the first ranks' summed
-    # loss over their samples (Keras weighs a batch by its samples), shared among the new
-    # ranks, joined with each new rank's own; SyncMetrics then averages the ranks.
-    done = sum(r["running_loss"]["1"] * offset / before for r in first)
-    whole = np.mean(
-        [(done / after + p["loss"]["1"] * p["rest_samples"]) / (offset / after + p["rest_samples"])
-         for p in plain]
-    )  # fmt: skip
-    assert second[0]["loss"]["1"] == pytest.approx(whole, rel=1e-5)
-    assert second[0]["loss"]["1"] != pytest.approx(np.mean([p["loss"]["1"] for p in plain]),
-                                                   rel=1e-3)  # fmt: skip
+    # The interrupted epoch's training loss and compiled metric (mae) are the whole
+    # epoch's: the first ranks' sums over their samples (Keras weighs a batch by its
+    # samples), shared among the new ranks, joined with each new rank's own; SyncMetrics
+    # then averages the ranks.
+    for name in ("loss", "mae"):
+        done = sum(r[f"running_{name}"]["1"] * offset / before for r in first)
+        rest = [(p[name]["1"], p["rest_samples"]) for p in plain]
+        whole = np.mean([(done / after + v * k) / (offset / after + k) for v, k in rest])
+        assert second[0][name]["1"] == pytest.approx(whole, rel=1e-5), name
+        only_rest = np.mean([v for v, _ in rest])
+        assert second[0][name]["1"] != pytest.approx(only_rest, rel=1e-3), name
