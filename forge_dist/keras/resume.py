@@ -71,6 +71,18 @@ def _one_process_per_rank(comm: Any) -> None:
         )
 
 
+def _same_on_every_rank(comm: Any, digest: str, what: str, differ: str) -> None:
+    """One all-gather of the ranks' digests of their data; on every rank, an error
+    naming the ranks whose data differ from rank 0's."""
+    seen = comm.allgather(digest, name="fit_resumed(shard=True) data")
+    other = [r for r, d in enumerate(seen) if d != seen[0]]
+    if other:
+        raise ConfigurationError(
+            f"shard=True needs {what}, the same on every rank; rank(s) "
+            f"{', '.join(map(str, other))} {differ}"
+        )
+
+
 class _ShardPlan:
     """``fit_resumed(shard=True)``: every rank holds the whole dataset and trains on its
     part of each global batch (see :mod:`forge_dist.policy.shards`)."""
@@ -104,14 +116,12 @@ class _ShardPlan:
             digest.update(repr((arr.shape, arr.dtype.str)).encode())
             picks = np.linspace(0, len(arr) - 1, num=min(len(arr), 64)).astype(np.int64)
             digest.update(np.ascontiguousarray(arr[picks]).tobytes())
-        seen = comm.allgather(digest.hexdigest(), name="fit_resumed(shard=True) data")
-        other = [r for r, d in enumerate(seen) if d != seen[0]]
-        if other:
-            raise ConfigurationError(
-                "shard=True needs the whole dataset, the same on every rank; rank(s) "
-                f"{', '.join(map(str, other))} passed other data than rank 0 (each rank's own "
-                "shard? then leave shard= out)"
-            )
+        _same_on_every_rank(
+            comm,
+            digest.hexdigest(),
+            "the whole dataset",
+            "passed other data than rank 0 (each rank's own shard? then leave shard= out)",
+        )
 
     def fit(
         self, model: Any, x: Any, y: Any, offset: int, rows: Any = None, **fit_args: Any
@@ -155,16 +165,15 @@ class _PipelineShardPlan(_ShardPlan):
         self.n, self.batch_size = count_samples(self.samples), batch_size
         self.rank, self.size = comm.rank, comm.size
         if self.size > 1:
-            seen = comm.allgather(stream_digest(self.samples, self.n), name="shard=True data")
-            other = [r for r, d in enumerate(seen) if d != seen[0]]
-            if other:
-                raise ConfigurationError(
-                    "shard=True needs the same tf.data pipeline on every rank; rank(s) "
-                    f"{', '.join(map(str, other))} read other samples than rank 0. Each rank's "
-                    "own shard? Then leave shard= out. A seeded shuffle also follows the "
-                    "global seed (tf.random.set_seed, keras.utils.set_random_seed): build the "
-                    "pipeline under the same one on every rank"
-                )
+            _same_on_every_rank(
+                comm,
+                stream_digest(self.samples, self.n),
+                "the tf.data pipeline",
+                "read other samples than rank 0. Each rank's own shard? Then leave shard= "
+                "out. A seeded shuffle also follows the global seed (tf.random.set_seed, "
+                "keras.utils.set_random_seed): build the pipeline under the same one on "
+                "every rank",
+            )
         policy.check_shardable(self.n, 0, batch_size, self.size)
 
     def fit(
