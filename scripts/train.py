@@ -288,6 +288,12 @@ def main(argv: list[str] | None = None) -> int:
         )
     except Preempted as stop:  # every rank: the checkpoint is committed
         preempted = stop
+    except Exception as error:  # what this rank learned, on disk before mpirun ends it
+        if args.report:
+            path = args.report.replace("{rank}", str(rank))
+            with open(path, "w") as f:
+                json.dump({"rank": rank, "error": f"{type(error).__name__}: {error}"}, f)
+        raise
     if args.report:
         report = {
             "rank": rank,
