@@ -6,15 +6,17 @@
 * Vectors (allreduce, the gradient path) use MPI's own non-blocking ``Iallreduce``, after
   a tiny ``Iallreduce`` that checks every rank is at the same call with the same length.
 
-Every wait polls against the deadline. On a timeout the rank holds a roll call (every
-polling rank answers it), so the error names the ranks that did not answer, and then
-tells the ranks that did answer that it gave up: each of them raises its own error at
-its next poll instead of waiting out its own deadline. A timed-out communicator is
-broken: the error is raised, and at interpreter exit the job is aborted (``MPI_Abort``)
-instead of hanging in ``MPI_Finalize``. At exit (its traceback printed) a rank that was
-told says so to the rank that told it and leaves the abort to that one, which aborts
-once every rank it told has said so (or after a few seconds): no survivor is killed by
-another's abort before its own error is out.
+Every wait polls against the deadline. On a timeout rank 0 holds a roll call (every
+polling rank answers it), so the error names the ranks that did not answer and their
+hosts, and then tells the ranks that did answer that it gave up: each of them raises its
+own error at its next poll instead of waiting out its own deadline. Another rank that
+times out roll-calls rank 0 alone and, if it answers, waits for its verdict: a first
+message to a rank never talked to may block while that rank's host is cut off. A timed-out
+communicator is broken: the error is raised, and at interpreter exit the job is
+aborted (``MPI_Abort``) instead of hanging in ``MPI_Finalize``. At exit (its traceback
+printed) a rank that was told says so to the rank that told it and leaves the abort to
+that one, which aborts once every rank it told has said so (or after a few seconds): no
+survivor is killed by another's abort before its own error is out.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import atexit
 import contextlib
 import logging
 import pickle
+import socket
 import sys
 import threading
 import time
@@ -92,6 +95,9 @@ class MPICommunicator(Communicator):
         self._abandoned: list[Any] = []  # requests of collectives given up: never freed
         self._abort_registered = False
         self._failed: list[tuple[int, str]] = []  # (rank, its error) said before exiting
+        # Every rank's host, learned in the first object collective: errors name the
+        # host of a rank that stopped answering (a node down, a link cut).
+        self._hosts: list[str] | None = None
         if self._size > 1:
             self._hook_uncaught()
 
@@ -166,32 +172,32 @@ class MPICommunicator(Communicator):
         if self._failed:
             src, text = self._failed[0]
             self._broken = (
-                f"collective {name!r} given up on rank {self._rank}: rank {src} failed "
-                f"before reaching it ({text}); every rank stops"
+                f"collective {name!r} given up on rank {self._rank}: rank {src}"
+                f"{self._on([src])} failed before reaching it ({text}); every rank stops"
             )
             log.error(self._broken)
             raise RankFailedError(self._broken)
         if self._gave_up:
             src, missing = self._gave_up[0]
             found = (
-                f"rank(s) {', '.join(str(r) for r in missing)} did not answer"
+                f"rank(s) {', '.join(str(r) for r in missing)} did not answer{self._on(missing)}"
                 if missing
                 else "every rank answered, in other collectives (a diverged code path)"
             )
             msg = (
                 f"collective {name!r} given up on rank {self._rank} after "
-                f"{time.monotonic() - start:.1f}s: rank {src} timed out (deadline "
+                f"{time.monotonic() - start:.1f}s: rank {src}{self._on([src])} timed out (deadline "
                 f"{self.timeout:g}s, FORGE_DIST_TIMEOUT) and found that {found}. A rank "
                 "died, hung, or is running different code; the job will abort."
             )
             raise self._broken_error(msg, name, missing)
 
-    def _rollcall(self) -> list[int]:
-        """Ranks that do not answer within a few seconds (dead, hung or busy elsewhere)."""
+    def _rollcall(self, others: list[int]) -> list[int]:
+        """Those of ``others`` that do not answer within a few seconds (dead, hung, busy
+        elsewhere, or cut off)."""
         import numpy as np
 
         MPI = self._MPI
-        others = [r for r in range(self._size) if r != self._rank]
         ping = np.array([self._rank], dtype=np.int64)
         sends = [self._comm.Isend([ping, MPI.INT64_T], dest=r, tag=_TAG_ROLLCALL) for r in others]
         missing = set(others)
@@ -210,17 +216,43 @@ class MPICommunicator(Communicator):
                 req.Cancel()
         return sorted(missing)
 
+    def _timed_out(self, name: str, start: float, waited: float) -> CollectiveTimeoutError:
+        """The deadline passed: find who is missing, and the error to raise.
+
+        The root roll-calls every rank: each has talked with it (every object collective
+        goes through the root). Any other rank roll-calls the root only, and if the root
+        answers, waits a little for its verdict (the root is in the same collective and
+        times out too): a first message to a rank never talked to can block in MPI's
+        address lookup while that rank's host is unreachable (Open MPI 5 across hosts:
+        a cut link left the roll call stuck until the job was aborted). Only if the
+        root says nothing does it roll-call the others itself."""
+        if self._rank == 0:
+            return self._deadline_error(name, list(range(1, self._size)), waited)
+        if self._rollcall([0]):
+            return self._deadline_error(name, [0], waited, missing=[0])
+        end = time.monotonic() + 2 * _ROLLCALL_S
+        while time.monotonic() < end:
+            self._poll(name, start)  # raises once the root has said who is missing
+            time.sleep(0.01)
+        # The root is alive but not (yet) timed out: it entered later, or elsewhere.
+        others = [r for r in range(1, self._size) if r != self._rank]
+        return self._deadline_error(name, [0, *others], waited, missing=self._rollcall(others))
+
     # -- transport ------------------------------------------------------------
     def _deadline_error(
-        self, name: str, missing: list[int], waited: float
+        self, name: str, called: list[int], waited: float, missing: list[int] | None = None
     ) -> CollectiveTimeoutError:
-        """Mark the communicator broken (the job aborts at exit), tell the ranks that
-        answered the roll call, and build the error."""
+        """Roll-call ``called`` (unless ``missing`` already says who did not answer),
+        mark the communicator broken (the job aborts at exit), tell the ranks that
+        answered, and build the error."""
+        if missing is None:
+            missing = self._rollcall(called)
         where = f"collective {name!r} timed out after {waited:.1f}s on rank {self._rank}"
         if missing:
             who = ", ".join(str(r) for r in missing)
             msg = (
-                f"{where}: rank(s) {who} did not answer (deadline {self.timeout:g}s, "
+                f"{where}: rank(s) {who} did not answer{self._on(missing)} (deadline "
+                f"{self.timeout:g}s, "
                 "FORGE_DIST_TIMEOUT). A rank died, hung, or is running different code; "
                 "the job will abort."
             )
@@ -230,11 +262,20 @@ class MPICommunicator(Communicator):
                 "collectives (a diverged code path); the job will abort."
             )
         error = self._broken_error(msg, name, missing)  # (said before anyone is told)
-        live = set(range(self._size)) - set(missing) - {self._rank} - self._tellers
+        live = set(called) - set(missing) - self._tellers
         for r in sorted(live):
             self._send_ints(list(missing), r, _TAG_GAVE_UP)
             self._told.add(r)
         return error
+
+    def _on(self, ranks: list[int]) -> str:
+        """Where ``ranks`` run, for an error: " (on host H)" or " (1 on H1, 2 on H2)";
+        nothing before the first object collective taught every rank the hosts."""
+        if not self._hosts or not ranks:
+            return ""
+        if len({self._hosts[r] for r in ranks}) == 1:
+            return f" (on host {self._hosts[ranks[0]]})"
+        return " (" + ", ".join(f"{r} on {self._hosts[r]}" for r in ranks) + ")"
 
     def _broken_error(self, msg: str, name: str, missing: list[int]) -> CollectiveTimeoutError:
         """This rank's error: said at once, the communicator marked broken, and the abort
@@ -290,7 +331,7 @@ class MPICommunicator(Communicator):
                     for req in reqs.values():
                         with contextlib.suppress(Exception):
                             req.Cancel()
-                    raise self._deadline_error(name, self._rollcall(), waited)
+                    raise self._timed_out(name, start, waited)
                 self._poll(name, start)
                 pause = _backoff(pause, start)
         except CollectiveTimeoutError:
@@ -319,7 +360,7 @@ class MPICommunicator(Communicator):
                 break
             waited = time.monotonic() - start
             if waited > self.timeout:
-                raise self._deadline_error(name, self._rollcall(), waited)
+                raise self._timed_out(name, start, waited)
             self._poll(name, start)
             pause = 0.0 if progressed else _backoff(pause, start)
         return got
@@ -341,17 +382,23 @@ class MPICommunicator(Communicator):
             start = time.monotonic()
             if self._size == 1:
                 return combine({0: payload})
+            # The first exchange also carries each rank's host up, and the table down.
+            host = socket.gethostname() if self._hosts is None else None
             if self._rank != 0:
-                msg = pickle.dumps((seq, name, payload), protocol=pickle.HIGHEST_PROTOCOL)
+                msg = pickle.dumps((seq, name, payload, host), protocol=pickle.HIGHEST_PROTOCOL)
                 self._wait_sends({0: self._isend(msg, 0, _TAG_UP)}, name, start)
                 reply = self._recv_from([0], _TAG_DOWN, name, start)[0]
-                ok, result = pickle.loads(reply)
+                ok, result, hosts = pickle.loads(reply)
+                self._hosts = hosts or self._hosts
             else:
                 raw = self._recv_from(list(range(1, self._size)), _TAG_UP, name, start)
                 payloads = {0: payload}
                 problems = []
+                hosts = [host] * self._size if host is not None else None
                 for r, data in sorted(raw.items()):
-                    r_seq, r_name, r_payload = pickle.loads(data)
+                    r_seq, r_name, r_payload, r_host = pickle.loads(data)
+                    if hosts is not None:
+                        hosts[r] = r_host
                     if (r_seq, r_name) != (seq, name):
                         problems.append(
                             f"rank {r} is at collective #{r_seq} {r_name!r}, rank 0 at #{seq} "
@@ -365,7 +412,8 @@ class MPICommunicator(Communicator):
                         ok, result = True, combine(payloads)
                     except CollectiveMismatchError as e:
                         ok, result = False, str(e)
-                reply = pickle.dumps((ok, result), protocol=pickle.HIGHEST_PROTOCOL)
+                self._hosts = hosts or self._hosts
+                reply = pickle.dumps((ok, result, hosts), protocol=pickle.HIGHEST_PROTOCOL)
                 self._wait_sends(
                     {r: self._isend(reply, r, _TAG_DOWN) for r in range(1, self._size)},
                     name,
@@ -382,7 +430,7 @@ class MPICommunicator(Communicator):
             while not req.Test():
                 waited = time.monotonic() - start
                 if waited > self.timeout:
-                    raise self._deadline_error(name, self._rollcall(), waited)
+                    raise self._timed_out(name, start, waited)
                 self._poll(name, start)
                 pause = _backoff(pause, start)
         except CollectiveTimeoutError:
