@@ -61,3 +61,39 @@ def restarts(env: Mapping[str, str] | None = None) -> int:
     after a requeue); 0 for a first start."""
     env = os.environ if env is None else env
     return _int(env, "SLURM_RESTART_COUNT") or 0
+
+
+def fresh_start_allowed(env: Mapping[str, str] | None = None) -> bool:
+    """``FORGE_DIST_ALLOW_FRESH_START=1``: a restarted job that finds no checkpoint may
+    start over (see :func:`forge_dist.keras.restore_latest`)."""
+    env = os.environ if env is None else env
+    return env.get("FORGE_DIST_ALLOW_FRESH_START", "").strip().lower() in ("1", "true", "yes")
+
+
+#: Filesystems whose contents live on one node: a requeued job on another node does not
+#: see what the first attempt wrote there.
+NODE_LOCAL_FS = frozenset(
+    {"tmpfs", "ramfs", "ext2", "ext3", "ext4", "xfs", "btrfs", "zfs", "f2fs", "overlay", "vfat"}
+)
+
+
+def mount_of(path: str, mounts: str | None = None) -> tuple[str, str] | None:
+    """``(filesystem type, mount point)`` of the mount that holds ``path`` (which need not
+    exist), from ``/proc/self/mounts`` (or the text ``mounts``); None where unknown."""
+    if mounts is None:
+        try:
+            with open("/proc/self/mounts") as f:
+                mounts = f.read()
+        except OSError:
+            return None
+    path = os.path.abspath(path)
+    best: tuple[str, str] | None = None
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        inside = path == point or path.startswith(point.rstrip("/") + "/")
+        if inside and (best is None or len(point) >= len(best[1])):
+            best = (fields[2], point)
+    return best

@@ -74,6 +74,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="write checkpoints in the background (not under MultiWorkerMirroredStrategy)",
     )
+    ap.add_argument(
+        "--allow-fresh-start",
+        action="store_true",
+        help="a requeued job (SLURM_RESTART_COUNT > 0) that finds no checkpoint starts over "
+        "instead of failing",
+    )
     ap.add_argument("--storage-options", default=None, help="fsspec options as JSON")
     ap.add_argument("--report", default=None, help="write this rank's summary JSON here")
     ap.add_argument("--seed", type=int, default=42)
@@ -248,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
             communicator=comm,
             step=args.resume_step,
             epoch_end_only=args.resume_epoch_end,
+            allow_fresh_start=args.allow_fresh_start,
         )
     if args.signal_before_fit == rank:
         import signal

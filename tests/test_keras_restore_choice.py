@@ -66,8 +66,42 @@ def test_a_directory_that_does_not_exist_is_said_and_an_error_after_a_restart(
     assert not restored.restored
     assert "does not exist yet): training from the start" in capsys.readouterr().out
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
-    with pytest.raises(ConfigurationError, match="restarted .* does not exist"):
+    with pytest.raises(ConfigurationError, match="restarted .* does not exist on ") as info:
         fk.restore_latest(make_model(), missing, communicator=LOCAL)
+    assert "allow_fresh_start=True" in str(info.value)
+    # A folder made beforehand (`mkdir -p` in a job script) holds no trace of a run.
+    os.makedirs(missing)
+    with pytest.raises(ConfigurationError, match="restarted .* holds no trace of a run"):
+        fk.restore_latest(make_model(), missing, communicator=LOCAL)
+    assert not fk.restore_latest(
+        make_model(), missing, communicator=LOCAL, allow_fresh_start=True
+    ).restored
+    monkeypatch.setenv("FORGE_DIST_ALLOW_FRESH_START", "1")
+    assert not fk.restore_latest(make_model(), missing, communicator=LOCAL).restored
+
+
+def test_a_restarted_job_that_finds_an_ended_run_with_no_step_starts_over(tmp_path, monkeypatch):
+    """The first attempt took the root (its lease is there) and died before its first
+    checkpoint: nothing to resume, and starting over loses nothing."""
+    path = str(tmp_path / "r")
+    CheckpointStore(path).take_lease("first-attempt")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert not fk.restore_latest(make_model(), path, communicator=LOCAL).restored
+
+
+def test_a_node_local_root_is_named_as_the_likely_cause(tmp_path, monkeypatch):
+    from forge_dist._launch import mount_of
+
+    mounts = "proc /proc proc rw 0 0\n/dev/vda / ext4 rw 0 0\nfs:/x /shared nfs4 rw 0 0\n"
+    assert mount_of("/shared/run/a", mounts) == ("nfs4", "/shared")
+    assert mount_of("/sharedx/run", mounts) == ("ext4", "/")
+    kind = mount_of(str(tmp_path))
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    with pytest.raises(ConfigurationError) as info:
+        fk.restore_latest(make_model(), str(tmp_path / "gone"), communicator=LOCAL)
+    said = str(info.value)
+    assert "SLURM_RESTART_COUNT=2" in said and "(the chief)" in said
+    assert f"It is on a {kind[0]} mounted at {kind[1]}, local to this node" in said
 
 
 def test_a_step_folder_given_as_the_root_names_the_root(root):

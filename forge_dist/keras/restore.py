@@ -15,6 +15,7 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
+from forge_dist._launch import fresh_start_allowed, restarts
 from forge_dist._urls import redact_url
 from forge_dist.comm import Communicator, agree, get_communicator
 from forge_dist.errors import ConfigurationError
@@ -100,6 +101,27 @@ def _not_a_root(directory: str, storage_options: Any) -> None:
         )
 
 
+def _whereabouts(directory: str, what: str) -> str:
+    """Where the chief looked and what it found, for the error of a restarted job that
+    finds nothing: the host, and for a local root whether its filesystem is node-local."""
+    import socket
+
+    from forge_dist._launch import NODE_LOCAL_FS, mount_of
+
+    said = f"{redact_url(directory)} {what} on {socket.gethostname()} (the chief)"
+    if "://" in directory and not directory.startswith("file://"):
+        return f"{said}: is it the URL the first attempt wrote to?"
+    mount = mount_of(directory.removeprefix("file://"))
+    if mount is not None and mount[0] in NODE_LOCAL_FS:
+        return (
+            f"{said}. It is on a {mount[0]} mounted at {mount[1]}, local to this node: what "
+            "the first attempt wrote there stayed on the node it ran on, and a requeued job "
+            "may land on other nodes. Put the checkpoint root on a filesystem every node "
+            "shares, or in a bucket"
+        )
+    return f"{said}: is it the directory the first attempt wrote, on storage every node sees?"
+
+
 def _chief_restore(
     directory: str,
     storage_options: Any,
@@ -122,10 +144,13 @@ def _chief_restore(
             raise ConfigurationError(
                 f"no step {step} to restore: {redact_url(directory)} does not exist"
             )
-        return ("missing",), [], []  # a first run: nothing saved yet
+        return ("missing", _whereabouts(directory, "does not exist")), [], []  # a first run
     if STEP_RE.match(directory.rstrip("/").rsplit("/", 1)[-1]):
         _not_a_root(directory, storage_options)
     infos = store.list()
+    if not infos and step is None and restarts() and store.lease() is None:
+        # No step and no writer ever took this root: nothing of the first attempt is here.
+        return ("missing", _whereabouts(directory, "holds no trace of a run")), [], []
     skipped: list[str] = []
     passed: list[Any] = []
     chosen = None
@@ -217,6 +242,7 @@ def restore_latest(
     verbose: int = 1,
     step: int | None = None,
     epoch_end_only: bool = False,
+    allow_fresh_start: bool = False,
 ) -> RestoreResult:
     """Restore ``model`` (built and compiled) on every rank from the newest intact
     checkpoint under ``directory``; return what was restored and the ``initial_epoch``.
@@ -225,10 +251,12 @@ def restore_latest(
     ``epoch_end_only=True`` the newest taken at an epoch's end (to continue on another
     number of ranks, say, where a mid-epoch position does not carry over). With no
     checkpoint yet, nothing changes and ``initial_epoch`` is 0, and the chief says so;
-    a job that the scheduler restarted (``SLURM_RESTART_COUNT``) finding no directory at
-    all is an error on every rank (the first attempt made it: a wrong directory would
-    otherwise start over silently). A step folder given as ``directory`` is an error
-    naming the root.
+    a job that the scheduler restarted (``SLURM_RESTART_COUNT``) finding no trace of a
+    run at ``directory`` (no folder, or no step and no writer lease) is an error on every
+    rank naming the chief's host and, for a node-local filesystem, that cause: the first
+    attempt wrote somewhere, and starting over would silently lose it.
+    ``allow_fresh_start=True`` (or ``FORGE_DIST_ALLOW_FRESH_START=1``) starts over
+    instead. A step folder given as ``directory`` is an error naming the root.
     ``verbose`` (default 1) has the chief say what it restored."""
     comm = communicator if communicator is not None else get_communicator("auto")
     if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
@@ -243,6 +271,7 @@ def restore_latest(
         verbose,
         epoch_end_only,
         step,
+        allow_fresh_start,
     )
 
 
@@ -256,11 +285,10 @@ def restore(
     verbose: int = 1,
     epoch_end_only: bool = False,
     step: int | None = None,
+    allow_fresh_start: bool = False,
 ) -> RestoreResult:
     """:func:`restore_latest`; with ``epoch_end_only`` from the newest step taken at an
     epoch's end (what a plain ``model.fit`` can continue from)."""
-    from forge_dist._launch import restarts
-
     if comm.multi_worker:
         import tensorflow as tf
 
@@ -281,12 +309,14 @@ def restore(
     )
     where = redact_url(directory)
     if loaded is not None and loaded[0] == "missing":
+        found = loaded[1]
         loaded = None
-        if restarts():
+        if restarts() and not (allow_fresh_start or fresh_start_allowed()):
             raise ConfigurationError(
-                f"this job was restarted (SLURM_RESTART_COUNT={restarts()}) but "
-                f"{where} does not exist: no checkpoint to resume from (is the checkpoint "
-                "directory the one the first attempt wrote?)"
+                f"this job was restarted (SLURM_RESTART_COUNT={restarts()}), so an earlier "
+                f"attempt trained, but {found}. Starting over would silently lose its "
+                "training; to start over anyway pass allow_fresh_start=True "
+                "(or set FORGE_DIST_ALLOW_FRESH_START=1)"
             )
         if verbose:
             tell(comm, f"no checkpoint in {where} (it does not exist yet): training from the start")
