@@ -12,7 +12,9 @@ import argparse
 import json
 import os
 import signal
+import socket
 import sys
+import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -21,6 +23,7 @@ ap.add_argument("--mode", choices=["forge", "control"], default="forge")
 ap.add_argument("--root", required=True)
 ap.add_argument("--out", required=True)
 ap.add_argument("--epochs", type=int, default=6)
+ap.add_argument("--samples", type=int, default=256, help="training samples per rank")
 ap.add_argument("--patience", type=int, default=1)
 ap.add_argument("--kill-rank0-after-epoch", type=int, default=None)
 ap.add_argument("--kill-rank1-at-epoch", type=int, default=None)
@@ -87,7 +90,7 @@ def data(seed: int, n: int, flip: bool) -> tuple:
     return x, (-y if flip else y).astype("float32")
 
 
-x_train, y_train = data(100 + rank, 256, False)
+x_train, y_train = data(100 + rank, args.samples, False)
 x_val, y_val = data(200 + rank, 128, flip=(rank % 2 == 1))  # odd ranks disagree
 
 # Different initial weights per rank: BroadcastInitialState must make them equal.
@@ -111,12 +114,28 @@ record = {
     "rank": rank,
     "pid": os.getpid(),
     "size": size,
+    "host": socket.gethostname(),
     "flavor": _compat.FLAVOR,
     "backend": comm.backend,
     "fingerprints": [],
     "lrs": [],
     "epochs_run": 0,
 }
+
+
+def save_record() -> None:
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"rank-{rank}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(record, f)
+    os.replace(path + ".tmp", path)  # whole or absent, for a test that reads it while we run
+
+
+def failed(error: Exception) -> None:
+    """What this rank said, on disk before the launcher ends it."""
+    record["error"] = f"{type(error).__name__}: {error}"
+    record["error_at"] = time.time()
+    save_record()
 
 
 class Recorder(keras.callbacks.Callback):
@@ -150,7 +169,11 @@ else:
         cls = getattr(fk, kwargs.pop("class"))
         cls(**kwargs)  # must raise (on every rank, or on --bad-rank alone)
     if args.resume:
-        restored = fk.restore_latest(model, root)
+        try:
+            restored = fk.restore_latest(model, root)
+        except Exception as error:
+            failed(error)
+            raise
         initial_epoch = restored.initial_epoch
         record["resumed_from_step"] = restored.step
     es = fk.SyncEarlyStopping(patience=args.patience, restore_best_weights=True)
@@ -167,17 +190,22 @@ else:
         Recorder(),
     ]
 
-history = model.fit(
-    x_train,
-    y_train,
-    validation_data=(x_val, y_val),
-    epochs=args.epochs,
-    batch_size=32,
-    shuffle=False,
-    verbose=0,
-    callbacks=callbacks,
-    initial_epoch=initial_epoch,
-)
+
+try:
+    history = model.fit(
+        x_train,
+        y_train,
+        validation_data=(x_val, y_val),
+        epochs=args.epochs,
+        batch_size=32,
+        shuffle=False,
+        verbose=0,
+        callbacks=callbacks,
+        initial_epoch=initial_epoch,
+    )
+except Exception as error:
+    failed(error)
+    raise
 record["final_fingerprint"] = _compat.weights_fingerprint(model.get_weights())
 record["final_lr"] = float(_compat.get_lr(model.optimizer))
 record["history_epochs"] = len(history.history.get("loss", []))
@@ -186,6 +214,4 @@ if args.mode == "forge":
     record["stopped_epoch"] = es.stopped_epoch
     record["best_epoch"] = es.best_epoch
     record["saved_steps"] = ckpt.saved_steps
-os.makedirs(args.out, exist_ok=True)
-with open(os.path.join(args.out, f"rank-{rank}.json"), "w") as f:
-    json.dump(record, f)
+save_record()

@@ -115,6 +115,13 @@ def read_rank_reports(template: str, ranks: int = 2, missing_ok: bool = False) -
     return out
 
 
+def finished_normally(out: str | os.PathLike[str], ranks: int) -> list[int]:
+    """The ranks whose report under ``out`` (tests/_mpi_train.py) says they finished:
+    a rank that failed writes its report with its error, one that was killed none."""
+    reports = read_rank_reports(os.path.join(out, "rank-{rank}.json"), ranks, missing_ok=True)
+    return [r["rank"] for r in reports if "error" not in r]
+
+
 def has_committed_step(root: str | os.PathLike[str]) -> bool:
     """A committed ``step-NNNNNNNN`` folder exists under the local root (staging folders
     carry a ``.tmp-`` suffix)."""

@@ -1,0 +1,275 @@
+#!/usr/bin/env bash
+# A cluster of N test hosts on this one machine, for the multi-host tests (and for
+# trying the launchers across nodes by hand).
+#
+#   scripts/test-cluster.sh up N    start N hosts (N >= 2); idempotent for the same N
+#   scripts/test-cluster.sh status  one line per host; exit 0 only if all are up
+#   scripts/test-cluster.sh env     `export` lines for the FORGE_CLUSTER_* variables
+#   scripts/test-cluster.sh down    remove everything `up` made
+#   scripts/test-cluster.sh cut HOST / heal HOST   take HOST's link down / up again
+#
+# Each host is a network namespace on one bridge, with its own hostname (UTS namespace)
+# and its own node-local /scratch: a tmpfs in a mount namespace, the same path with other
+# contents on every host. One shared folder has the same path on every host, as an NFS
+# mount would; an S3 endpoint (moto's server) listens on the bridge, where every host
+# reaches it. The hosts' names are in an /etc/hosts that each host sees in place of the
+# machine's. `env` prints:
+#   FORGE_CLUSTER_HOSTS   host names, space-separated, resolvable inside every host
+#   FORGE_CLUSTER_AGENT   runs `AGENT HOST COMMAND...` on HOST; usable as mpirun's
+#                         launch agent (--prtemca plm_ssh_agent AGENT)
+#   FORGE_CLUSTER_SHARED  the shared folder
+#   FORGE_CLUSTER_S3      the S3 endpoint's URL (any bucket name; moto creates on demand)
+#   FORGE_CLUSTER_ADDRS   the hosts' addresses, in the order of FORGE_CLUSTER_HOSTS
+#
+# FORGE_CLUSTER_NAME (default fdc) prefixes every name made here: namespaces, links, the
+# state folder /tmp/forge-cluster-NAME (FORGE_CLUSTER_STATE overrides it); two clusters
+# with different names and FORGE_CLUSTER_NET (default 10.77.0: a private /24 used only by
+# these namespaces) can run side by side. Teardown finds what to remove from the pid and
+# name files written by `up`, never by a process name. Needs root and a kernel with
+# network, mount and UTS namespaces.
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+NAME="${FORGE_CLUSTER_NAME:-fdc}"
+NET="${FORGE_CLUSTER_NET:-10.77.0}"
+STATE="${FORGE_CLUSTER_STATE:-/tmp/forge-cluster-$NAME}"
+PYTHON="${FORGE_CLUSTER_PYTHON:-$here/../.venv/bin/python}"
+BRIDGE="$NAME-br0"
+SCRATCH=/scratch
+USERS=/tmp/forge-cluster-users
+
+die() { echo "test-cluster: $*" >&2; exit 2; }
+# refuse: this machine cannot host the cluster (not root, no namespaces): exit 3, which
+# the tests take as a reason to skip, where any other failure fails them.
+refuse() { echo "test-cluster: $*" >&2; exit 3; }
+
+[[ "$NAME" =~ ^[a-z][a-z0-9]{0,5}$ ]] || die "FORGE_CLUSTER_NAME must be 1-6 lowercase letters/digits"
+[[ "$NET" =~ ^[0-9]+\.[0-9]+\.[0-9]+$ ]] || die "FORGE_CLUSTER_NET must be three octets, e.g. 10.77.0"
+
+host_name() { echo "$NAME-h$1"; }
+host_addr() { echo "$NET.$((10 + $1))"; }
+hosts_up() { [ -f "$STATE/size" ] && cat "$STATE/size" || echo 0; }
+
+# alive FILE WORD: the pid in FILE, if it names a live process whose command line has WORD
+# (so a pid reused by another program is never taken for ours).
+alive() {
+    local pid
+    [ -f "$1" ] || return 1
+    pid="$(cat "$1")"
+    [ -n "$pid" ] && tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$2" || return 1
+    echo "$pid"
+}
+
+preflight() {
+    [ "$(id -u)" = 0 ] || refuse "needs root (network namespaces, bridges and mounts)"
+    for tool in ip nsenter unshare mount; do
+        command -v "$tool" >/dev/null || refuse "needs '$tool' (iproute2 / util-linux)"
+    done
+    [ -e /proc/self/ns/net ] && [ -e /proc/self/ns/mnt ] && [ -e /proc/self/ns/uts ] \
+        || refuse "this kernel lacks network, mount or UTS namespaces"
+    # One throwaway namespace proves that this kernel and this user may make them.
+    local probe="$NAME-probe$$"
+    ip netns add "$probe" 2>/dev/null || refuse "cannot create a network namespace here"
+    ip netns delete "$probe"
+    [ -x "$PYTHON" ] || die "no Python at $PYTHON for the S3 endpoint (run make setup)"
+}
+
+write_agent() {
+    mkdir -p "$STATE/bin"
+    cat > "$STATE/bin/agent.new" <<AGENT
+#!/bin/sh
+# Written by scripts/test-cluster.sh: run COMMAND on HOST of cluster '$NAME', as ssh would
+# (through a shell, with this caller's environment and working directory).
+# usage: agent [-x] [-o OPT]... HOST COMMAND...
+while [ \$# -gt 0 ]; do
+    case "\$1" in -o|-p|-l|-i) shift 2 ;; -*) shift ;; *) break ;; esac
+done
+[ \$# -ge 1 ] || { echo "agent: usage: agent HOST COMMAND..." >&2; exit 255; }
+host="\${1%%:*}"; shift
+pidfile="$STATE/\$host.pid"
+[ -f "\$pidfile" ] || { echo "agent: no host '\$host' in cluster '$NAME'" >&2; exit 255; }
+pid="\$(cat "\$pidfile")"
+[ -d "/proc/\$pid" ] || { echo "agent: host '\$host' is down" >&2; exit 255; }
+wd="\$(pwd)"
+exec nsenter -t "\$pid" -n -m -u -- /bin/sh -c "cd '\$wd' 2>/dev/null; \$*"
+AGENT
+    chmod 755 "$STATE/bin/agent.new"
+    mv "$STATE/bin/agent.new" "$STATE/bin/agent"
+}
+
+start_s3() {
+    alive "$STATE/s3.pid" moto.server >/dev/null && return 0
+    local port
+    port="$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("'"$NET.1"'", 0)); print(s.getsockname()[1])')"
+    setsid "$PYTHON" -m moto.server -H "$NET.1" -p "$port" > "$STATE/s3.log" 2>&1 < /dev/null &
+    echo $! > "$STATE/s3.pid"
+    echo "http://$NET.1:$port" > "$STATE/s3.url"
+    for _ in $(seq 100); do
+        "$PYTHON" -c 'import socket, sys; socket.create_connection(("'"$NET.1"'", '"$port"'), 1)' \
+            2>/dev/null && return 0
+        sleep 0.1
+    done
+    die "the S3 endpoint did not start: $(tail -3 "$STATE/s3.log")"
+}
+
+start_host() {  # start_host I
+    local i="$1" host addr
+    host="$(host_name "$i")"
+    addr="$(host_addr "$i")"
+    if alive "$STATE/$host.pid" "sleep infinity" >/dev/null; then return 0; fi
+    ip netns add "$host" 2>/dev/null || true
+    echo "$host" >> "$STATE/netns"
+    ip link add "$NAME-v$i" type veth peer name eth0 netns "$host" 2>/dev/null || true
+    echo "$NAME-v$i" >> "$STATE/links"
+    ip link set "$NAME-v$i" master "$BRIDGE" up
+    ip -n "$host" addr replace "$addr/24" dev eth0
+    ip -n "$host" link set lo up
+    ip -n "$host" link set eth0 up
+    rm -f "$STATE/$host.pid"
+    # The holder: a process in the host's network, mount and UTS namespaces, which the
+    # agent enters. Its mounts (/scratch, /etc/hosts) exist only in that mount namespace.
+    setsid nsenter --net="/run/netns/$host" -- unshare --mount --uts --propagation private \
+        /bin/sh -c "hostname '$host' && mount -t tmpfs -o size=1g,mode=1777 '$host-scratch' '$SCRATCH' \
+            && mount --bind '$STATE/hosts' /etc/hosts && echo \$\$ > '$STATE/$host.pid.new' \
+            && mv '$STATE/$host.pid.new' '$STATE/$host.pid' && exec sleep infinity" \
+        > "$STATE/$host.log" 2>&1 < /dev/null &
+    for _ in $(seq 100); do
+        alive "$STATE/$host.pid" "sleep infinity" >/dev/null && return 0
+        sleep 0.05
+    done
+    die "host $host did not start: $(cat "$STATE/$host.log")"
+}
+
+up() {
+    local n="${1:-}"
+    [[ "$n" =~ ^[0-9]+$ ]] && [ "$n" -ge 2 ] && [ "$n" -le 16 ] || die "usage: up N (2 <= N <= 16)"
+    local have
+    have="$(hosts_up)"
+    if [ "$have" != 0 ] && [ "$have" != "$n" ]; then
+        die "cluster '$NAME' has $have hosts; run 'down' first to start $n"
+    fi
+    preflight
+    mkdir -p "$STATE" "$STATE/shared"
+    chmod 1777 "$STATE/shared"
+    # Every cluster's hosts mount their /scratch on this one empty folder; the last
+    # cluster down removes it if one of them made it (USERS says which are up).
+    mkdir -p "$USERS"
+    if [ ! -d "$SCRATCH" ]; then
+        mkdir "$SCRATCH"
+        touch "$USERS/.made-scratch"
+    fi
+    touch "$USERS/$NAME"
+    {
+        echo "127.0.0.1 localhost"
+        for i in $(seq "$n"); do echo "$(host_addr "$i") $(host_name "$i")"; done
+    } > "$STATE/hosts"
+    if ! ip link show "$BRIDGE" >/dev/null 2>&1; then
+        ip link add "$BRIDGE" type bridge
+        echo "$BRIDGE" >> "$STATE/links"
+    fi
+    ip addr replace "$NET.1/24" dev "$BRIDGE"
+    ip link set "$BRIDGE" up
+    echo "$n" > "$STATE/size"
+    for i in $(seq "$n"); do start_host "$i"; done
+    write_agent
+    start_s3
+    status >/dev/null || die "cluster '$NAME' did not come up: $(status 2>&1 | tr '\n' ' ')"
+}
+
+status() {
+    local n ok=0 host
+    n="$(hosts_up)"
+    [ "$n" != 0 ] || { echo "cluster '$NAME': down"; return 1; }
+    for i in $(seq "$n"); do
+        host="$(host_name "$i")"
+        if pid="$(alive "$STATE/$host.pid" "sleep infinity")"; then
+            local link
+            link="$(ip -br link show "$NAME-v$i" 2>/dev/null | awk '{print $2}')"
+            echo "$host $(host_addr "$i") pid $pid link ${link:-missing}"
+            [ "$link" = UP ] || [ "$link" = LOWERLAYERDOWN ] || ok=1
+        else
+            echo "$host $(host_addr "$i") not running"
+            ok=1
+        fi
+    done
+    if alive "$STATE/s3.pid" moto.server >/dev/null; then
+        echo "s3 $(cat "$STATE/s3.url")"
+    else
+        echo "s3 not running"
+        ok=1
+    fi
+    return "$ok"
+}
+
+env_lines() {
+    local n hosts="" addrs=""
+    n="$(hosts_up)"
+    [ "$n" != 0 ] || die "cluster '$NAME' is down (run: $0 up N)"
+    for i in $(seq "$n"); do
+        hosts="$hosts${hosts:+ }$(host_name "$i")"
+        addrs="$addrs${addrs:+ }$(host_addr "$i")"
+    done
+    echo "export FORGE_CLUSTER_HOSTS='$hosts'"
+    echo "export FORGE_CLUSTER_ADDRS='$addrs'"
+    echo "export FORGE_CLUSTER_AGENT='$STATE/bin/agent'"
+    echo "export FORGE_CLUSTER_SHARED='$STATE/shared'"
+    echo "export FORGE_CLUSTER_S3='$(cat "$STATE/s3.url" 2>/dev/null)'"
+}
+
+stop_pid() {  # stop_pid FILE WORD: SIGTERM, then SIGKILL, the process FILE names
+    local pid
+    pid="$(alive "$1" "$2")" || { rm -f "$1"; return 0; }
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 50); do [ -d "/proc/$pid" ] || break; sleep 0.1; done
+    kill -9 "$pid" 2>/dev/null || true
+    rm -f "$1"
+}
+
+down() {
+    [ -d "$STATE" ] || return 0
+    [ "$(id -u)" = 0 ] || refuse "needs root"
+    stop_pid "$STATE/s3.pid" moto.server
+    for file in "$STATE"/*.pid; do
+        [ -e "$file" ] || continue
+        # Everything still running inside a host (a launched rank, a daemon) goes with it:
+        # the processes whose network namespace is that host's.
+        local host pid
+        host="$(basename "$file" .pid)"
+        if [ -e "/run/netns/$host" ]; then
+            for pid in $(ip netns pids "$host" 2>/dev/null); do kill -9 "$pid" 2>/dev/null || true; done
+        fi
+        stop_pid "$file" "sleep infinity"
+    done
+    if [ -f "$STATE/netns" ]; then
+        sort -u "$STATE/netns" | while read -r ns; do
+            ip netns delete "$ns" 2>/dev/null || true
+        done
+    fi
+    if [ -f "$STATE/links" ]; then
+        sort -u "$STATE/links" | while read -r link; do
+            ip link delete "$link" 2>/dev/null || true
+        done
+    fi
+    rm -f "$USERS/$NAME"
+    if [ -z "$(ls "$USERS" 2>/dev/null)" ]; then  # no cluster is left using /scratch
+        if [ -f "$USERS/.made-scratch" ]; then rmdir "$SCRATCH" 2>/dev/null || true; fi
+        rm -rf "$USERS"
+    fi
+    rm -rf "$STATE"
+}
+
+link() {  # link HOST up|down
+    local host="${1:-}" i
+    [[ "$host" =~ ^$NAME-h([0-9]+)$ ]] || die "no host '$host' in cluster '$NAME'"
+    i="${BASH_REMATCH[1]}"
+    ip link set "$NAME-v$i" "$2"
+}
+
+case "${1:-}" in
+    up) up "${2:-}" ;;
+    status) status ;;
+    env) env_lines ;;
+    down) down ;;
+    cut) link "${2:-}" down ;;
+    heal) link "${2:-}" up ;;
+    *) die "usage: $0 up N | status | env | down | cut HOST | heal HOST" ;;
+esac

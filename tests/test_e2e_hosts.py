@@ -1,0 +1,290 @@
+"""Across hosts: ranks on separate test hosts (scripts/test-cluster.sh), each with its own
+network namespace, hostname and node-local ``/scratch``; the checkpoint root on the shared
+folder or on the chief's ``/scratch``.
+
+Each rank validates on its own shard and the odd ranks' shards disagree (tests/_mpi_train.py),
+so only the synced decisions keep the ranks together.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from cluster import SCRIPT, Cluster, cluster_env, script
+from multiproc import (
+    HERE,
+    Background,
+    assert_ranks_consistent,
+    has_committed_step,
+    mpi_env,
+    read_rank_reports,
+    wait_until,
+)
+
+from forge_dist.storage import CheckpointStore
+
+pytestmark = [pytest.mark.hosts, pytest.mark.mpi]
+TRAIN = os.path.join(HERE, "_mpi_train.py")
+FORGE = os.path.join(os.path.dirname(sys.executable), "forge-dist")
+COMMON = ["--patience", "2", "--epochs", "8"]
+QUICK = {"FORGE_DIST_TIMEOUT": "60"}
+MWMS_ARGS = ["--epochs", "5", "--patience", "2"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = Cluster.start("fdt", "10.77.9", 4)
+    yield c
+    done = c.stop()
+    assert done.returncode == 0, done.stderr
+
+
+def train(cluster: Cluster, hosts: list[str], root: str, out: Path, *extra, env=None, ok=True):
+    run = cluster.mpirun(
+        hosts, [TRAIN, "--root", root, "--out", str(out), *extra], {**QUICK, **(env or {})}
+    )
+    if ok:
+        assert run.returncode == 0, run.output[-4000:]
+    return run, read_rank_reports(os.path.join(out, "rank-{rank}.json"), len(hosts), not ok)
+
+
+def assert_only_the_chief_wrote(cluster: Cluster, hosts: list[str], reports: list[dict]) -> None:
+    assert [r["host"] for r in reports] == hosts, "one rank on each host, in order"
+    for host in hosts[1:]:
+        assert cluster.files_on(host) == [], f"{host} is not the chief but wrote to /scratch"
+    for r in reports[1:]:
+        assert r["touched"] == [], (r["rank"], r["touched"][:5])
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_ranks_on_separate_hosts_agree_with_the_root_on_the_shared_folder(cluster, tmp_path, n):
+    hosts = cluster.hosts[:n]
+    root = cluster.shared / f"run-{n}"
+    _, reports = train(cluster, hosts, str(root), tmp_path / "out", *COMMON)
+    assert_only_the_chief_wrote(cluster, hosts, reports)
+    for r in reports[1:]:
+        assert_ranks_consistent(reports[0], r, str(root), epochs=8)
+    assert {c.manifest.writer["host"] for c in CheckpointStore(str(root)).list()} == {hosts[0]}
+
+
+def test_a_root_on_the_chiefs_node_local_disk_resumes_exactly(cluster, tmp_path):
+    """The chief reads the step from its own /scratch and broadcasts it: the other host
+    never has the folder at all."""
+    hosts = cluster.hosts[:2]
+    _, whole = train(cluster, hosts, "/scratch/whole", tmp_path / "a", *COMMON)
+    killed, _ = train(
+        cluster,
+        hosts,
+        "/scratch/split",
+        tmp_path / "b",
+        *COMMON,
+        "--kill-rank0-after-epoch",
+        "0",
+        ok=False,
+    )
+    assert killed.returncode != 0
+    split = cluster.scratch(hosts[0]) / "split"
+    assert CheckpointStore(str(split)).steps() == [8]
+    _, resumed = train(cluster, hosts, "/scratch/split", tmp_path / "c", *COMMON, "--resume")
+    assert_only_the_chief_wrote(cluster, hosts, resumed)
+    b0, b1 = resumed
+    assert b0["resumed_from_step"] == b1["resumed_from_step"] == 8
+    assert any("step-00000008" in t for t in b0["touched"]), "the chief read the step"
+    assert b0["fingerprints"] == b1["fingerprints"] == whole[0]["fingerprints"][1:]
+    assert b0["final_fingerprint"] == b1["final_fingerprint"] == whole[0]["final_fingerprint"]
+    assert b0["stopped_epoch"] == whole[0]["stopped_epoch"] > 0
+    verify = cluster.run(hosts[0], [FORGE, "verify", "/scratch/split", "--all"])
+    assert verify.returncode == 0, verify.output
+
+
+def test_the_cluster_comes_up_isolated_and_goes_down_leaving_nothing(tmp_path):
+    """Its own two-host cluster, beside the module's: what `up` makes, and that `down`
+    removes every namespace, link, process, mount and file it made."""
+    c = Cluster.start("fdz", "10.77.8", 2)
+    try:
+        a, b = c.hosts
+        status = script(c.env, "status")
+        assert status.returncode == 0, status.stdout + status.stderr
+        # Each host: its own name, its own /scratch; the shared folder is the same.
+        said = c.run(a, ["sh", "-c", "hostname; echo a > /scratch/mine"])
+        assert said.returncode == 0 and said.output.split() == [a], said.output
+        assert c.run(b, ["hostname"]).output.split() == [b]
+        assert c.files_on(a) == ["mine"] and c.files_on(b) == []
+        probe = (
+            "import socket, sys, urllib.request;"
+            "print(socket.gethostbyname(sys.argv[1]));"
+            "print(urllib.request.urlopen(sys.argv[2], timeout=10).status)"
+        )
+        seen = c.run(b, [sys.executable, "-c", probe, a, c.s3])
+        assert seen.output.split() == [c.addrs[0], "200"], seen.output
+        (c.shared / "from-outside").write_text("x")
+        listed = c.run(a, ["ls", str(c.shared)])
+        assert listed.output.split() == ["from-outside"], listed.output
+        # `up` again is a no-op: the same holders.
+        pids = [c.pid(h) for h in c.hosts]
+        again = script(c.env, "up", "2")
+        assert again.returncode == 0, again.stderr
+        assert [c.pid(h) for h in c.hosts] == pids
+        # A host whose link is cut cannot reach the others; healed, it can again.
+        c.link(b, up=False)
+        cut = c.run(b, [sys.executable, "-c", probe, a, c.s3], bound_s=60)
+        assert cut.returncode != 0
+        c.link(b, up=True)
+        assert c.run(b, [sys.executable, "-c", probe, a, c.s3]).returncode == 0
+        wrong = script(c.env, "up", "3")
+        assert wrong.returncode == 2 and "down" in wrong.stderr
+    finally:
+        done = c.stop()
+    assert done.returncode == 0, done.stderr
+    names = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    assert "fdz-" not in names
+    spaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert "fdz-" not in spaces
+    assert all(gone(p) for p in pids)
+    assert not os.path.exists("/tmp/forge-cluster-fdz")
+
+
+def gone(pid: int) -> bool:
+    """Not running: no such process, or one that has exited (a zombie until this
+    machine's init reaps the orphan)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_the_cluster_refuses_clearly_without_root():
+    env = cluster_env("fdy", "10.77.7")
+    done = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", SCRIPT, "up", "2"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert done.returncode == 3, done.stderr
+    assert "needs root" in done.stderr
+
+
+def test_a_host_cut_off_mid_epoch_ends_every_rank_naming_it_and_resume_is_exact(cluster, tmp_path):
+    """The third host's link goes down after the first committed step: the ranks on the
+    other hosts end within the deadline, each naming rank 2 and its host; nothing partial
+    is committed; healed and resumed, the job ends where an uninterrupted one ends."""
+    hosts = cluster.hosts[:3]
+    args = ["--epochs", "3", "--patience", "100", "--samples", "2048"]
+    cut_env = {"FORGE_DIST_TIMEOUT": "20"}
+    _, whole = train(cluster, hosts, str(cluster.shared / "whole"), tmp_path / "a", *args)
+    root = cluster.shared / "cut"
+    cmd, env = cluster.mpirun_cmd(
+        hosts, [TRAIN, "--root", str(root), "--out", str(tmp_path / "b"), *args], cut_env
+    )
+    job = Background(cmd, env)
+    out = tmp_path / "b"
+    try:
+        wait_until(lambda: has_committed_step(root), 240, "a committed step", job)
+        cluster.link(hosts[2], up=False)
+        cut_at = time.time()
+        # The ranks end on their own; mpirun (PRRTE) waits on its daemon on the cut host
+        # until the link is back, so it is waited for after the heal.
+        said = lambda: all((out / f"rank-{r}.json").exists() for r in (0, 1))  # noqa: E731
+        wait_until(said, 120, "the survivors' reports", job)
+        reports = {r["rank"]: r for r in read_rank_reports(out / "rank-{rank}.json", 3, True)}
+        wait_until(lambda: gone(reports[0]["pid"]) and gone(reports[1]["pid"]), 60, "their end")
+        ended_at = time.time()
+    finally:
+        cluster.link(hosts[2], up=True)
+    ended = job.wait(600)
+    assert ended.returncode != 0
+    for rank in (0, 1):
+        error = reports[rank]["error"]
+        assert f"rank(s) 2 did not answer (on host {hosts[2]})" in error, (error, ended.output)
+        # Said within the deadline (20 s), the roll call (5 s) and the rest of the epoch
+        # it was in, never by waiting out the launcher.
+        assert reports[rank]["error_at"] - cut_at < 45, reports[rank]
+    assert ended_at - cut_at < 60
+    steps = CheckpointStore(str(root)).steps()
+    assert steps, "the step committed before the cut is kept"
+    verify = subprocess.run([FORGE, "verify", str(root), "--all"], capture_output=True, text=True)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    _, resumed = train(cluster, hosts, str(root), tmp_path / "c", *args, "--resume")
+    assert {r["resumed_from_step"] for r in resumed} == {steps[-1]}
+    assert {r["final_fingerprint"] for r in resumed} == {whole[0]["final_fingerprint"]}
+
+
+def test_a_requeue_onto_other_hosts_refuses_to_start_over_from_a_node_local_root(cluster, tmp_path):
+    """The first attempt wrote to /scratch on its chief's host; the requeued attempt
+    (SLURM_RESTART_COUNT=1) lands on two other hosts, where /scratch/requeue is empty.
+    Every rank fails naming the root, the chief's host and the node-local cause; allowed
+    a fresh start, it trains from the beginning."""
+    first, again = cluster.hosts[:2], cluster.hosts[2:4]
+    train(cluster, first, "/scratch/requeue", tmp_path / "a", *COMMON)
+    assert CheckpointStore(str(cluster.scratch(first[0]) / "requeue")).steps()
+    requeued = {"SLURM_RESTART_COUNT": "1"}
+    run, reports = train(
+        cluster,
+        again,
+        "/scratch/requeue",
+        tmp_path / "b",
+        *COMMON,
+        "--resume",
+        env=requeued,
+        ok=False,
+    )
+    assert run.returncode != 0
+    assert [r["rank"] for r in reports] == [0, 1], run.output[-3000:]
+    for r in reports:
+        assert "ConfigurationError" in r["error"] and "SLURM_RESTART_COUNT=1" in r["error"]
+        assert f"/scratch/requeue does not exist on {again[0]} (the chief)" in r["error"]
+        assert "tmpfs mounted at /scratch, local to this node" in r["error"], r["error"]
+    assert cluster.files_on(again[0]) == [] and cluster.files_on(again[1]) == []
+    allowed = {**requeued, "FORGE_DIST_ALLOW_FRESH_START": "1"}
+    _, fresh = train(
+        cluster, again, "/scratch/requeue", tmp_path / "c", *COMMON, "--resume", env=allowed
+    )
+    assert {r.get("resumed_from_step") for r in fresh} == {None}
+    assert CheckpointStore(str(cluster.scratch(again[0]) / "requeue")).steps()
+
+
+LAUNCH_MWMS = os.path.join(os.path.dirname(HERE), "scripts", "launch_mwms.sh")
+
+
+def mwms(cluster: Cluster, hosts: list[str], root: str, report: str, *extra: str) -> list[dict]:
+    """scripts/launch_mwms.sh with one TF_CONFIG worker per host, started by the agent."""
+    pytest.importorskip("tf_keras", reason="tf_keras is in the [tf] extra")
+    env = {
+        "FORGE_HOSTS": " ".join(hosts),
+        "FORGE_AGENT": cluster.agent,
+        "PYTHON_OVERRIDE": sys.executable,
+        "FORGE_DIST_TIMEOUT": "120",
+    }
+    cmd = [LAUNCH_MWMS, "--checkpoint-dir", root, "--report", report, *extra]
+    run = Background(cmd, mpi_env(env)).wait(300)
+    assert run.returncode == 0, run.output[-4000:]
+    return read_rank_reports(report, len(hosts))
+
+
+def test_multi_worker_mirrored_strategy_across_hosts_has_one_writer_and_resumes(cluster, tmp_path):
+    """Two TF_CONFIG workers on two hosts, addressed by host name; the root in the shared
+    folder. Same weights and decisions, only the chief's host writes, and a resume ends
+    where the uninterrupted run ends."""
+    hosts = cluster.hosts[:2]
+    whole = cluster.shared / "mwms-whole"
+    w0, w1 = mwms(cluster, hosts, str(whole), str(tmp_path / "w-{rank}.json"), *MWMS_ARGS)
+    assert [w0["host"], w1["host"]] == hosts and w0["backend"] == "tf" and w0["size"] == 2
+    assert w0["fingerprint"] == w1["fingerprint"]
+    assert w0["stopped_epoch"] == w1["stopped_epoch"] and w0["best_epoch"] == w1["best_epoch"]
+    assert w1["touched_root"] == 0 and w0["touched_root"] > 0
+    assert cluster.files_on(hosts[1]) == []
+    assert {c.manifest.writer["host"] for c in CheckpointStore(str(whole)).list()} == {hosts[0]}
+    split = cluster.shared / "mwms-split"
+    mwms(cluster, hosts, str(split), str(tmp_path / "a-{rank}.json"), "--epochs", "2")
+    r0, r1 = mwms(
+        cluster, hosts, str(split), str(tmp_path / "b-{rank}.json"), *MWMS_ARGS, "--resume"
+    )
+    assert r0["resumed_step"] == r1["resumed_step"] is not None
+    assert r0["fingerprint"] == r1["fingerprint"] == w0["fingerprint"]
