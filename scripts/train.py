@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import json
 import os
+import socket
 import sys
 
 from forge_dist.preemption import Preempted, catch_early
@@ -305,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         report = {
             "rank": rank,
             "pid": os.getpid(),
+            "host": socket.gethostname(),
             "size": size,
             "backend": comm.backend,
             "keras": _compat.FLAVOR,
