@@ -20,6 +20,12 @@
 #   FORGE_CLUSTER_SHARED  the shared folder
 #   FORGE_CLUSTER_S3      the S3 endpoint's URL (any bucket name; moto creates on demand)
 #   FORGE_CLUSTER_ADDRS   the hosts' addresses, in the order of FORGE_CLUSTER_HOSTS
+#   FORGE_CLUSTER_SSH     1 when every host runs an sshd (for launchers that use ssh, as
+#                         horovodrun does): inside a host, `ssh OTHER-HOST` logs in as
+#                         root with the cluster's own key (an ssh_config bound over
+#                         /etc/ssh/ssh_config in each host); openssh-server is installed
+#                         through apt-get when missing. FORGE_CLUSTER_SSH=0 before `up`
+#                         starts none.
 #
 # FORGE_CLUSTER_NAME (default fdc) prefixes every name made here: namespaces, links, the
 # state folder /tmp/forge-cluster-NAME (FORGE_CLUSTER_STATE overrides it); two clusters
@@ -129,7 +135,9 @@ start_host() {  # start_host I
     # agent enters. Its mounts (/scratch, /etc/hosts) exist only in that mount namespace.
     setsid nsenter --net="/run/netns/$host" -- unshare --mount --uts --propagation private \
         /bin/sh -c "hostname '$host' && mount -t tmpfs -o size=1g,mode=1777 '$host-scratch' '$SCRATCH' \
-            && mount --bind '$STATE/hosts' /etc/hosts && echo \$\$ > '$STATE/$host.pid.new' \
+            && mount --bind '$STATE/hosts' /etc/hosts \
+            && { [ ! -f '$STATE/ssh/ssh_config' ] || mount --bind '$STATE/ssh/ssh_config' /etc/ssh/ssh_config; } \
+            && echo \$\$ > '$STATE/$host.pid.new' \
             && mv '$STATE/$host.pid.new' '$STATE/$host.pid' && exec sleep infinity" \
         > "$STATE/$host.log" 2>&1 < /dev/null &
     for _ in $(seq 100); do
@@ -137,6 +145,70 @@ start_host() {  # start_host I
         sleep 0.05
     done
     die "host $host did not start: $(cat "$STATE/$host.log")"
+}
+
+want_ssh() { [ "${FORGE_CLUSTER_SSH:-1}" != 0 ]; }
+
+# The cluster's own keys and client configuration, made before the hosts start (each
+# host binds the ssh_config over /etc/ssh/ssh_config in its mount namespace).
+ssh_keys() {  # ssh_keys N
+    want_ssh && [ -f /etc/ssh/ssh_config ] || return 0
+    local dir="$STATE/ssh"
+    mkdir -p "$dir" && chmod 700 "$dir"
+    [ -f "$dir/id_ed25519" ] || ssh-keygen -q -t ed25519 -N "" -C "forge-cluster-$NAME" -f "$dir/id_ed25519"
+    [ -f "$dir/host_ed25519" ] || ssh-keygen -q -t ed25519 -N "" -C "$NAME-host" -f "$dir/host_ed25519"
+    cp "$dir/id_ed25519.pub" "$dir/authorized_keys"
+    for i in $(seq "$1"); do
+        echo "$(host_name "$i"),$(host_addr "$i") $(cut -d' ' -f1-2 "$dir/host_ed25519.pub")"
+    done > "$dir/known_hosts"
+    cat > "$dir/ssh_config" <<CONFIG
+# Written by scripts/test-cluster.sh for the hosts of cluster '$NAME'.
+Host *
+    IdentityFile $dir/id_ed25519
+    UserKnownHostsFile $dir/known_hosts
+    StrictHostKeyChecking yes
+    BatchMode yes
+    ConnectTimeout 10
+CONFIG
+    cat > "$dir/sshd_config" <<CONFIG
+# Written by scripts/test-cluster.sh: one sshd per host of cluster '$NAME', root by key only.
+HostKey $dir/host_ed25519
+AuthorizedKeysFile $dir/authorized_keys
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+StrictModes no
+PrintMotd no
+CONFIG
+}
+
+# One sshd per host, listening on the host's address; installs openssh-server first
+# when it is missing. Its pid file is under $STATE/ssh; `down` kills it with the host.
+start_sshd() {  # start_sshd N
+    want_ssh || return 0
+    if ! [ -x /usr/sbin/sshd ]; then
+        command -v apt-get >/dev/null || die "no sshd here (install openssh-server, or FORGE_CLUSTER_SSH=0)"
+        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+            --no-install-recommends openssh-server; } >&2 || die "could not install openssh-server"
+    fi
+    [ -f "$STATE/ssh/sshd_config" ] || die "no ssh configuration (is /etc/ssh/ssh_config missing?)"
+    if [ ! -d /run/sshd ]; then  # sshd's privilege separation folder; the last down removes it
+        mkdir -p /run/sshd
+        touch "$USERS/.made-run-sshd"
+    fi
+    local host pidfile
+    for i in $(seq "$1"); do
+        host="$(host_name "$i")"
+        pidfile="$STATE/ssh/$host.sshd.pid"
+        alive "$pidfile" sshd >/dev/null && continue
+        "$STATE/bin/agent" "$host" /usr/sbin/sshd -f "$STATE/ssh/sshd_config" \
+            -o "ListenAddress=$(host_addr "$i")" -o "PidFile=$pidfile" \
+            -E "$STATE/ssh/$host.sshd.log" || die "sshd did not start on $host"
+        for _ in $(seq 100); do alive "$pidfile" sshd >/dev/null && break; sleep 0.05; done
+        alive "$pidfile" sshd >/dev/null || die "sshd did not start on $host: $(tail -3 "$STATE/ssh/$host.sshd.log")"
+    done
+    echo 1 > "$STATE/ssh/up"
 }
 
 up() {
@@ -169,9 +241,11 @@ up() {
     ip addr replace "$NET.1/24" dev "$BRIDGE"
     ip link set "$BRIDGE" up
     echo "$n" > "$STATE/size"
+    ssh_keys "$n"
     for i in $(seq "$n"); do start_host "$i"; done
     write_agent
     start_s3
+    start_sshd "$n"
     status >/dev/null || die "cluster '$NAME' did not come up: $(status 2>&1 | tr '\n' ' ')"
 }
 
@@ -186,6 +260,10 @@ status() {
             link="$(ip -br link show "$NAME-v$i" 2>/dev/null | awk '{print $2}')"
             echo "$host $(host_addr "$i") pid $pid link ${link:-missing}"
             [ "$link" = UP ] || [ "$link" = LOWERLAYERDOWN ] || ok=1
+            if [ -f "$STATE/ssh/up" ] && ! alive "$STATE/ssh/$host.sshd.pid" sshd >/dev/null; then
+                echo "$host sshd not running"
+                ok=1
+            fi
         else
             echo "$host $(host_addr "$i") not running"
             ok=1
@@ -213,6 +291,7 @@ env_lines() {
     echo "export FORGE_CLUSTER_AGENT='$STATE/bin/agent'"
     echo "export FORGE_CLUSTER_SHARED='$STATE/shared'"
     echo "export FORGE_CLUSTER_S3='$(cat "$STATE/s3.url" 2>/dev/null)'"
+    echo "export FORGE_CLUSTER_SSH='$([ -f "$STATE/ssh/up" ] && echo 1 || echo 0)'"
 }
 
 stop_pid() {  # stop_pid FILE WORD: SIGTERM, then SIGKILL, the process FILE names
@@ -252,6 +331,7 @@ down() {
     rm -f "$USERS/$NAME"
     if [ -z "$(ls "$USERS" 2>/dev/null)" ]; then  # no cluster is left using /scratch
         if [ -f "$USERS/.made-scratch" ]; then rmdir "$SCRATCH" 2>/dev/null || true; fi
+        if [ -f "$USERS/.made-run-sshd" ]; then rmdir /run/sshd 2>/dev/null || true; fi
         rm -rf "$USERS"
     fi
     rm -rf "$STATE"

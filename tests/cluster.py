@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from multiproc import Background, Run, mpi_env, need_mpi
+from multiproc import Background, Run, horovodrun_path, mpi_env, need_mpi
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(os.path.dirname(HERE), "scripts", "test-cluster.sh")
@@ -42,6 +42,7 @@ class Cluster:
     agent: str
     shared: Path
     s3: str
+    ssh: bool  # every host runs an sshd (horovodrun needs it)
 
     @classmethod
     def start(cls, name: str, net: str, n: int) -> Cluster:
@@ -67,6 +68,7 @@ class Cluster:
             agent=values["FORGE_CLUSTER_AGENT"],
             shared=Path(values["FORGE_CLUSTER_SHARED"]),
             s3=values["FORGE_CLUSTER_S3"],
+            ssh=values.get("FORGE_CLUSTER_SSH") == "1",
         )
 
     def stop(self) -> subprocess.CompletedProcess:
@@ -76,6 +78,11 @@ class Cluster:
         """The process that holds ``host``'s namespaces."""
         state = Path(self.agent).parent.parent
         return int((state / f"{host}.pid").read_text())
+
+    def sshd_pids(self) -> list[int]:
+        """Every host's sshd (none when the cluster runs none)."""
+        state = Path(self.agent).parent.parent
+        return [int((state / "ssh" / f"{h}.sshd.pid").read_text()) for h in self.hosts if self.ssh]
 
     def scratch(self, host: str) -> Path:
         """``host``'s node-local /scratch, seen from outside it."""
@@ -123,6 +130,29 @@ class Cluster:
     ) -> Run:
         cmd, env = self.mpirun_cmd(hosts, args, env_extra)
         return Background(cmd, env).wait(bound_s)
+
+    def horovodrun(
+        self,
+        hosts: list[str],
+        args: list[str],
+        env_extra: dict[str, str] | None = None,
+        bound_s: float = 300,
+    ) -> Run:
+        """``horovodrun --gloo -H A:1,B:1,...`` started on the first host; it reaches the
+        others with ssh, as on a real cluster (the cluster's sshd and key)."""
+        if not self.ssh:
+            pytest.skip("the test hosts run no sshd (FORGE_CLUSTER_SSH=0): horovodrun needs ssh")
+        cmd = [
+            horovodrun_path(),
+            "-np",
+            str(len(hosts)),
+            "-H",
+            ",".join(f"{h}:1" for h in hosts),
+            "--gloo",
+            sys.executable,
+            *args,
+        ]
+        return Background(self.on(hosts[0], cmd), mpi_env(env_extra)).wait(bound_s)
 
     def files_on(self, host: str) -> list[str]:
         """Every file and folder under ``host``'s /scratch, relative to it."""

@@ -44,9 +44,22 @@ def cluster():
     assert done.returncode == 0, done.stderr
 
 
-def train(cluster: Cluster, hosts: list[str], root: str, out: Path, *extra, env=None, ok=True):
-    run = cluster.mpirun(
-        hosts, [TRAIN, "--root", root, "--out", str(out), *extra], {**QUICK, **(env or {})}
+def train(
+    cluster: Cluster,
+    hosts: list[str],
+    root: str,
+    out: Path,
+    *extra,
+    env=None,
+    ok=True,
+    launcher="mpirun",
+):
+    launch = cluster.mpirun if launcher == "mpirun" else cluster.horovodrun
+    backend = ["--backend", "auto"] if launcher == "horovodrun" else []
+    run = launch(
+        hosts,
+        [TRAIN, "--root", root, "--out", str(out), *backend, *extra],
+        {**QUICK, **(env or {})},
     )
     if ok:
         assert run.returncode == 0, run.output[-4000:]
@@ -61,11 +74,16 @@ def assert_only_the_chief_wrote(cluster: Cluster, hosts: list[str], reports: lis
         assert r["touched"] == [], (r["rank"], r["touched"][:5])
 
 
+@pytest.mark.parametrize("launcher", ["mpirun", "horovodrun"])
 @pytest.mark.parametrize("n", [2, 4])
-def test_ranks_on_separate_hosts_agree_with_the_root_on_the_shared_folder(cluster, tmp_path, n):
+def test_ranks_on_separate_hosts_agree_with_the_root_on_the_shared_folder(
+    cluster, tmp_path, n, launcher
+):
     hosts = cluster.hosts[:n]
-    root = cluster.shared / f"run-{n}"
-    _, reports = train(cluster, hosts, str(root), tmp_path / "out", *COMMON)
+    root = cluster.shared / f"run-{launcher}-{n}"
+    _, reports = train(cluster, hosts, str(root), tmp_path / "out", *COMMON, launcher=launcher)
+    want = "horovod" if launcher == "horovodrun" else "mpi"
+    assert [r["backend"] for r in reports] == [want] * n
     assert_only_the_chief_wrote(cluster, hosts, reports)
     for r in reports[1:]:
         assert_ranks_consistent(reports[0], r, str(root), epochs=8)
@@ -125,11 +143,15 @@ def test_the_cluster_comes_up_isolated_and_goes_down_leaving_nothing(tmp_path):
         (c.shared / "from-outside").write_text("x")
         listed = c.run(a, ["ls", str(c.shared)])
         assert listed.output.split() == ["from-outside"], listed.output
+        # Each host runs an sshd that takes the cluster's key (horovodrun logs in so).
+        if c.ssh:
+            login = c.run(a, ["ssh", b, "hostname"])
+            assert login.returncode == 0 and login.output.split() == [b], login.output
         # `up` again is a no-op: the same holders.
-        pids = [c.pid(h) for h in c.hosts]
+        pids = [c.pid(h) for h in c.hosts] + c.sshd_pids()
         again = script(c.env, "up", "2")
         assert again.returncode == 0, again.stderr
-        assert [c.pid(h) for h in c.hosts] == pids
+        assert [c.pid(h) for h in c.hosts] + c.sshd_pids() == pids
         # A host whose link is cut cannot reach the others; healed, it can again.
         c.link(b, up=False)
         cut = c.run(b, [sys.executable, "-c", probe, a, c.s3], bound_s=60)
