@@ -29,6 +29,13 @@ ap.add_argument("--kill-rank0-after-epoch", type=int, default=None)
 ap.add_argument("--kill-rank1-at-epoch", type=int, default=None)
 ap.add_argument("--kill-rank", type=int, default=1, help="which rank --kill-rank1-at-epoch kills")
 ap.add_argument("--stop-rank1-at-epoch", type=int, default=None, help="SIGSTOP: a hung rank")
+ap.add_argument(
+    "--hold-save-at-epoch",
+    type=int,
+    default=None,
+    help="the chief stops inside the save after this epoch (a file written, no manifest "
+    "yet), says so in OUT/holding, and waits to be killed",
+)
 ap.add_argument("--resume", action="store_true")
 ap.add_argument("--bad", default=None, help="a misconfiguration to construct")
 ap.add_argument("--bad-rank", type=int, default=None, help="--bad on this rank only")
@@ -138,6 +145,14 @@ def failed(error: Exception) -> None:
     save_record()
 
 
+def hold_in_save(point: str) -> None:
+    if point.startswith("file-written:"):
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "holding"), "w") as f:
+            f.write(point)
+        signal.pause()  # until the test kills this host
+
+
 class Recorder(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         record["fingerprints"].append(_compat.weights_fingerprint(self.model.get_weights()))
@@ -149,6 +164,10 @@ class Recorder(keras.callbacks.Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
     def on_epoch_begin(self, epoch, logs=None):
+        if args.hold_save_at_epoch == epoch and rank == 0:
+            from forge_dist.storage import _faults
+
+            _faults.hook = hold_in_save
         if args.kill_rank1_at_epoch == epoch and rank == args.kill_rank:
             os.kill(os.getpid(), signal.SIGKILL)
         if args.stop_rank1_at_epoch == epoch and rank == 1:

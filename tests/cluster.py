@@ -3,8 +3,10 @@ are network, mount and UTS namespaces on this machine, each with its own ``/scra
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -16,6 +18,15 @@ from multiproc import Background, Run, horovodrun_path, mpi_env, need_mpi
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(os.path.dirname(HERE), "scripts", "test-cluster.sh")
 REFUSED = 3  # test-cluster.sh: this machine cannot host the cluster
+
+
+def gone(pid: int) -> bool:
+    """Not running: no such process, or one that has exited (a zombie until this
+    machine's init reaps the orphan)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
 
 
 def cluster_env(name: str, net: str) -> dict[str, str]:
@@ -83,6 +94,23 @@ class Cluster:
         """Every host's sshd (none when the cluster runs none)."""
         state = Path(self.agent).parent.parent
         return [int((state / "ssh" / f"{h}.sshd.pid").read_text()) for h in self.hosts if self.ssh]
+
+    def processes_on(self, host: str) -> list[int]:
+        """What runs on ``host`` besides the cluster's own holder and sshd."""
+        pids = subprocess.run(
+            ["ip", "netns", "pids", host], capture_output=True, text=True, check=True
+        ).stdout.split()
+        own = {self.pid(host), *self.sshd_pids()}
+        return [int(p) for p in pids if int(p) not in own and not gone(int(p))]
+
+    def kill_host(self, host: str) -> list[int]:
+        """SIGKILL everything running on ``host`` (as when a node dies), the holder and
+        sshd aside; the pids killed."""
+        pids = self.processes_on(host)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        return pids
 
     def scratch(self, host: str) -> Path:
         """``host``'s node-local /scratch, seen from outside it."""

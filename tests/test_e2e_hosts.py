@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from cluster import SCRIPT, Cluster, cluster_env, script
+from cluster import SCRIPT, Cluster, cluster_env, gone, script
 from multiproc import (
     HERE,
     Background,
@@ -171,15 +171,6 @@ def test_the_cluster_comes_up_isolated_and_goes_down_leaving_nothing(tmp_path):
     assert not os.path.exists("/tmp/forge-cluster-fdz")
 
 
-def gone(pid: int) -> bool:
-    """Not running: no such process, or one that has exited (a zombie until this
-    machine's init reaps the orphan)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
-
-
 def test_the_cluster_refuses_clearly_without_root():
     env = cluster_env("fdy", "10.77.7")
     done = subprocess.run(
@@ -310,3 +301,33 @@ def test_multi_worker_mirrored_strategy_across_hosts_has_one_writer_and_resumes(
     )
     assert r0["resumed_step"] == r1["resumed_step"] is not None
     assert r0["fingerprint"] == r1["fingerprint"] == w0["fingerprint"]
+
+
+def test_a_host_killed_during_a_save_leaves_no_partial_step_and_resume_is_exact(cluster, tmp_path):
+    """Every process on the chief's host SIGKILLed while it is inside a save (a file of
+    the step written, no manifest yet), as when a node dies: the other host's rank ends,
+    no partial step is visible, and the job resumes from the previous step exactly."""
+    hosts = cluster.hosts[:2]
+    args = ["--epochs", "4", "--patience", "100"]
+    _, whole = train(cluster, hosts, str(cluster.shared / "kill-whole"), tmp_path / "a", *args)
+    root, out = cluster.shared / "kill", tmp_path / "b"
+    cmd, env = cluster.mpirun_cmd(
+        hosts,
+        [TRAIN, "--root", str(root), "--out", str(out), *args, "--hold-save-at-epoch", "2"],
+        QUICK,
+    )
+    job = Background(cmd, env)
+    wait_until(lambda: (out / "holding").exists(), 240, "the chief inside its save", job)
+    committed = CheckpointStore(str(root)).steps()
+    assert committed == [8, 16]
+    assert cluster.kill_host(hosts[0])
+    job.wait(60)
+    wait_until(lambda: cluster.processes_on(hosts[1]) == [], 60, "the end of the other rank")
+    store = CheckpointStore(str(root))
+    assert store.steps() == committed, "no partial step is visible"
+    assert any(".tmp-" in p.name for p in root.iterdir()), "the torn save's staging is left"
+    verify = subprocess.run([FORGE, "verify", str(root), "--all"], capture_output=True, text=True)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    _, resumed = train(cluster, hosts, str(root), tmp_path / "c", *args, "--resume")
+    assert {r["resumed_from_step"] for r in resumed} == {16}
+    assert {r["final_fingerprint"] for r in resumed} == {whole[0]["final_fingerprint"]}
