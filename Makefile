@@ -32,6 +32,7 @@ bench: setup
 	$(PY) benchmarks/bench_store.py
 	$(PY) benchmarks/bench_save.py
 	$(PY) benchmarks/bench_keras.py
+	$(PY) benchmarks/bench_hosts.py
 	$(PY) benchmarks/report.py
 
 clean:

@@ -93,7 +93,40 @@ def save_rows(save: dict) -> list[Row]:
     return out
 
 
-def rows(store: dict, keras: dict, save: dict | None = None) -> list[Row]:
+def host_rows(hosts: dict) -> list[Row]:
+    """Across test hosts (benchmarks/bench_hosts.py)."""
+    out: list[Row] = []
+    for n, e in sorted((hosts.get("epoch_sync") or {}).get("by_ranks", {}).items()):
+        out.append(
+            Row(
+                "5. across test hosts (network namespaces, in-memory bridge)",
+                f"`SyncMetrics` + `SyncEarlyStopping` per epoch, one rank on each of {n} hosts",
+                f"the same {n} ranks in one namespace",
+                _ms(e["hosts_ms"]),
+                _ms(e["local_ms"]),
+                e["ratio"],
+                "protocol cost only",
+            )
+        )
+    if "bytes_per_save" in hosts:
+        b = hosts["bytes_per_save"]
+        out.append(
+            Row(
+                "5. across test hosts (network namespaces, in-memory bridge)",
+                "bytes per save on the non-chief host's `/scratch`",
+                "on the chief's host",
+                f"{b['other']:.0f} B",
+                f"{b['chief']:.0f} B",
+                b["other"] / b["chief"] if b["chief"] else float("nan"),
+                "0",
+            )
+        )
+    return out
+
+
+def rows(
+    store: dict, keras: dict, save: dict | None = None, hosts: dict | None = None
+) -> list[Row]:
     out: list[Row] = save_rows(save or {})
     storage = [
         # group, results, (ours, baseline, baseline's name) for the commit, then for verify
@@ -193,6 +226,7 @@ def rows(store: dict, keras: dict, save: dict | None = None) -> list[Row]:
                 "≤ 1.1",
             )
         )
+    out.extend(host_rows(hosts or {}))
     return out
 
 
@@ -303,15 +337,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out-dir", default=HERE, help="where results.{json,md,png} go")
     args = ap.parse_args(argv)
     store, keras = _load(args.in_dir, "store"), _load(args.in_dir, "keras")
-    save = _load(args.in_dir, "save")
-    if not store and not keras and not save:
+    save, hosts = _load(args.in_dir, "save"), _load(args.in_dir, "hosts")
+    if not store and not keras and not save and not hosts:
         print(f"no benchmark output in {args.in_dir}: run `make bench`", file=sys.stderr)
         return 2
     machine = (
         keras.get("machine") or store.get("machine") or save.get("machine") or platform.machine()
     )
     date = datetime.date.today().isoformat()
-    table = rows(store, keras, save)
+    table = rows(store, keras, save, hosts)
     with open(os.path.join(args.out_dir, "results.json"), "w") as f:
         json.dump(
             {
@@ -321,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
                 "store": store,
                 "keras": keras,
                 "save": save,
+                "hosts": hosts,
             },
             f,
             indent=2,

@@ -78,3 +78,27 @@ def test_report_names_every_baseline_and_ratio(tmp_path):
 def test_report_without_outputs_says_how_to_make_them(tmp_path, capsys):
     assert report.main(["--in-dir", str(tmp_path), "--out-dir", str(tmp_path)]) == 2
     assert "make bench" in capsys.readouterr().err
+
+
+def test_report_has_the_rows_across_hosts(tmp_path):
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    out.mkdir()
+    hosts = {
+        "epoch_sync": {
+            "by_ranks": {
+                "2": {"hosts_ms": 3.0, "local_ms": 2.0, "ratio": 1.5},
+                "4": {"hosts_ms": 8.0, "local_ms": 4.0, "ratio": 2.0},
+            }
+        },
+        "bytes_per_save": {"chief": 90_000.0, "other": 0.0},
+    }
+    (src / "hosts.json").write_text(json.dumps(hosts))
+    assert report.main(["--in-dir", str(src), "--out-dir", str(out)]) == 0
+    table = json.loads((out / "results.json").read_text())["table"]
+    assert [(r["measure"].split(",")[-1], r["ratio"]) for r in table] == [
+        (" one rank on each of 2 hosts", 1.5),
+        (" one rank on each of 4 hosts", 2.0),
+        ("bytes per save on the non-chief host's `/scratch`", 0.0),
+    ]
+    assert "the same 4 ranks in one namespace" in (out / "results.md").read_text()
