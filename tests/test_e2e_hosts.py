@@ -172,14 +172,25 @@ def test_the_cluster_comes_up_isolated_and_goes_down_leaving_nothing(tmp_path):
 
 
 def test_the_cluster_refuses_clearly_without_root():
-    env = cluster_env("fdy", "10.77.7")
-    done = subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", SCRIPT, "up", "2"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
+    # A copy that user "nobody" can read: the checkout may sit in a folder only root can enter.
+    import shutil
+    import tempfile
+
+    fd, copy = tempfile.mkstemp(prefix="test-cluster-", suffix=".sh", dir="/tmp")
+    os.close(fd)
+    try:
+        shutil.copyfile(SCRIPT, copy)
+        os.chmod(copy, 0o755)
+        done = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", copy, "up", "2"],
+            capture_output=True,
+            text=True,
+            env=cluster_env("fdy", "10.77.7"),
+            timeout=60,
+            cwd="/",
+        )
+    finally:
+        os.unlink(copy)
     assert done.returncode == 3, done.stderr
     assert "needs root" in done.stderr
 
