@@ -9,6 +9,7 @@ How S3 objects themselves travel (parts, ranges) is in :mod:`.s3`.
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import IO, Any, BinaryIO
 
 from forge_dist.errors import CheckpointExistsError, ManifestError, StorageError
@@ -24,6 +25,8 @@ from forge_dist.storage.backends.base import (
     writer_id,
 )
 from forge_dist.storage.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, step_dirname
+
+log = logging.getLogger("forge_dist.storage")
 
 
 class _FsspecSink(Sink):
@@ -304,7 +307,18 @@ class ObjectBackend(Backend):
         return True
 
     def abort(self, staging: str) -> None:
+        """Remove what this writer left under ``staging`` (the step's own prefix here),
+        unless a manifest is there: then another writer committed this step (a newer
+        attempt that took the lease, say) and the prefix is its, not ours to remove."""
         with contextlib.suppress(Exception):
+            self._fresh()
+            if self.fs.exists(self._p(staging, MANIFEST_NAME)):
+                log.warning(
+                    "%s in %s was committed by another writer: left as it is",
+                    staging,
+                    self.display,
+                )
+                return
             self.remove_uncommitted(staging)
 
     def delete_committed(self, name: str) -> None:
