@@ -34,7 +34,7 @@ ap.add_argument(
     type=int,
     default=None,
     help="the chief stops inside the save after this epoch (a file written, no manifest "
-    "yet), says so in OUT/holding, and waits to be killed",
+    "yet), says so in OUT/holding, and waits for SIGUSR2 to go on (or to be killed)",
 )
 ap.add_argument("--resume", action="store_true")
 ap.add_argument("--bad", default=None, help="a misconfiguration to construct")
@@ -47,7 +47,7 @@ ap.add_argument(
 )
 args = ap.parse_args()
 
-root = os.path.abspath(args.root)
+root = args.root if "://" in args.root else os.path.abspath(args.root)
 touched: list[str] = []
 
 
@@ -146,11 +146,17 @@ def failed(error: Exception) -> None:
 
 
 def hold_in_save(point: str) -> None:
+    """Once: say where, and wait for SIGUSR2 (go on with the save) or a SIGKILL."""
+    from forge_dist.storage import _faults
+
     if point.startswith("file-written:"):
+        _faults.hook = None
+        signal.signal(signal.SIGUSR2, lambda *_: None)
         os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "holding"), "w") as f:
-            f.write(point)
-        signal.pause()  # until the test kills this host
+        with open(os.path.join(args.out, "holding.tmp"), "w") as f:
+            json.dump({"pid": os.getpid(), "point": point}, f)
+        os.replace(os.path.join(args.out, "holding.tmp"), os.path.join(args.out, "holding"))
+        signal.pause()
 
 
 class Recorder(keras.callbacks.Callback):

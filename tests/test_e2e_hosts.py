@@ -8,7 +8,9 @@ so only the synced decisions keep the ranks together.
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -342,3 +344,65 @@ def test_a_host_killed_during_a_save_leaves_no_partial_step_and_resume_is_exact(
     _, resumed = train(cluster, hosts, str(root), tmp_path / "c", *args, "--resume")
     assert {r["resumed_from_step"] for r in resumed} == {16}
     assert {r["final_fingerprint"] for r in resumed} == {whole[0]["final_fingerprint"]}
+
+
+@pytest.mark.parametrize("where", ["shared", "s3"])
+def test_a_cut_off_chief_that_goes_on_is_fenced_by_the_requeued_attempt(cluster, tmp_path, where):
+    """Attempt A's chief is inside a save when its host is cut off; attempt B (a requeue
+    on two other hosts) resumes from the same root, takes the writer lease and commits.
+    A's chief then goes on (still cut off, on the shared folder; after the heal, on S3,
+    which it cannot reach before) and must commit and delete nothing."""
+    hosts = cluster.hosts
+    args = ["--epochs", "4", "--patience", "100"]
+    env = dict(QUICK)
+    if where == "shared":
+        root = str(cluster.shared / "fence")
+        options = None
+    else:
+        import boto3
+
+        creds = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+        env.update(creds, AWS_ENDPOINT_URL=cluster.s3, AWS_DEFAULT_REGION="us-east-1")
+        options = {"key": "testing", "secret": "testing"}
+        options["client_kwargs"] = {"endpoint_url": cluster.s3, "region_name": "us-east-1"}
+        boto3.client(
+            "s3",
+            endpoint_url=cluster.s3,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        ).create_bucket(Bucket="fence")
+        root = "s3://fence/run"
+    out_a = tmp_path / "a"
+    cmd, menv = cluster.mpirun_cmd(
+        hosts[:2],
+        [TRAIN, "--root", root, "--out", str(out_a), *args, "--hold-save-at-epoch", "2"],
+        {**env, "FORGE_DIST_TIMEOUT": "300"},
+    )
+    a = Background(cmd, menv)
+    try:
+        wait_until(lambda: (out_a / "holding").exists(), 240, "A's chief inside its save", a)
+        chief = json.loads((out_a / "holding").read_text())["pid"]
+        cluster.link(hosts[0], up=False)
+        _, b = train(cluster, hosts[2:], root, tmp_path / "b", *args, "--resume", env=env)
+        assert {r["resumed_from_step"] for r in b} == {16}
+        store = CheckpointStore(root, options)
+        before = {(c.step, c.manifest.writer["host"]) for c in store.list()}
+        assert before and {h for _, h in before} <= {hosts[0], hosts[2]}
+        if where == "s3":
+            cluster.link(hosts[0], up=True)
+        os.kill(chief, signal.SIGUSR2)  # A's chief goes on with its save
+        wait_until(lambda: "error" in read_report(out_a / "rank-0.json"), 120, "A's verdict")
+    finally:
+        cluster.link(hosts[0], up=True)
+    a.wait(600)
+    said = read_report(out_a / "rank-0.json")["error"]
+    assert "StaleWriterError" in said, said
+    after = {(c.step, c.manifest.writer["host"]) for c in store.list()}
+    assert after == before, "the fenced chief committed or deleted a step"
+    for step in store.steps():
+        assert store.verify(step).ok
+
+
+def read_report(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
