@@ -169,3 +169,21 @@ def test_taking_the_lease_is_a_compare_and_swap_on_s3(s3):
     store.take_lease("other")  # someone else moves it on
     assert not backend.write_lease(one, token)  # If-Match: a stale token is refused
     assert store.lease().generation == 2
+
+
+def test_a_stale_writer_leaves_the_same_step_that_a_newer_writer_committed(root):
+    """Both write step 7: the newer generation commits first; the older one, refused at
+    its commit, must not remove the step (on object stores the step's own prefix is the
+    staging)."""
+    url, options, _ = root
+    store = CheckpointStore(url, options)
+    first = store.take_lease("a")
+    with pytest.raises(StaleWriterError), store.writer(7, lease=first) as old:
+        old.add_bytes("f", b"old")
+        second = store.take_lease("b")
+        with store.writer(7, lease=second) as new:
+            new.add_bytes("f", b"new")
+    assert store.steps() == [7]
+    assert store.verify(7).ok
+    with store.open_file(7, "f") as f:
+        assert f.read() == b"new"
