@@ -144,7 +144,9 @@ def _chief_restore(
             raise ConfigurationError(
                 f"no step {step} to restore: {redact_url(directory)} does not exist"
             )
-        return ("missing", _whereabouts(directory, "does not exist")), [], []  # a first run
+        # A first run; only a restarted job's error says where the chief looked.
+        said = _whereabouts(directory, "does not exist") if restarts() else ""
+        return ("missing", said), [], []
     if STEP_RE.match(directory.rstrip("/").rsplit("/", 1)[-1]):
         _not_a_root(directory, storage_options)
     infos = store.list()
