@@ -333,4 +333,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from forge_dist.errors import ForgeDistError
+
+    try:
+        sys.exit(main())
+    except ForgeDistError as error:  # the message says what and where: no traceback
+        sys.exit(f"train.py: {type(error).__name__}: {error}")

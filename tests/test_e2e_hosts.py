@@ -123,8 +123,9 @@ def test_a_root_on_the_chiefs_node_local_disk_resumes_exactly(cluster, tmp_path)
 
 
 def test_the_cluster_comes_up_isolated_and_goes_down_leaving_nothing(tmp_path):
-    """Its own two-host cluster, beside the module's: what `up` makes, and that `down`
-    removes every namespace, link, process, mount and file it made."""
+    """Its own two-host cluster, beside the module's: what `up` and `slurm` make, and that
+    `down` removes every namespace, link, process (daemons included), mount and file it
+    made."""
     c = Cluster.start("fdz", "10.77.8", 2)
     try:
         a, b = c.hosts
@@ -149,11 +150,19 @@ def test_the_cluster_comes_up_isolated_and_goes_down_leaving_nothing(tmp_path):
         if c.ssh:
             login = c.run(a, ["ssh", b, "hostname"])
             assert login.returncode == 0 and login.output.split() == [b], login.output
-        # `up` again is a no-op: the same holders.
-        pids = [c.pid(h) for h in c.hosts] + c.sshd_pids()
+        # SLURM across the hosts: srun starts a task on each node, in that node.
+        slurm = c.slurm()
+        tasks = Background(
+            ["srun", "-N", "2", "-n", "2", "sh", "-c", "echo $SLURM_PROCID $(hostname)"], slurm
+        ).wait(120)
+        assert tasks.returncode == 0, tasks.output
+        assert sorted(tasks.output.strip().splitlines()) == [f"0 {a}", f"1 {b}"]
+        # `up` and `slurm` again are no-ops: the same holders and daemons.
+        pids = [c.pid(h) for h in c.hosts] + c.sshd_pids() + c.slurm_daemons()
         again = script(c.env, "up", "2")
         assert again.returncode == 0, again.stderr
-        assert [c.pid(h) for h in c.hosts] + c.sshd_pids() == pids
+        assert c.slurm() == slurm
+        assert [c.pid(h) for h in c.hosts] + c.sshd_pids() + c.slurm_daemons() == pids
         # A host whose link is cut cannot reach the others; healed, it can again.
         c.link(b, up=False)
         cut = c.run(b, [sys.executable, "-c", probe, a, c.s3], bound_s=60)
@@ -266,7 +275,7 @@ def test_a_requeue_onto_other_hosts_refuses_to_start_over_from_a_node_local_root
     for r in reports:
         assert "ConfigurationError" in r["error"] and "SLURM_RESTART_COUNT=1" in r["error"]
         assert f"/scratch/requeue does not exist on {again[0]} (the chief)" in r["error"]
-        assert "tmpfs mounted at /scratch, local to this node" in r["error"], r["error"]
+        assert "on tmpfs (mounted at /scratch), local to this node" in r["error"], r["error"]
     assert cluster.files_on(again[0]) == [] and cluster.files_on(again[1]) == []
     allowed = {**requeued, "FORGE_DIST_ALLOW_FRESH_START": "1"}
     _, fresh = train(

@@ -101,7 +101,7 @@ def test_a_node_local_root_is_named_as_the_likely_cause(tmp_path, monkeypatch):
         fk.restore_latest(make_model(), str(tmp_path / "gone"), communicator=LOCAL)
     said = str(info.value)
     assert "SLURM_RESTART_COUNT=2" in said and "(the chief)" in said
-    assert f"It is on a {kind[0]} mounted at {kind[1]}, local to this node" in said
+    assert f"It is on {kind[0]} (mounted at {kind[1]}), local to this node" in said
 
 
 def test_a_step_folder_given_as_the_root_names_the_root(root):

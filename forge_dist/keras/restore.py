@@ -114,7 +114,7 @@ def _whereabouts(directory: str, what: str) -> str:
     mount = mount_of(directory.removeprefix("file://"))
     if mount is not None and mount[0] in NODE_LOCAL_FS:
         return (
-            f"{said}. It is on a {mount[0]} mounted at {mount[1]}, local to this node: what "
+            f"{said}. It is on {mount[0]} (mounted at {mount[1]}), local to this node: what "
             "the first attempt wrote there stayed on the node it ran on, and a requeued job "
             "may land on other nodes. Put the checkpoint root on a filesystem every node "
             "shares, or in a bucket"
