@@ -7,6 +7,7 @@
 #   scripts/test-cluster.sh env     `export` lines for the FORGE_CLUSTER_* variables
 #   scripts/test-cluster.sh down    remove everything `up` made
 #   scripts/test-cluster.sh cut HOST / heal HOST   take HOST's link down / up again
+#   scripts/test-cluster.sh slurm   start SLURM across the hosts (after `up`); idempotent
 #
 # Each host is a network namespace on one bridge, with its own hostname (UTS namespace)
 # and its own node-local /scratch: a tmpfs in a mount namespace, the same path with other
@@ -26,6 +27,12 @@
 #                         /etc/ssh/ssh_config in each host); openssh-server is installed
 #                         through apt-get when missing. FORGE_CLUSTER_SSH=0 before `up`
 #                         starts none.
+#   FORGE_CLUSTER_SLURM_CONF  after `slurm`: SLURM_CONF for sbatch, srun, scontrol and
+#                         sinfo, from this machine or from any host. slurmctld runs on the
+#                         first host, a slurmd on every host (one node each, named as the
+#                         host), with a munged of the cluster's own (its own key and socket),
+#                         so a SLURM or munge of the machine's is left alone. slurm-wlm and
+#                         munge are installed through apt-get when missing.
 #
 # FORGE_CLUSTER_NAME (default fdc) prefixes every name made here: namespaces, links, the
 # state folder /tmp/forge-cluster-NAME (FORGE_CLUSTER_STATE overrides it); two clusters
@@ -211,6 +218,82 @@ start_sshd() {  # start_sshd N
     echo 1 > "$STATE/ssh/up"
 }
 
+# SLURM across the hosts: every daemon runs inside a host, so `down` ends them with it.
+start_slurm() {
+    local n dir="$STATE/slurm" first host
+    n="$(hosts_up)"
+    [ "$n" != 0 ] || die "cluster '$NAME' is down (run: $0 up N first)"
+    [ "$(id -u)" = 0 ] || refuse "needs root"
+    "$here/../slurm/local-cluster.sh" install || die "could not install slurm-wlm and munge"
+    first="$(host_name 1)"
+    mkdir -p "$dir/state"
+    chmod 755 "$dir"  # munged wants its socket's folder open to everyone (not writable)
+    if [ ! -f "$dir/munge.key" ]; then
+        head -c 1024 /dev/urandom > "$dir/munge.key.new"
+        chmod 400 "$dir/munge.key.new"
+        mv "$dir/munge.key.new" "$dir/munge.key"
+    fi
+    {
+        echo "# Written by scripts/test-cluster.sh: SLURM across the $n hosts of cluster '$NAME'."
+        echo "ClusterName=$NAME"
+        echo "SlurmctldHost=$first($(host_addr 1))"
+        echo "SlurmUser=root"
+        echo "SlurmdUser=root"
+        echo "AuthType=auth/munge"
+        echo "CredType=cred/munge"
+        # A requeued job waits out its old credential (default 120 s) before it starts.
+        echo "AuthInfo=socket=$dir/munge.socket,cred_expire=10"
+        echo "ProctrackType=proctrack/linuxproc"
+        echo "TaskPlugin=task/none"
+        echo "MpiDefault=none"
+        echo "ReturnToService=2"
+        echo "SchedulerType=sched/backfill"
+        echo "SelectType=select/cons_tres"
+        echo "SelectTypeParameters=CR_CPU"
+        echo "StateSaveLocation=$dir/state"
+        echo "SlurmdSpoolDir=$dir/spool-%n"
+        echo "SlurmctldPidFile=$dir/slurmctld.pid"
+        echo "SlurmdPidFile=$dir/slurmd-%n.pid"
+        echo "SlurmctldLogFile=$dir/slurmctld.log"
+        echo "SlurmdLogFile=$dir/slurmd-%n.log"
+        echo "SlurmctldPort=6817"
+        echo "SlurmdPort=6818"
+        echo "JobCompType=jobcomp/none"
+        for i in $(seq "$n"); do
+            echo "NodeName=$(host_name "$i") NodeAddr=$(host_addr "$i") CPUs=$(nproc) State=UNKNOWN"
+        done
+        echo "PartitionName=hosts Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4"
+    } > "$dir/slurm.conf"
+    alive "$dir/munged.pid" munged >/dev/null \
+        || "$STATE/bin/agent" "$first" /usr/sbin/munged --force --socket="$dir/munge.socket" \
+            --key-file="$dir/munge.key" --pid-file="$dir/munged.pid" \
+            --seed-file="$dir/munged.seed" --log-file="$dir/munged.log" \
+        || die "munged did not start: $(tail -3 "$dir/munged.log" 2>/dev/null)"
+    # Daemons must not hold the caller's stdout/stderr open (a caller reading to EOF
+    # would wait forever).
+    alive "$dir/slurmctld.pid" slurmctld >/dev/null \
+        || "$STATE/bin/agent" "$first" /usr/sbin/slurmctld -f "$dir/slurm.conf" \
+            < /dev/null >> "$dir/daemons.out" 2>&1 \
+        || die "slurmctld did not start: $(tail -3 "$dir/daemons.out")"
+    for i in $(seq "$n"); do
+        host="$(host_name "$i")"
+        alive "$dir/slurmd-$host.pid" slurmd >/dev/null \
+            || "$STATE/bin/agent" "$host" /usr/sbin/slurmd -f "$dir/slurm.conf" \
+                < /dev/null >> "$dir/daemons.out" 2>&1 \
+            || die "slurmd did not start on $host: $(tail -3 "$dir/daemons.out")"
+    done
+    local idle
+    for _ in $(seq 120); do
+        idle="$(SLURM_CONF="$dir/slurm.conf" sinfo -h -N -o '%T' 2>/dev/null | grep -Ec '^(idle|mixed|allocated)$' || true)"
+        if [ "$idle" = "$n" ]; then
+            echo "$dir/slurm.conf" > "$dir/up"
+            return 0
+        fi
+        sleep 0.5
+    done
+    die "SLURM did not bring up $n nodes within 60 s: $(tail -3 "$dir/slurmctld.log" 2>/dev/null)"
+}
+
 up() {
     local n="${1:-}"
     [[ "$n" =~ ^[0-9]+$ ]] && [ "$n" -ge 2 ] && [ "$n" -le 16 ] || die "usage: up N (2 <= N <= 16)"
@@ -269,6 +352,14 @@ status() {
             ok=1
         fi
     done
+    if [ -f "$STATE/slurm/up" ]; then
+        if SLURM_CONF="$STATE/slurm/slurm.conf" sinfo -h -N -o '%N %T' > "$STATE/slurm/sinfo" 2>&1; then
+            sed 's/^/slurm node /' "$STATE/slurm/sinfo"
+        else
+            echo "slurm not answering: $(head -1 "$STATE/slurm/sinfo")"
+            ok=1
+        fi
+    fi
     if alive "$STATE/s3.pid" moto.server >/dev/null; then
         echo "s3 $(cat "$STATE/s3.url")"
     else
@@ -292,6 +383,9 @@ env_lines() {
     echo "export FORGE_CLUSTER_SHARED='$STATE/shared'"
     echo "export FORGE_CLUSTER_S3='$(cat "$STATE/s3.url" 2>/dev/null)'"
     echo "export FORGE_CLUSTER_SSH='$([ -f "$STATE/ssh/up" ] && echo 1 || echo 0)'"
+    if [ -f "$STATE/slurm/up" ]; then
+        echo "export FORGE_CLUSTER_SLURM_CONF='$(cat "$STATE/slurm/up")'"
+    fi
 }
 
 stop_pid() {  # stop_pid FILE WORD: SIGTERM, then SIGKILL, the process FILE names
@@ -351,5 +445,6 @@ case "${1:-}" in
     down) down ;;
     cut) link "${2:-}" down ;;
     heal) link "${2:-}" up ;;
-    *) die "usage: $0 up N | status | env | down | cut HOST | heal HOST" ;;
+    slurm) start_slurm ;;
+    *) die "usage: $0 up N | status | env | down | cut HOST | heal HOST | slurm" ;;
 esac

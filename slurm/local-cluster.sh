@@ -6,6 +6,8 @@
 #   slurm/local-cluster.sh status   print sinfo; exit 0 only if the node is up
 #   slurm/local-cluster.sh down     stop the daemons
 #   slurm/local-cluster.sh env      print `export SLURM_CONF=...` for client commands
+#   slurm/local-cluster.sh install  only install slurm-wlm and munge if missing
+#                                   (scripts/test-cluster.sh slurm uses it)
 #
 # Everything but the Debian packages lives in $FORGE_SLURM_DIR (default
 # /var/tmp/forge-dist-slurm): config, state, spool, logs and the daemons' pid files.
@@ -144,5 +146,6 @@ case "${1:-}" in
     down) down ;;
     status) SLURM_CONF="$CONF" sinfo && SLURM_CONF="$CONF" sinfo -h -o '%T' | grep -Eq '^(idle|mixed|allocated)' ;;
     env) echo "export SLURM_CONF=$CONF" ;;
-    *) die "usage: $0 up|down|status|env" ;;
+    install) install ;;
+    *) die "usage: $0 up|down|status|env|install" ;;
 esac

@@ -85,6 +85,27 @@ class Cluster:
     def stop(self) -> subprocess.CompletedProcess:
         return script(self.env, "down")
 
+    def slurm(self) -> dict[str, str]:
+        """Start SLURM across the hosts (``test-cluster.sh slurm``: slurmctld on the first
+        host, a slurmd on each); the environment for sbatch, srun and scontrol."""
+        done = script(self.env, "slurm", timeout=600)
+        if done.returncode == REFUSED:
+            pytest.skip(done.stderr.strip())
+        assert done.returncode == 0, done.stderr
+        exports = script(self.env, "env").stdout
+        conf = next(
+            line.partition("=")[2].strip("'")
+            for line in exports.splitlines()
+            if line.startswith("export FORGE_CLUSTER_SLURM_CONF=")
+        )
+        return dict(os.environ, SLURM_CONF=conf)
+
+    def slurm_daemons(self) -> list[int]:
+        """The pids of the cluster's munged, slurmctld and every host's slurmd."""
+        state = Path(self.agent).parent.parent / "slurm"
+        files = ["munged.pid", "slurmctld.pid", *(f"slurmd-{h}.pid" for h in self.hosts)]
+        return [int((state / f).read_text()) for f in files]
+
     def pid(self, host: str) -> int:
         """The process that holds ``host``'s namespaces."""
         state = Path(self.agent).parent.parent
