@@ -101,9 +101,16 @@ def test_an_older_writer_cannot_commit_after_a_newer_one_took_over(root):
     assert said.startswith("STALE a newer writer took over") and "generation 2" in said
     store = CheckpointStore(url, options)
     assert store.steps() == [2] and store.verify(2).ok
-    assert store.list_staging() == []  # the stale writer's staging is gone
     assert store.lease().generation == 2
     assert store.get(2).manifest.writer["generation"] == 2
+    if url.startswith("s3://"):
+        # Its files are under step-00000001/ itself, where a newer writer might be
+        # writing too: left for gc (or the begin of that step), never removed by it.
+        assert [(st.name, st.kind) for st in store.list_staging()] == [
+            ("step-00000001", "uncommitted")
+        ]
+        store.gc(grace_s=0)
+    assert store.list_staging() == []  # the stale writer's POSIX staging is gone
 
 
 def test_a_commit_that_raced_a_takeover_is_withdrawn_on_s3(s3):
@@ -185,5 +192,51 @@ def test_a_stale_writer_leaves_the_same_step_that_a_newer_writer_committed(root)
             new.add_bytes("f", b"new")
     assert store.steps() == [7]
     assert store.verify(7).ok
+    with store.open_file(7, "f") as f:
+        assert f.read() == b"new"
+
+
+def test_a_stale_writer_cannot_overwrite_a_file_of_the_step_a_newer_writer_committed(root):
+    """The older generation began step 7 and goes on after the newer one committed the
+    same step: its next file is refused before it lands (on object stores it would land
+    on the newer step's own key), and the newer step stays whole."""
+    url, options, _ = root
+    store = CheckpointStore(url, options)
+    old = store.writer(7, lease=store.take_lease("a"))
+    old.begin()
+    with store.writer(7, lease=store.take_lease("b")) as new:
+        new.add_bytes("f", b"new")
+        with new.open("g") as g:
+            g.write(b"new-g")
+    with pytest.raises(StaleWriterError):
+        old.add_bytes("f", b"old")
+    with pytest.raises(StaleWriterError), old.open("g") as g:
+        g.write(b"old-g")
+    with pytest.raises(StaleWriterError):
+        old.commit()
+    assert store.steps() == [7] and store.verify(7).ok
+    for name, data in (("f", b"new"), ("g", b"new-g")):
+        with store.open_file(7, name) as f:
+            assert f.read() == data
+
+
+def test_a_stale_writer_removes_nothing_of_a_step_the_newer_writer_is_writing(root):
+    """The newer generation is writing step 7 (files there, no manifest yet) while the
+    older one begins the same step, and while an older one that began before it is
+    refused at its commit: neither removes the newer writer's files (on object stores
+    both would have taken them for leftovers of their own step)."""
+    url, options, _ = root
+    store = CheckpointStore(url, options)
+    first = store.take_lease("a")
+    early = store.writer(7, lease=first)
+    early.begin()
+    early.add_bytes("e", b"early")
+    with store.writer(7, lease=store.take_lease("b")) as new:
+        new.add_bytes("f", b"new")
+        with pytest.raises(StaleWriterError):
+            store.writer(7, lease=first).begin()
+        with pytest.raises(StaleWriterError):
+            early.commit()
+    assert store.steps() == [7] and store.verify(7).ok
     with store.open_file(7, "f") as f:
         assert f.read() == b"new"

@@ -2,16 +2,21 @@
 
 A writer takes the root's lease (``writer.lease``) by raising its generation: a
 compare-and-swap, under an exclusive lock on POSIX roots and through S3's conditional
-PUT (``If-Match`` / ``If-None-Match``) on S3. Before every commit and every delete the
-writer checks that the lease still holds its generation; an older one (a job that
-``scontrol requeue`` restarted while the old attempt still runs, a partitioned node)
-gets :class:`~forge_dist.errors.StaleWriterError`, commits nothing and cleans its
-staging, and the newer writer's steps are untouched.
+PUT (``If-Match`` / ``If-None-Match``) on S3. Before every commit and every delete, at
+the begin of a save and before each of its files becomes visible, the writer checks that
+the lease still holds its generation; an older one (a job that ``scontrol requeue``
+restarted while the old attempt still runs, a partitioned node) gets
+:class:`~forge_dist.errors.StaleWriterError`, commits nothing, and the newer writer's
+steps are untouched. It cleans its POSIX staging; on object stores, where its files are
+under the step's own prefix and the newer writer may be writing the same step, it
+leaves them (to the newer writer's begin of that step, or to ``gc``).
 
 POSIX: the check and the commit (or delete) happen under the same lock, so a stale
 writer can never commit. Object stores have no transaction over two objects: the check
 is made before the manifest PUT and again after it, and a commit that raced a takeover
-is withdrawn at once (a reader may see it for that moment). Stores without conditional
+is withdrawn at once (a reader may see it for that moment). Likewise a file whose PUT
+was already on its way when the lease changed hands can land on the newer step (the
+window is one request; a store's conditional PUT would close it). Stores without conditional
 writes (``memory://``, GCS through fsspec) take the lease by a plain write: the last
 writer to take it wins.
 """

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import IO, Any
 
 from forge_dist._launch import launch_environment
-from forge_dist.errors import ConfigurationError, ManifestError, StorageError
+from forge_dist.errors import ConfigurationError, ManifestError, StaleWriterError, StorageError
 from forge_dist.storage import _faults
 from forge_dist.storage import lease as lease_mod
 from forge_dist.storage._errors import describe, storage_errors
@@ -88,7 +88,19 @@ class CheckpointWriter:
     def begin(self) -> None:
         if self._staging is not None:
             raise ConfigurationError("this writer has already begun")
+        # begin may remove what an earlier writer left of this step (on object stores,
+        # files under the step's own prefix): a stale writer removes nothing.
+        self._fence()
         self._staging = self._backend.begin(self.step, self.replace)
+
+    def _fence(self) -> None:
+        """Raise :class:`StaleWriterError` if a newer writer took the root's lease: at
+        begin and before each file becomes visible (its PUT, or the end of its multipart
+        upload). On object stores a file lands at its final name, so a stale writer's
+        file would overwrite the same file of a step that the newer writer wrote; on
+        POSIX roots the stale writer just learns it before writing more."""
+        if self.lease is not None:
+            lease_mod.check(self._backend, self.lease)
 
     def _reserve(self, relpath: str) -> str:
         rel = validate_relpath(relpath)
@@ -118,6 +130,7 @@ class CheckpointWriter:
                     sink.write(data)
                 else:
                     size, digest = copy_hashed(src, sink.write)
+                self._fence()
                 sink.close(digest)
         except BaseException:
             sink.discard()
@@ -243,8 +256,24 @@ class CheckpointWriter:
         if self._done:
             return
         self._done = True
-        if self._staging is not None:
-            self._backend.abort(self._staging)
+        if self._staging is None:
+            return
+        if self.lease is not None and not self._backend.rename_commit:
+            # On object stores the staging is the step's own prefix, where a newer writer
+            # may be writing the same step right now: a stale writer leaves it (the newer
+            # writer's begin of that step, or gc once it is stale, removes it).
+            try:
+                lease_mod.check(self._backend, self.lease)
+            except StaleWriterError:
+                log.warning(
+                    "%s in %s: a newer writer holds the root; its files left as they are",
+                    self.name,
+                    self.display,
+                )
+                return
+            except StorageError:
+                pass  # unreadable lease: clean up what is ours as before
+        self._backend.abort(self._staging)
 
 
 class _HashingFile(io.RawIOBase):
@@ -312,6 +341,13 @@ class _HashingFile(io.RawIOBase):
                     self._writer._entries.pop(self._rel, None)
             else:
                 digest = self._hash.hexdigest()
+                try:
+                    self._writer._fence()
+                except BaseException:
+                    self._sink.discard()
+                    with self._writer._lock:
+                        self._writer._entries.pop(self._rel, None)
+                    raise
                 with storage_errors(f"cannot write {self._writer.name}/{self._rel}"):
                     self._sink.close(digest)
                 self.entry = self._writer._finish(self._rel, self._size, digest)
