@@ -60,12 +60,20 @@ def scontrol(cluster: Cluster, *args: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "script, backend", [("train_mpi", "mpi"), ("train_horovod", "horovod"), ("train_mwms", "tf")]
+    "script, backend, n",
+    [
+        ("train_mpi", "mpi", 2),
+        ("train_horovod", "horovod", 2),
+        ("train_mwms", "tf", 2),
+        ("train_mpi", "mpi", 4),
+        ("train_horovod", "horovod", 4),
+        ("train_mwms", "tf", 4),
+    ],
 )
-def test_an_sbatch_job_on_two_nodes_runs_a_rank_on_each_and_they_agree(
-    cluster, tmp_path, script, backend
+def test_an_sbatch_job_on_n_nodes_runs_a_rank_on_each_and_they_agree(
+    cluster, tmp_path, script, backend, n
 ):
-    """One task on each of two nodes: each rank runs on its own node (mpirun inside the
+    """One task on each of n nodes: each rank runs on its own node (mpirun inside the
     allocation follows SLURM's placement; srun starts one worker per node), validates on
     its own shard, and they stop in the same epoch with the same weights; only the chief
     writes, and every step verifies."""
@@ -73,15 +81,17 @@ def test_an_sbatch_job_on_two_nodes_runs_a_rank_on_each_and_they_agree(
         pytest.importorskip("horovod.tensorflow", reason="Horovod is built by make setup")
     if backend == "tf":
         pytest.importorskip("tf_keras", reason="tf_keras is in the [tf] extra")
-    nodes = cluster.hosts[:2]
-    root = str(cluster.shared / f"sbatch-{script}")
+    nodes = cluster.hosts[:n]
+    root = str(cluster.shared / f"sbatch-{script}-{n}")
     report = str(tmp_path / "rank-{rank}.json")
     env = job_env(cluster, root, 20, f"--patience 2 --report {report}")
     run = run_bounded(
         [
             "sbatch",
             "-N",
-            "2",
+            str(n),
+            "-n",
+            str(n),
             "-w",
             ",".join(nodes),
             "--wait",
@@ -93,18 +103,21 @@ def test_an_sbatch_job_on_two_nodes_runs_a_rank_on_each_and_they_agree(
     )
     logs = "".join(p.read_text() for p in tmp_path.glob("job-*.out"))
     assert run.returncode == 0, run.output + logs[-3000:]
-    assert f"2 tasks on {cluster.name}-h[1-2]" in logs
-    r0, r1 = read_rank_reports(report)
-    assert [r0["host"], r1["host"]] == nodes, "one rank on each node, the chief on the first"
-    assert (r0["backend"], r0["size"]) == (backend, 2)
-    assert r0["stopped_epoch"] == r1["stopped_epoch"] > 0, "same stop epoch, and it stopped"
-    assert r0["fingerprint"] == r1["fingerprint"]
-    assert r1["touched_root"] == 0 and r0["touched_root"] > 0, "exactly one writer"
+    assert f"{n} tasks on {cluster.name}-h[1-{n}]" in logs
+    reports = read_rank_reports(report, n)
+    assert [r["host"] for r in reports] == nodes, "one rank on each node, the chief first"
+    assert {(r["backend"], r["size"]) for r in reports} == {(backend, n)}
+    assert len({r["stopped_epoch"] for r in reports}) == 1, "the same stop epoch"
+    assert reports[0]["stopped_epoch"] > 0, "it stopped early"
+    assert len({r["fingerprint"] for r in reports}) == 1, "the same weights"
+    assert reports[0]["touched_root"] > 0, "the chief wrote"
+    assert [r["touched_root"] for r in reports[1:]] == [0] * (n - 1), "only the chief wrote"
     steps = CheckpointStore(root).list()
     assert steps and {(c.manifest.writer["rank"], c.manifest.writer["host"]) for c in steps} == {
         (0, nodes[0])
     }
-    assert cluster.files_on(nodes[1]) == [], "the other node wrote to its /scratch"
+    for node in nodes[1:]:
+        assert cluster.files_on(node) == [], f"{node} wrote to its /scratch"
     assert subprocess.run([FORGE, "verify", root, "--all"], timeout=60).returncode == 0
 
 
