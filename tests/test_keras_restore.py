@@ -73,3 +73,71 @@ def test_restore_with_nothing_saved_is_a_fresh_start(tmp_path):
     assert not r.restored and r.initial_epoch == 0
     for a, b in zip(model.get_weights(), before, strict=True):
         np.testing.assert_array_equal(a, b)  # nothing changed
+
+
+class CountingFile:
+    """A step's file as the store's backend opened it, counting the bytes read."""
+
+    def __init__(self, f, total):
+        self.f, self.total = f, total
+
+    def readinto(self, b):
+        n = self.f.readinto(b)
+        self.total[0] += n
+        return n
+
+    def read(self, n=-1):
+        data = self.f.read(n)
+        self.total[0] += len(data)
+        return data
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def test_a_restore_reads_the_step_once_into_the_models_own_variables(tmp_path, monkeypatch):
+    """Keras 3: the step's file is read once, every byte hashed as it is read, and its
+    arrays are assigned into the model's variables: no download to a temporary copy, no
+    second model from keras.models.load_model; weights and optimizer bit-identical."""
+    from forge_dist.keras import restore as restore_mod
+    from forge_dist.storage import CheckpointStore
+
+    root = tmp_path / "r"
+    seen = EpochWeights()
+    fit(make_model(), [fk.ChiefModelCheckpoint(str(root), communicator=LOCAL), seen], epochs=2)
+    total = [0]  # every read of a step's file, for a restore or a verify, goes through it
+    backend = type(CheckpointStore(str(root))._backend)
+    opened = backend.open_read
+    monkeypatch.setattr(backend, "open_read", lambda s, *a: CountingFile(opened(s, *a), total))
+
+    def not_this_way(*args, **kwargs):
+        raise AssertionError("restored through a download and a second model")
+
+    monkeypatch.setattr(CheckpointStore, "download", not_this_way)
+    monkeypatch.setattr(restore_mod, "_load_payload", not_this_way)
+    fresh = make_model(seed=11)
+    r = fk.restore_latest(fresh, str(root), communicator=LOCAL)
+    assert r.step == 8 and r.initial_epoch == 2
+    assert_holds(fresh, seen.weights[1], seen.optimizer[1])
+    size = CheckpointStore(str(root)).get(8).manifest.files[0].size
+    assert total[0] == size, "every byte read once"
+
+
+def test_a_step_that_cannot_be_read_in_place_is_loaded_the_usual_way(tmp_path, monkeypatch):
+    from forge_dist.keras import h5read
+
+    root = tmp_path / "r"
+    seen = EpochWeights()
+    fit(make_model(), [fk.ChiefModelCheckpoint(str(root), communicator=LOCAL), seen], epochs=2)
+
+    def refuse(*args):
+        raise h5read.NotInPlace("say, a compressed archive")
+
+    monkeypatch.setattr(h5read, "arrays_in_place", refuse)
+    fresh = make_model(seed=11)
+    r = fk.restore_latest(fresh, str(root), communicator=LOCAL)
+    assert r.step == 8
+    assert_holds(fresh, seen.weights[1], seen.optimizer[1])

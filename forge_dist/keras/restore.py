@@ -18,7 +18,7 @@ from typing import Any
 from forge_dist._launch import fresh_start_allowed, restarts
 from forge_dist._urls import redact_url
 from forge_dist.comm import Communicator, agree, get_communicator
-from forge_dist.errors import ConfigurationError
+from forge_dist.errors import ConfigurationError, IntegrityError
 from forge_dist.keras import _compat
 from forge_dist.keras._state import WEIGHTS_OF_EPOCH, Restored, registry, root_key, set_pending
 from forge_dist.keras.callbacks.broadcast import assign_optimizer_variables, optimizer_values
@@ -58,7 +58,12 @@ def _load_payload(path: str, weights_only: bool, model: Any, custom_objects: Any
 
 
 def _fetch(store: Any, step: int, model: Any, custom_objects: Any) -> tuple:
-    """Download ``step`` (verified while copied) to local scratch and load it."""
+    """``(weights, optimizer values)`` of ``step``, every byte verified as it is read:
+    in place where it can be (:func:`_fetch_in_place`), else downloaded to local scratch
+    (verified while copied) and loaded."""
+    in_place = _fetch_in_place(store, step, model)
+    if in_place is not None:
+        return in_place
     scratch = tempfile.mkdtemp(prefix="forge-dist-restore-")
     try:
         dest = store.download(step, os.path.join(scratch, "ckpt"))
@@ -68,6 +73,40 @@ def _fetch(store: Any, step: int, model: Any, custom_objects: Any) -> tuple:
         raise ConfigurationError(f"step {step} holds neither {MODEL_FILE} nor {WEIGHTS_FILE}")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _fetch_in_place(store: Any, step: int, model: Any) -> tuple | None:
+    """Keras 3: the step's one file read once into memory, hashed while read, and its
+    datasets taken as arrays where they lie (found through the layout Keras' own saving
+    walk gives ``model``): no temporary copy and no second model. None where the model
+    or the file does not allow it (then the caller loads it the usual way)."""
+    from forge_dist.keras import h5read, staged
+
+    info = store.get(step)
+    files = [e.path for e in info.manifest.files] if info.manifest else []
+    if files not in ([MODEL_FILE], [WEIGHTS_FILE]):
+        return None
+    try:
+        layout = staged.StagedLayout(model)
+    except staged.NotStageable as e:
+        log.debug("restoring %s the usual way: %s", info.name, e)
+        return None
+    buf = store.read_verified(info.name, files[0])
+    try:
+        arrays = h5read.arrays_in_place(
+            buf, files[0] == MODEL_FILE, layout.datasets, len(layout.variables)
+        )
+    except h5read.NotInPlace as e:
+        log.debug("restoring %s the usual way: %s", info.name, e)
+        return None
+    found = {id(v): a for v, a in zip(layout.variables, arrays, strict=True)}
+    optimizer = _compat.optimizer_variables(model.optimizer) if model.optimizer else []
+    wanted = list(model.weights) + list(optimizer)
+    if any(id(v) not in found for v in wanted):
+        log.debug("restoring %s the usual way: a variable is not in its file", info.name)
+        return None
+    weights = [found[id(v)] for v in model.weights]
+    return weights, [found[id(v)] for v in optimizer] or None
 
 
 def _weights_of_epoch(
@@ -82,8 +121,11 @@ def _weights_of_epoch(
         for c in infos
         if c.readable and c.state.get("epoch") == epoch and c.state.get("epoch_done")
     ]
-    if match and store.is_intact(match[-1], verify):
-        return fetch(match[-1].step)[0]
+    if match and store.is_intact(match[-1], "fast" if verify == "full" else verify):
+        try:
+            return fetch(match[-1].step)[0]  # every byte hashed as it is read
+        except IntegrityError as e:
+            log.warning("skipping corrupt %s in %s: %s", match[-1].name, store.display, e)
     return None
 
 
@@ -156,40 +198,54 @@ def _chief_restore(
     skipped: list[str] = []
     passed: list[Any] = []
     chosen = None
+    # Reading a step for the restore hashes every byte of it (in place or downloaded):
+    # "full" checks sizes first and leaves the hashes to that one read.
+    first_check = "fast" if verify == "full" else verify
+    have = ", ".join(str(c.step) for c in infos) or "none"
+    damaged = (
+        f"step {step} in {redact_url(directory)} is damaged (forge-dist verify "
+        f"{redact_url(directory)} --step {step} says how); steps there: {have}"
+    )
     if step is not None:
         wanted = [c for c in infos if c.step == step]
-        have = ", ".join(str(c.step) for c in infos) or "none"
         if not wanted:
             raise ConfigurationError(
                 f"no committed step {step} in {redact_url(directory)} (steps there: {have})"
             )
-        if not store.is_intact(wanted[0], verify):
-            raise ConfigurationError(
-                f"step {step} in {redact_url(directory)} is damaged (forge-dist verify "
-                f"{redact_url(directory)} --step {step} says how); steps there: {have}"
-            )
+        if not store.is_intact(wanted[0], first_check):
+            raise ConfigurationError(damaged)
         infos = wanted
-    for info in reversed(infos):
-        if not store.is_intact(info, verify):
-            skipped.append(info.name)
-        elif epoch_end_only and not info.state.get("epoch_done", True):
-            passed.append(info)
-        else:
-            chosen = info
-            break
-    if chosen is None:
-        run = dict(passed[0].manifest.run) if passed and passed[0].manifest else None
-        return (None if run is None else ("run", run)), skipped, [p.name for p in passed]
-    assert chosen.manifest is not None
-    check_same_model(
-        chosen.manifest.run.get("model_fingerprint"), model, chosen.step, store.display
-    )
-    state = dict(chosen.state)
 
     def fetch(step: int) -> tuple:
         return _fetch(store, step, model, custom_objects)
 
-    weights, opt_values = fetch(chosen.step)
+    fetched = None
+    for info in reversed(infos):
+        if not store.is_intact(info, first_check):
+            skipped.append(info.name)
+            continue
+        if epoch_end_only and not info.state.get("epoch_done", True):
+            passed.append(info)
+            continue
+        assert info.manifest is not None
+        fingerprint = info.manifest.run.get("model_fingerprint")
+        check_same_model(fingerprint, model, info.step, store.display)
+        try:
+            fetched = fetch(info.step)
+        except IntegrityError as e:
+            if step is not None:
+                raise ConfigurationError(damaged) from e
+            log.warning("skipping corrupt %s in %s: %s", info.name, store.display, e)
+            skipped.append(info.name)
+            continue
+        chosen = info
+        break
+    if chosen is None or fetched is None:
+        run = dict(passed[0].manifest.run) if passed and passed[0].manifest else None
+        return (None if run is None else ("run", run)), skipped, [p.name for p in passed]
+    assert chosen.manifest is not None
+    state = dict(chosen.state)
+    weights, opt_values = fetched
     # A callback's state may ask for the weights of an earlier epoch (EarlyStopping's
     # best); a checkpoint kept for that epoch holds them (production_callbacks keeps the
     # best one).

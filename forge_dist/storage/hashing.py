@@ -77,3 +77,37 @@ def write_hashed(view: memoryview, write: Callable[[Any], Any], h: Any) -> None:
         finally:
             for f in pending:
                 f.result()
+
+
+def read_all_hashed(src: IO[bytes], size: int) -> tuple[bytearray, int, str]:
+    """``(buffer, bytes read, sha256 hex)``: ``src`` read once into one buffer of
+    ``size`` bytes (what its manifest says), chunk k hashed on a helper thread while
+    chunk k+1 is read (hashlib lets go of the interpreter lock). A longer file reads as
+    ``size + 1`` bytes (its hash then is of the first ``size``), a shorter one as what
+    there was."""
+    buf = bytearray(size)
+    view = memoryview(buf)
+    h = hashlib.sha256()
+    readinto = getattr(src, "readinto", None)
+    pos = 0
+    with ThreadPoolExecutor(1, thread_name_prefix="forge-dist-hash") as pool:
+        pending = None
+        while pos < size:
+            chunk = view[pos : pos + 2 * CHUNK]
+            if readinto is not None:
+                n = readinto(chunk)
+            else:
+                data = src.read(len(chunk))
+                n = len(data)
+                chunk[:n] = data
+            if not n:
+                break
+            if pending is not None:
+                pending.result()
+            pending = pool.submit(h.update, chunk[:n])
+            pos += n
+        if pending is not None:
+            pending.result()
+    if pos == size and src.read(1):
+        pos += 1
+    return buf, pos, h.hexdigest()

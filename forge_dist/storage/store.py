@@ -16,6 +16,7 @@ from typing import Any, BinaryIO
 from forge_dist._urls import redact_url
 from forge_dist.errors import (
     ConfigurationError,
+    IntegrityError,
     ManifestError,
     NoCheckpointError,
     StorageError,
@@ -26,7 +27,7 @@ from forge_dist.storage import retention as retention_mod
 from forge_dist.storage import transfer
 from forge_dist.storage._errors import storage_errors
 from forge_dist.storage.backends import Backend, make_backend, owner_is_dead, writer_id
-from forge_dist.storage.hashing import Progress
+from forge_dist.storage.hashing import Progress, read_all_hashed
 from forge_dist.storage.lease import Lease
 from forge_dist.storage.manifest import (
     STAGING_RE,
@@ -36,7 +37,7 @@ from forge_dist.storage.manifest import (
 )
 from forge_dist.storage.retention import DEFAULT_GRACE_S
 from forge_dist.storage.types import CheckpointInfo, CheckpointReport, GcReport, StagingInfo
-from forge_dist.storage.verify import load_manifest, verify_checkpoint
+from forge_dist.storage.verify import content_problem, load_manifest, verify_checkpoint
 from forge_dist.storage.writer import CheckpointWriter
 
 log = logging.getLogger("forge_dist.storage")
@@ -259,6 +260,25 @@ class CheckpointStore:
         """A committed step's file, opened for reading (links never followed)."""
         name = step_dirname(name_or_step) if isinstance(name_or_step, int) else name_or_step
         return self._backend.open_read(name, validate_relpath(path))
+
+    def read_verified(self, name_or_step: str | int, path: str) -> bytearray:
+        """One file of a committed step, read once into memory and hashed while read;
+        :class:`IntegrityError` unless it matches the step's manifest."""
+        name = step_dirname(name_or_step) if isinstance(name_or_step, int) else name_or_step
+        info = self.info(name)
+        if info is None or info.manifest is None:
+            raise IntegrityError(f"{name} in {self.display} has no readable manifest")
+        entry = next((e for e in info.manifest.files if e.path == path), None)
+        if entry is None:
+            raise IntegrityError(f"{name} in {self.display} lists no file {path}")
+        with self.open_file(name, path) as f:
+            buf, size, digest = read_all_hashed(f, entry.size)
+        problem = content_problem(entry, size, digest)
+        if problem is not None:
+            raise IntegrityError(
+                f"{name}/{path} in {self.display} is corrupt: {problem.message}", [problem]
+            )
+        return buf
 
     def copy_to(self, dst: CheckpointStore, step: int, replace: bool = False) -> CheckpointInfo:
         """Copy committed ``step`` into ``dst`` (see :mod:`.transfer`)."""
