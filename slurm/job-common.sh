@@ -7,6 +7,7 @@
 #   FORGE_PYTHON          the Python with forge_dist       (default: .venv/bin/python, else python3)
 #   FORGE_TRAIN_ARGS      more arguments for scripts/train.py          (default: none)
 #   FORGE_REQUEUE         0: do not requeue after a preemption warning (default: 1)
+#   FORGE_DIST_PREEMPT_NOTICE_S  seconds of --signal=B:USR1@N    (default: 120)
 # Every run resumes from the newest checkpoint that verifies (--resume), mid-epoch
 # included, so a requeued job goes on where it stopped.
 #
@@ -31,6 +32,10 @@ if [ "$(id -u)" -eq 0 ]; then
 fi
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-3}"
 export PYTHONUNBUFFERED=1
+# The notice SLURM gives before the kill: the N of `#SBATCH --signal=B:USR1@N` (120 in
+# these scripts; change both together). The chief warns in this job's output when
+# noticing the signal plus a save at the p95 measured does not fit in it.
+export FORGE_DIST_PREEMPT_NOTICE_S="${FORGE_DIST_PREEMPT_NOTICE_S:-120}"
 echo "job ${SLURM_JOB_ID:-?} (restart ${SLURM_RESTART_COUNT:-0}): ${SLURM_NTASKS:-?} tasks" \
     "on ${SLURM_JOB_NODELIST:-?}"
 

@@ -202,6 +202,49 @@ def test_preemption_checkpoint_arguments_fail_at_construction(tmp_path):
         fk.PreemptionCheckpoint(ckpt, signals=["SIGWHAT"])
 
 
+def notice_warnings(caplog) -> list[str]:
+    return [m for m in caplog.messages if "cannot fit the save it asks for" in m]
+
+
+@pytest.mark.keras
+def test_a_notice_too_short_for_a_save_is_warned_once_and_at_a_resumes_train_begin(
+    tmp_path, caplog, monkeypatch
+):
+    """A 1 ms notice (FORGE_DIST_PREEMPT_NOTICE_S, as the sbatch jobs set it) cannot fit
+    a save: the chief warns once, after the first epoch's save was measured, naming the
+    numbers. The measured saves travel in the checkpoint's state, so the resumed run
+    warns at train begin, before it saves anything. An hour's notice says nothing."""
+    monkeypatch.setenv("FORGE_DIST_PREEMPT_NOTICE_S", "0.001")
+    with caplog.at_level("WARNING", logger="forge_dist.keras"):
+        run(tmp_path / "a", epochs=3)
+    said = notice_warnings(caplog)
+    assert len(said) == 1, said
+    assert "notice of 0.001 s" in said[0] and "(measured by epoch 1)" in said[0]
+    assert "the p95 of 1 save(s) measured" in said[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="forge_dist.keras"):
+        run(tmp_path / "a", epochs=4, restored_from=str(tmp_path / "a"))
+    said = notice_warnings(caplog)
+    assert len(said) == 1, said
+    assert "(from the saves of the attempts before this one)" in said[0]
+    assert "the p95 of 2 save(s) measured" in said[0]  # epochs 1 and 2 (3's was saving)
+    caplog.clear()
+    monkeypatch.setenv("FORGE_DIST_PREEMPT_NOTICE_S", "3600")
+    with caplog.at_level("WARNING", logger="forge_dist.keras"):
+        run(tmp_path / "b", epochs=2)
+    assert notice_warnings(caplog) == []
+
+
+def test_a_notice_that_is_not_a_number_of_seconds_fails_at_construction(tmp_path, monkeypatch):
+    ckpt = fk.ChiefModelCheckpoint(str(tmp_path), communicator=LOCAL)
+    with pytest.raises(ConfigurationError, match="notice_s must be a number of seconds > 0"):
+        fk.PreemptionCheckpoint(ckpt, notice_s=0)
+    monkeypatch.setenv("FORGE_DIST_PREEMPT_NOTICE_S", "2min")
+    with pytest.raises(ConfigurationError, match="FORGE_DIST_PREEMPT_NOTICE_S must be .* '2min'"):
+        fk.PreemptionCheckpoint(ckpt)
+    assert fk.PreemptionCheckpoint(ckpt, notice_s=120).notice_s == 120.0
+
+
 # ----------------------------------------------------------------- mpirun -np 2, kill -USR1
 TRAIN = os.path.join(os.path.dirname(HERE), "scripts", "train.py")
 

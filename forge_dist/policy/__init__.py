@@ -12,8 +12,9 @@ even as the first value (Keras 3 would adopt it as "best" and never improve agai
 One module per rule: :mod:`.core` (directions, checks, the improvement test),
 :mod:`.early_stop`, :mod:`.plateau`, :mod:`.checkpoint` (save and retention, and the
 one ranking of steps by a metric), :mod:`.metrics` (means across ranks),
-:mod:`.preemption` (how often ranks look for a signal), :mod:`.shards` (which samples
-each rank trains on when every rank holds the whole dataset).
+:mod:`.preemption` (how often ranks look for a signal, whether the notice fits a save),
+:mod:`.shards` (which samples each rank trains on when every rank holds the whole
+dataset).
 """
 
 from forge_dist.policy.checkpoint import (
@@ -42,7 +43,7 @@ from forge_dist.policy.early_stop import (
 )
 from forge_dist.policy.metrics import mean_over_ranks
 from forge_dist.policy.plateau import PlateauConfig, PlateauDecision, PlateauState, plateau_step
-from forge_dist.policy.preemption import check_spacing
+from forge_dist.policy.preemption import check_spacing, notice_shortfall
 from forge_dist.policy.shards import check_shardable, samples_done, shard_rows
 
 __all__ = [
@@ -67,6 +68,7 @@ __all__ = [
     "early_stop_step",
     "is_improvement",
     "mean_over_ranks",
+    "notice_shortfall",
     "plateau_step",
     "rank_best",
     "resolve_mode",

@@ -235,8 +235,8 @@ class ForgeCallback(Callback):
         """``decide`` on the chief; its result, or its error, on every rank."""
         return agree(self.comm, name, decide)
 
-    def _say(self, message: str) -> None:
-        log.info(message)
+    def _say(self, message: str, level: int = logging.INFO) -> None:
+        log.log(level, message)
         if self.verbose and self.comm.is_chief:
             # Keras' progress bar (verbose=1) leaves its line open on a terminal.
             bar = (self.params or {}).get("verbose") == 1 and sys.stdout.isatty()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from typing import Any
 
 from forge_dist import policy
@@ -153,6 +154,7 @@ class ChiefModelCheckpoint(ForgeCallback):
         self._batches = 0
         self.last_saved_step: int | None = None
         self.saved_steps: list[int] = []
+        self.save_seconds: list[float] = []  # chief: how long each commit took (this run)
 
     def _check_arguments(
         self,
@@ -520,6 +522,7 @@ class ChiefModelCheckpoint(ForgeCallback):
                 {k: v for k, v in meta.items() if v is not None},
             )
             return
+        t0 = time.perf_counter()
         save_to_store(
             self.store,
             step,
@@ -536,6 +539,7 @@ class ChiefModelCheckpoint(ForgeCallback):
             # over): reaching that step again rewrites it.
             replace=self._may_replace(step),
         )
+        self.save_seconds.append(time.perf_counter() - t0)
         if self.retention().active:
             self.store.apply_retention(
                 self.retention(),

@@ -3,6 +3,9 @@ told to stop (SLURM's warning signal, SIGTERM)."""
 
 from __future__ import annotations
 
+import logging
+import math
+import os
 import time
 from typing import Any
 
@@ -13,6 +16,10 @@ from forge_dist.keras._state import registered, registry
 from forge_dist.keras.callbacks.base import ForgeCallback
 from forge_dist.keras.callbacks.checkpoint import ChiefModelCheckpoint
 from forge_dist.preemption import DEFAULT_SIGNALS, PREEMPTED_EXIT_CODE, Preempted, shared_flag
+
+#: The preemption notice, in seconds, when ``notice_s`` is not given.
+NOTICE_ENV = "FORGE_DIST_PREEMPT_NOTICE_S"
+_KEEP = 20  # saves' seconds kept in the state, for the next attempt's p95
 
 
 class PreemptionCheckpoint(ForgeCallback):
@@ -38,6 +45,13 @@ class PreemptionCheckpoint(ForgeCallback):
     at train begin, before the first step: nothing new is saved, and every rank exits
     with 75 (the checkpoint it was restored from, if any, is the one to resume from).
     Resume with :func:`restore_latest` and :func:`fit_resumed`.
+
+    ``notice_s`` (default: ``FORGE_DIST_PREEMPT_NOTICE_S``; the slurm/*.sbatch jobs set it
+    to their ``--signal=B:USR1@N``) is how long the scheduler waits between its warning
+    and the kill. The chief warns, once, when that cannot fit what acting on the warning
+    takes: noticing it (the checks' spacing) plus a save at the p95 of the saves measured
+    (this run's, and the earlier attempts' kept in the checkpoint's state, so a resumed
+    job warns at train begin).
     """
 
     state_key = "preemption"
@@ -51,6 +65,7 @@ class PreemptionCheckpoint(ForgeCallback):
         exit_code: int | None = None,
         communicator: Communicator | None = None,
         verbose: int = 1,
+        notice_s: float | None = None,
     ) -> None:
         if not isinstance(checkpoint, ChiefModelCheckpoint):
             raise ConfigurationError(
@@ -72,6 +87,7 @@ class PreemptionCheckpoint(ForgeCallback):
         code = PREEMPTED_EXIT_CODE if exit_code is None else exit_code
         if isinstance(code, bool) or not isinstance(code, int) or not 1 <= code <= 255:
             raise ConfigurationError(f"exit_code must be an int in 1..255, got {exit_code!r}")
+        self.notice_s = _notice_seconds(notice_s)
         self.checkpoint = checkpoint
         self.flag = shared_flag(DEFAULT_SIGNALS if signals is None else signals)
         self.check_every_n_batches = n
@@ -82,12 +98,45 @@ class PreemptionCheckpoint(ForgeCallback):
         self._steps: int | None = None
         self._timing = [0.0, 0, 0.0, 0]  # step seconds, steps, check seconds, checks
         self._t_last: float | None = None
+        self._earlier_saves: list[float] = []  # seconds, from the attempts resumed
+        self._earlier_step_s: float | None = None
+        self._warned = False
+
+    def get_state(self) -> dict[str, Any]:
+        return {"save_s": self._saves()[-_KEEP:], "step_s": self._step_s(), "every": self.every}
+
+    def set_state(self, state: dict[str, Any], weights: list[Any] | None = None) -> None:
+        self._earlier_saves = [float(s) for s in state.get("save_s") or []]
+        self._earlier_step_s = state.get("step_s")
+        if self.check_every_n_batches == "auto" and state.get("every"):
+            self.every = int(state["every"])
+
+    def reset_state(self) -> None:
+        self._earlier_saves, self._earlier_step_s = [], None
+
+    def _saves(self) -> list[float]:
+        return self._earlier_saves + self.checkpoint.save_seconds
+
+    def _step_s(self) -> float | None:
+        step_s, steps = self._timing[0], self._timing[1]
+        return step_s / steps if steps else self._earlier_step_s
+
+    def _check_notice(self, when: str) -> None:
+        """Chief, once: warn when the notice cannot fit noticing it and a save."""
+        if self._warned or self.notice_s is None or not self.comm.is_chief:
+            return
+        said = policy.notice_shortfall(self.notice_s, self._saves(), self.every, self._step_s())
+        if said is not None:
+            self._warned = True
+            self._say(f"warning: {said} ({when})", logging.WARNING)
 
     def train_begin(self, logs: Any = None) -> None:
+        self.begin_state()
         self.flag.install()
         self._steps = (self.params or {}).get("steps")
         if not registry(self.model).keep_state:  # (a fit that continues one: no new start)
             self._check_at_start()
+        self._check_notice("from the saves of the attempts before this one")
 
     def _check_at_start(self) -> None:
         """A signal held since before fit: stop before the first step, saving nothing
@@ -129,6 +178,7 @@ class PreemptionCheckpoint(ForgeCallback):
     def epoch_complete(self, epoch: int, logs: Any = None) -> None:
         if not self.model.stop_training:  # agreed on every rank; training ends anyway
             self._check(None, epoch_done=True)
+        self._check_notice(f"measured by epoch {epoch + 1}")
 
     def _propose_every(self) -> int:
         """The spacing this rank would choose from what it measured (``"auto"``)."""
@@ -161,6 +211,25 @@ class PreemptionCheckpoint(ForgeCallback):
         self._say(f"{stop} (signalled: {_who(got)})")
         self.flag.uninstall()  # fit ends here: on_train_end will not run
         raise stop
+
+
+def _notice_seconds(notice_s: Any) -> float | None:
+    """``notice_s``, else ``FORGE_DIST_PREEMPT_NOTICE_S``, checked (None: not known)."""
+    where = "notice_s"
+    if notice_s is None:
+        notice_s = os.environ.get(NOTICE_ENV) or None
+        where = NOTICE_ENV
+        if notice_s is None:
+            return None
+    try:
+        value = float(notice_s)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if isinstance(notice_s, bool) or not math.isfinite(value) or value <= 0:
+        raise ConfigurationError(
+            f"{where} must be a number of seconds > 0 (SLURM's --signal=USR1@N), got {notice_s!r}"
+        )
+    return value
 
 
 def _who(got: list[Any]) -> str:
