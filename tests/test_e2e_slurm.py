@@ -79,6 +79,7 @@ def test_sbatch_job_trains_consistently(slurm_env, tmp_path, script, backend, ke
     root = tmp_path / "root"
     report = str(tmp_path / "rank-{rank}.json")
     env = job_env(slurm_env, root, 20, f"--patience 2 --report {report}")
+    env["FORGE_DIST_PREEMPT_NOTICE_S"] = "0.001"  # (the scripts' own is 120 s)
     run = run_bounded(
         [
             "sbatch",
@@ -99,6 +100,9 @@ def test_sbatch_job_trains_consistently(slurm_env, tmp_path, script, backend, ke
     assert r1["touched_root"] == 0 and r0["touched_root"] > 0, "exactly one writer"
     assert {c.manifest.writer["rank"] for c in CheckpointStore(str(root)).list()} == {0}
     assert subprocess.run([FORGE, "verify", str(root), "--all"], timeout=60).returncode == 0
+    # The chief warned, in the job's output, that the notice cannot fit a save.
+    warned = [ln for ln in logs.splitlines() if "notice of 0.001 s cannot fit" in ln]
+    assert warned and all("(measured by epoch 1)" in ln for ln in warned), logs[-3000:]
 
 
 def test_scancel_usr1_saves_once_requeues_and_resumes_exactly(slurm_env, tmp_path):
