@@ -33,6 +33,7 @@ bench: setup
 	$(PY) benchmarks/bench_save.py
 	$(PY) benchmarks/bench_keras.py
 	$(PY) benchmarks/bench_hosts.py
+	$(PY) benchmarks/bench_resume.py
 	$(PY) benchmarks/report.py
 
 clean:

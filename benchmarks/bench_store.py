@@ -33,7 +33,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -84,41 +83,12 @@ def s3_bench(src_mb: int, reps: int, base: str) -> dict:
     """Commit and verify against a local S3 endpoint, each against a plain baseline."""
     import hashlib
 
-    import boto3
     import s3fs
+    from _s3 import s3_endpoint
 
     from forge_dist.storage import CheckpointStore
 
-    # The endpoint in its own process, as a real one would be (in this process it would
-    # share the interpreter lock with the client's hashing threads).
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:  # until the endpoint answers (bounded)
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise SystemExit("the local S3 endpoint (moto.server) did not start") from None
-                time.sleep(0.1)
-        creds = {"aws_access_key_id": "bench", "aws_secret_access_key": "bench"}
-        boto3.client("s3", endpoint_url=url, region_name="us-east-1", **creds).create_bucket(
-            Bucket="bench"
-        )
-        options = {
-            "key": "bench",
-            "secret": "bench",
-            "client_kwargs": {"endpoint_url": url, "region_name": "us-east-1"},
-        }
+    with s3_endpoint() as (options, upstream):
         fs = s3fs.S3FileSystem(**options)
         src = os.path.join(base, "s3-src")
         nbytes = make_payload(src, src_mb)
@@ -144,7 +114,7 @@ def s3_bench(src_mb: int, reps: int, base: str) -> dict:
             fs.rm(f"bench/plain-{rep}", recursive=True)
             store.apply_retention(Retention(keep_last=1))
         med = {k: statistics.median(v) for k, v in t.items()}
-        faults = faulty_network(("127.0.0.1", port), options)
+        faults = faulty_network(upstream, options)
         return {
             "faulty_network": faults,
             "bytes": nbytes,
@@ -156,9 +126,6 @@ def s3_bench(src_mb: int, reps: int, base: str) -> dict:
                 "verify_throughput_vs_read_sha256": med["read_sha256"] / med["verify"],
             },
         }
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 def faulty_network(upstream: tuple[str, int], options: dict, trials: int = 20) -> dict:

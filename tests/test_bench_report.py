@@ -102,3 +102,22 @@ def test_report_has_the_rows_across_hosts(tmp_path):
         ("bytes per save on the non-chief host's `/scratch`", 0.0),
     ]
     assert "the same 4 ranks in one namespace" in (out / "results.md").read_text()
+
+
+def test_report_has_the_resume_rows(tmp_path):
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    out.mkdir()
+    seconds = {k: {"median": v} for k, v in (("keras", 2.0), ("forge", 1.5), ("s3 keras", 8.0))}
+    resume = {
+        "seconds": {**seconds, "s3 forge": {"median": 6.0}},
+        "ratios": {"forge_vs_keras_load": 0.75, "s3_forge_vs_s3fs_get_and_load": 0.75},
+    }
+    (src / "resume.json").write_text(json.dumps(resume))
+    assert report.main(["--in-dir", str(src), "--out-dir", str(out)]) == 0
+    table = json.loads((out / "results.json").read_text())["table"]
+    assert [(r["baseline"], r["ours"], r["theirs"], r["ratio"]) for r in table] == [
+        ("`keras.models.load_model` (no check)", "1.50 s", "2.00 s", 0.75),
+        ("`s3fs get` + `load_model`", "6.00 s", "8.00 s", 0.75),
+    ]
+    assert "**Resume rows (6.)**" in (out / "results.md").read_text()

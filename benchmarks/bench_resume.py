@@ -1,0 +1,179 @@
+"""What a verified resume costs against a plain Keras load, measured the interleaved way.
+
+    python benchmarks/bench_resume.py [--rounds 5]
+
+The 50 M-parameter model of bench_save.py (Adam, after one step: a 605 MB ``.keras``),
+saved once as ``plain.keras`` by ``model.save`` and once as a forge_dist step (the
+checkpoint callback's save) in a local root and in an S3 root on moto's server on
+127.0.0.1. Each figure is *from nothing to a model ready to train*:
+
+- **keras**: ``keras.models.load_model("plain.keras")``: no check of any byte;
+- **forge**: build and compile the model, then ``restore_latest(model, root)``: every
+  byte of the step hashed against its manifest (``verify="full"``, the default);
+- **s3 keras**: ``s3fs get`` of ``plain.keras`` into a local file, then ``load_model``;
+- **s3 forge**: build and compile, then ``restore_latest(model, "s3://…")``.
+
+Local figures start from a cold page cache: every file involved is written out
+(``os.sync``) and dropped from the cache (``posix_fadvise(DONTNEED)``) before each load.
+moto keeps its objects in memory, so the S3 figures are of HTTP and the client, not of a
+disk. Rounds alternate the order of the kinds; medians over the rounds after the first
+(which warms up). Baselines: **keras** for **forge**, **s3 keras** for **s3 forge**.
+
+Writes benchmarks/out/resume.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+KINDS = ["keras", "forge", "s3 keras", "s3 forge"]
+
+
+def drop_cache(paths: list[str]) -> None:
+    """Every file under ``paths`` written out and dropped from the page cache."""
+    os.sync()
+    for top in paths:
+        files = [top] if os.path.isfile(top) else []
+        for d, _, names in os.walk(top):
+            files += [os.path.join(d, n) for n in names]
+        for path in files:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def run(rounds: int) -> dict:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import numpy as np
+    import s3fs
+    from _s3 import s3_endpoint
+    from bench_save import big_model
+
+    from forge_dist.comm import LocalCommunicator
+    from forge_dist.keras import _compat, restore_latest
+    from forge_dist.keras.saving import save_to_store
+    from forge_dist.storage import CheckpointStore
+
+    keras = _compat.keras
+    local = LocalCommunicator()
+    base = tempfile.mkdtemp(prefix="forge-bench-resume-")
+    try:
+        with s3_endpoint() as (options, _):
+            model = big_model()
+            rng = np.random.default_rng(0)
+            x = rng.normal(size=(8, 2048)).astype("float32")
+            y = rng.normal(size=(8, 10)).astype("float32")
+            model.fit(x, y, batch_size=8, epochs=1, verbose=0)  # Adam's slots exist
+            plain = os.path.join(base, "plain.keras")
+            model.save(plain)
+            fs = s3fs.S3FileSystem(**options)
+            fs.put(plain, "bench/plain.keras")
+            roots = {"forge": os.path.join(base, "root"), "s3 forge": "s3://bench/root"}
+            for root in roots.values():
+                store = CheckpointStore(root, options if root.startswith("s3") else None)
+                save_to_store(
+                    store,
+                    1,
+                    model,
+                    weights_only=False,
+                    metrics={},
+                    state={"epoch": 0, "epoch_done": True},
+                    writer={"rank": 0},
+                )
+            params, size = int(model.count_params()), os.path.getsize(plain)
+            expected = [w.copy() for w in model.get_weights()]
+            del model
+
+            def keras_load() -> object:
+                return keras.models.load_model(plain)
+
+            def forge_load(root: str) -> object:
+                fresh = big_model()
+                opts = options if root.startswith("s3") else None
+                restore_latest(fresh, root, opts, communicator=local, verbose=0)
+                return fresh
+
+            def s3_keras_load() -> object:
+                got = os.path.join(base, "got.keras")
+                fs.get("bench/plain.keras", got)
+                try:
+                    return keras.models.load_model(got)
+                finally:
+                    os.remove(got)
+
+            loads = {
+                "keras": keras_load,
+                "forge": lambda: forge_load(roots["forge"]),
+                "s3 keras": s3_keras_load,
+                "s3 forge": lambda: forge_load(roots["s3 forge"]),
+            }
+            times: dict[str, list[float]] = {k: [] for k in KINDS}
+            for r in range(rounds):
+                order = KINDS if r % 2 == 0 else KINDS[::-1]
+                for kind in order:
+                    keras.backend.clear_session()
+                    gc.collect()
+                    drop_cache([plain, roots["forge"]])
+                    t0 = time.perf_counter()
+                    loaded = loads[kind]()
+                    times[kind].append(time.perf_counter() - t0)
+                    got = loaded.get_weights()  # type: ignore[attr-defined]
+                    if not all(np.array_equal(a, b) for a, b in zip(got, expected, strict=True)):
+                        raise SystemExit(f"{kind}: the loaded weights differ from the saved ones")
+                    del loaded, got
+                print(
+                    f"   round {r}: " + ", ".join(f"{k} {times[k][-1]:.2f} s" for k in KINDS),
+                    flush=True,
+                )
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    kept = {k: v[1:] if len(v) > 1 else v for k, v in times.items()}
+    med = {k: statistics.median(v) for k, v in kept.items()}
+    return {
+        "params": params,
+        "file_mb": size / 1e6,
+        "rounds": rounds,
+        "seconds": {k: {"median": med[k], "min": min(v), "max": max(v)} for k, v in kept.items()},
+        "ratios": {
+            "forge_vs_keras_load": med["forge"] / med["keras"],
+            "s3_forge_vs_s3fs_get_and_load": med["s3 forge"] / med["s3 keras"],
+        },
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=5, help="the first one warms up")
+    args = ap.parse_args()
+    res = run(args.rounds)
+    s, r = res["seconds"], res["ratios"]
+    print(
+        f"resume of the {res['params'] / 1e6:.0f} M-param model ({res['file_mb']:.0f} MB), "
+        f"medians of {args.rounds - 1} rounds:\n"
+        f"   local, cold cache: load_model {s['keras']['median']:.2f} s; build + verified "
+        f"restore {s['forge']['median']:.2f} s ({r['forge_vs_keras_load']:.2f}x)\n"
+        f"   S3 (moto): s3fs get + load_model {s['s3 keras']['median']:.2f} s; build + "
+        f"verified restore {s['s3 forge']['median']:.2f} s "
+        f"({r['s3_forge_vs_s3fs_get_and_load']:.2f}x)"
+    )
+    here = os.path.dirname(os.path.abspath(__file__))
+    os.makedirs(os.path.join(here, "out"), exist_ok=True)
+    with open(os.path.join(here, "out", "resume.json"), "w") as f:
+        json.dump(res, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
