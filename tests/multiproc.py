@@ -88,6 +88,29 @@ def run_bounded(cmd: list[str], env: dict[str, str], bound_s: float) -> Run:
     return Background(cmd, env).wait(bound_s)
 
 
+def sbatch_env(base: dict[str, str], root: str, epochs: int, train_args: str) -> dict[str, str]:
+    """``base`` (with SLURM_CONF) and the FORGE_* settings of slurm/job-common.sh."""
+    return dict(
+        base,
+        FORGE_CHECKPOINT_DIR=root,
+        FORGE_EPOCHS=str(epochs),
+        FORGE_PYTHON=sys.executable,
+        FORGE_TRAIN_ARGS=train_args,
+    )
+
+
+def sbatch_wait(script: str, args: list[str], env: dict[str, str], out_dir: str) -> tuple:
+    """``sbatch ARGS --wait slurm/SCRIPT.sbatch`` (bounded), the job's output in
+    ``out_dir/job-<id>.out``; ``(the sbatch run, every job output of out_dir)``."""
+    repo = os.path.dirname(HERE)
+    path = os.path.join(repo, "slurm", f"{script}.sbatch")
+    run = run_bounded(["sbatch", *args, "--wait", f"--output={out_dir}/job-%j.out", path], env, 300)
+    from pathlib import Path
+
+    logs = "".join(p.read_text() for p in sorted(Path(out_dir).glob("job-*.out")))
+    return run, logs
+
+
 def wait_until(condition, bound_s: float, what: str, job: Background | None = None) -> None:
     """Poll ``condition`` (an outside event: a file, a process) until it holds; fail past
     ``bound_s``, or at once if ``job`` ended first."""

@@ -12,7 +12,7 @@ import time
 
 import pytest
 from cluster import Cluster
-from multiproc import read_rank_reports, run_bounded
+from multiproc import read_rank_reports, run_bounded, sbatch_env, sbatch_wait
 
 from forge_dist.storage import CheckpointStore
 
@@ -31,13 +31,7 @@ def cluster():
 
 
 def job_env(cluster: Cluster, root: str, epochs: int, train_args: str) -> dict[str, str]:
-    return dict(
-        cluster.slurm_env,
-        FORGE_CHECKPOINT_DIR=root,
-        FORGE_EPOCHS=str(epochs),
-        FORGE_PYTHON=sys.executable,
-        FORGE_TRAIN_ARGS=train_args,
-    )
+    return sbatch_env(cluster.slurm_env, root, epochs, train_args)
 
 
 def job_state(cluster: Cluster, job: str) -> dict[str, str]:
@@ -85,23 +79,8 @@ def test_an_sbatch_job_on_n_nodes_runs_a_rank_on_each_and_they_agree(
     root = str(cluster.shared / f"sbatch-{script}-{n}")
     report = str(tmp_path / "rank-{rank}.json")
     env = job_env(cluster, root, 20, f"--patience 2 --report {report}")
-    run = run_bounded(
-        [
-            "sbatch",
-            "-N",
-            str(n),
-            "-n",
-            str(n),
-            "-w",
-            ",".join(nodes),
-            "--wait",
-            f"--output={tmp_path}/job-%j.out",
-            os.path.join(ROOT, "slurm", f"{script}.sbatch"),
-        ],
-        env,
-        bound_s=300,
-    )
-    logs = "".join(p.read_text() for p in tmp_path.glob("job-*.out"))
+    placed = ["-N", str(n), "-n", str(n), "-w", ",".join(nodes)]
+    run, logs = sbatch_wait(script, placed, env, str(tmp_path))
     assert run.returncode == 0, run.output + logs[-3000:]
     assert f"{n} tasks on {cluster.name}-h[1-{n}]" in logs
     reports = read_rank_reports(report, n)

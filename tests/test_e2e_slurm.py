@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from multiproc import read_rank_reports, run_bounded
+from multiproc import read_rank_reports, sbatch_env, sbatch_wait
 
 from forge_dist.storage import CheckpointStore
 
@@ -56,13 +56,7 @@ def job_state(env: dict[str, str], job: str) -> dict[str, str]:
 
 
 def job_env(slurm_env, root, epochs, train_args):
-    return dict(
-        slurm_env,
-        FORGE_CHECKPOINT_DIR=str(root),
-        FORGE_EPOCHS=str(epochs),
-        FORGE_PYTHON=sys.executable,
-        FORGE_TRAIN_ARGS=train_args,
-    )
+    return sbatch_env(slurm_env, str(root), epochs, train_args)
 
 
 @pytest.mark.parametrize(
@@ -80,17 +74,7 @@ def test_sbatch_job_trains_consistently(slurm_env, tmp_path, script, backend, ke
     report = str(tmp_path / "rank-{rank}.json")
     env = job_env(slurm_env, root, 20, f"--patience 2 --report {report}")
     env["FORGE_DIST_PREEMPT_NOTICE_S"] = "0.001"  # (the scripts' own is 120 s)
-    run = run_bounded(
-        [
-            "sbatch",
-            "--wait",
-            f"--output={tmp_path}/job-%j.out",
-            os.path.join(ROOT, "slurm", f"{script}.sbatch"),
-        ],
-        env,
-        bound_s=300,
-    )
-    logs = "".join(p.read_text() for p in tmp_path.glob("job-*.out"))
+    run, logs = sbatch_wait(script, [], env, str(tmp_path))
     assert run.returncode == 0, run.output + logs[-3000:]
     assert "2 tasks on" in logs
     r0, r1 = read_rank_reports(report)
