@@ -57,13 +57,15 @@ def _load_payload(path: str, weights_only: bool, model: Any, custom_objects: Any
     return loaded.get_weights(), opt_values or None
 
 
-def _fetch(store: Any, step: int, model: Any, custom_objects: Any) -> tuple:
-    """``(weights, optimizer values)`` of ``step``, every byte verified as it is read:
+def _fetch(store: Any, info: Any, model: Any, custom_objects: Any) -> tuple:
+    """``(weights, optimizer values)`` of the step ``info`` lists, every byte verified as
+    it is read:
     in place where it can be (:func:`_fetch_in_place`), else downloaded to local scratch
     (verified while copied) and loaded."""
-    in_place = _fetch_in_place(store, step, model)
+    in_place = _fetch_in_place(store, info, model)
     if in_place is not None:
         return in_place
+    step = info.step
     scratch = tempfile.mkdtemp(prefix="forge-dist-restore-")
     try:
         dest = store.download(step, os.path.join(scratch, "ckpt"))
@@ -75,14 +77,13 @@ def _fetch(store: Any, step: int, model: Any, custom_objects: Any) -> tuple:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _fetch_in_place(store: Any, step: int, model: Any) -> tuple | None:
+def _fetch_in_place(store: Any, info: Any, model: Any) -> tuple | None:
     """Keras 3: the step's one file read once into memory, hashed while read, and its
     datasets taken as arrays where they lie (found through the layout Keras' own saving
     walk gives ``model``): no temporary copy and no second model. None where the model
     or the file does not allow it (then the caller loads it the usual way)."""
     from forge_dist.keras import h5read, staged
 
-    info = store.get(step)
     files = [e.path for e in info.manifest.files] if info.manifest else []
     if files not in ([MODEL_FILE], [WEIGHTS_FILE]):
         return None
@@ -91,7 +92,7 @@ def _fetch_in_place(store: Any, step: int, model: Any) -> tuple | None:
     except staged.NotStageable as e:
         log.debug("restoring %s the usual way: %s", info.name, e)
         return None
-    buf = store.read_verified(info.name, files[0])
+    buf = store.read_verified(info, files[0])  # (the manifest as listed, not read again)
     try:
         arrays = h5read.arrays_in_place(
             buf, files[0] == MODEL_FILE, layout.datasets, len(layout.variables)
@@ -123,7 +124,7 @@ def _weights_of_epoch(
     ]
     if match and store.is_intact(match[-1], "fast" if verify == "full" else verify):
         try:
-            return fetch(match[-1].step)[0]  # every byte hashed as it is read
+            return fetch(match[-1])[0]  # every byte hashed as it is read
         except IntegrityError as e:
             log.warning("skipping corrupt %s in %s: %s", match[-1].name, store.display, e)
     return None
@@ -216,8 +217,8 @@ def _chief_restore(
             raise ConfigurationError(damaged)
         infos = wanted
 
-    def fetch(step: int) -> tuple:
-        return _fetch(store, step, model, custom_objects)
+    def fetch(info: Any) -> tuple:
+        return _fetch(store, info, model, custom_objects)
 
     fetched = None
     for info in reversed(infos):
@@ -231,7 +232,7 @@ def _chief_restore(
         fingerprint = info.manifest.run.get("model_fingerprint")
         check_same_model(fingerprint, model, info.step, store.display)
         try:
-            fetched = fetch(info.step)
+            fetched = fetch(info)
         except IntegrityError as e:
             if step is not None:
                 raise ConfigurationError(damaged) from e

@@ -261,11 +261,15 @@ class CheckpointStore:
         name = step_dirname(name_or_step) if isinstance(name_or_step, int) else name_or_step
         return self._backend.open_read(name, validate_relpath(path))
 
-    def read_verified(self, name_or_step: str | int, path: str) -> bytearray:
-        """One file of a committed step, read once into memory and hashed while read;
+    def read_verified(self, step: str | int | CheckpointInfo, path: str) -> bytearray:
+        """One file of a committed step (its name, number, or its listed info, whose
+        manifest is then not read again), read once into memory and hashed while read;
         :class:`IntegrityError` unless it matches the step's manifest."""
-        name = step_dirname(name_or_step) if isinstance(name_or_step, int) else name_or_step
-        info = self.info(name)
+        if isinstance(step, CheckpointInfo):
+            name, info = step.name, step
+        else:
+            name = step_dirname(step) if isinstance(step, int) else step
+            info = self.info(name)
         if info is None or info.manifest is None:
             raise IntegrityError(f"{name} in {self.display} has no readable manifest")
         entry = next((e for e in info.manifest.files if e.path == path), None)
