@@ -112,6 +112,7 @@ def test_report_has_the_resume_rows(tmp_path):
     resume = {
         "seconds": {**seconds, "s3 forge": {"median": 6.0}},
         "ratios": {"forge_vs_keras_load": 0.75, "s3_forge_vs_s3fs_get_and_load": 0.75},
+        "read_seconds": {"one at a time": 0.8, "4 in flight": 0.4, "O_DIRECT, 4 in flight": 0.5},
     }
     (src / "resume.json").write_text(json.dumps(resume))
     assert report.main(["--in-dir", str(src), "--out-dir", str(out)]) == 0
@@ -119,5 +120,7 @@ def test_report_has_the_resume_rows(tmp_path):
     assert [(r["baseline"], r["ours"], r["theirs"], r["ratio"]) for r in table] == [
         ("`keras.models.load_model` (no check)", "1.50 s", "2.00 s", 0.75),
         ("`s3fs get` + `load_model`", "6.00 s", "8.00 s", 0.75),
+        ("one buffered 8 MiB read at a time", "0.40 s", "0.80 s", 0.5),
+        ("one buffered 8 MiB read at a time", "0.50 s", "0.80 s", 0.625),
     ]
     assert "**Resume rows (6.)**" in (out / "results.md").read_text()

@@ -182,3 +182,52 @@ def test_read_all_hashed_takes_short_reads_as_they_come():
         assert (bytes(buf), size, digest) == (data, len(data), hashlib.sha256(data).hexdigest())
     buf, size, _ = read_all_hashed(Trickle(data, 2**20), len(data) - 10)
     assert size == len(data) - 9, "a longer file reads as one byte more than expected"
+
+
+@pytest.mark.parametrize("n", [0, 1, 8 * 2**20, 8 * 2**20 + 1, 3 * 8 * 2**20 + 5])
+def test_a_local_file_read_by_several_reads_hashes_what_is_there_in_order(tmp_path, n):
+    """A regular file is read by positional reads in flight: whatever its size against
+    the manifest's (equal, one byte short, one byte long, a whole read past its end),
+    the bytes, the count and the hash are those of reading it in order."""
+    import hashlib
+
+    from forge_dist.storage.hashing import read_all_hashed
+
+    data = np.random.default_rng(n).integers(0, 256, n, "uint8").tobytes()
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    for expected in {n, max(n - 1, 0), n + 1, n + 8 * 2**20}:
+        with open(path, "rb", buffering=0) as f:
+            buf, size, digest = read_all_hashed(f, expected)
+        kept = data[:expected]
+        assert size == len(kept) + (n > expected), (n, expected)
+        assert digest == hashlib.sha256(kept).hexdigest(), (n, expected)
+        assert bytes(buf[: len(kept)]) == kept and len(buf) == expected
+
+
+def test_a_local_file_is_read_with_reads_in_flight_once_each(tmp_path, monkeypatch):
+    """The first two reads of a step's file of several chunks are in flight at once
+    (each waits here for the other: reading one at a time would break the barrier), and
+    every byte is read once."""
+    import os
+    import threading
+
+    store = CheckpointStore(str(tmp_path / "root"))
+    data = np.random.default_rng(3).integers(0, 256, 5 * 8 * 2**20 + 7, "uint8").tobytes()
+    with store.writer(1) as w:
+        w.add_bytes("big", data)
+    both = threading.Barrier(2, timeout=10)
+    read: list[int] = []
+    preadv = os.preadv
+
+    def one_of_several(fd, buffers, offset):
+        if len(read) < 2:
+            read.append(0)
+            both.wait()
+        n = preadv(fd, buffers, offset)
+        read.append(n)
+        return n
+
+    monkeypatch.setattr(os, "preadv", one_of_several)
+    assert store.read_verified(1, "big") == data
+    assert sum(read) == len(data), "every byte read once"

@@ -79,7 +79,7 @@ def weights_span(buf: memoryview, archive: bool) -> tuple[int, int]:
 
 
 def arrays_in_place(
-    buf: bytearray, archive: bool, datasets: Sequence[DatasetSpec], sources: int
+    buf: memoryview | bytearray, archive: bool, datasets: Sequence[DatasetSpec], sources: int
 ) -> list[np.ndarray]:
     """One array per source (``datasets``' ``source`` numbers, ``0..sources-1``): views
     of the weight file's datasets in ``buf``, checked against each dataset's shape and

@@ -261,7 +261,7 @@ class CheckpointStore:
         name = step_dirname(name_or_step) if isinstance(name_or_step, int) else name_or_step
         return self._backend.open_read(name, validate_relpath(path))
 
-    def read_verified(self, step: str | int | CheckpointInfo, path: str) -> bytearray:
+    def read_verified(self, step: str | int | CheckpointInfo, path: str) -> memoryview:
         """One file of a committed step (its name, number, or its listed info, whose
         manifest is then not read again), read once into memory and hashed while read;
         :class:`IntegrityError` unless it matches the step's manifest."""
