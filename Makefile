@@ -34,6 +34,7 @@ bench: setup
 	$(PY) benchmarks/bench_keras.py
 	$(PY) benchmarks/bench_hosts.py
 	$(PY) benchmarks/bench_resume.py
+	$(PY) benchmarks/bench_resume_ranks.py
 	$(PY) benchmarks/report.py
 
 clean:

@@ -8,12 +8,13 @@ not fit this machine's 24 GiB) is saved once as a forge_dist step in a local roo
 rank then builds and compiles the model and restores the step, two ways, interleaved
 round by round in one ``mpirun``:
 
-- **broadcast** (what ``restore_latest`` does): the chief lists the root, reads the
-  step once, hashing every byte, and sends the weights, optimizer variables and state to
-  every other rank over MPI (a star of point-to-point messages from rank 0);
-- **every rank reads**: the chief picks the step and broadcasts its listing (a few kB);
-  every rank reads the step's file itself, hashing every byte against the manifest, and
-  takes its arrays in place.
+- **broadcast** (``read_on="chief"``, the default): the chief lists the root, reads the step once,
+  hashing every byte, and sends the weights, optimizer variables and state to every
+  other rank over MPI (a star of point-to-point messages from rank 0);
+- **every rank reads** (``read_on="every_rank"``):
+  the chief picks the step and broadcasts its listing (a few kB); every rank reads the
+  step's file itself, hashing every byte against the manifest, and takes its arrays in
+  place.
 
 A round is timed from a barrier to the last rank done (the chief's clock, the build
 excluded). The step's file is dropped from the page cache before each round; the ranks
@@ -86,25 +87,6 @@ def save(root: str) -> tuple[int, int]:
     return int(m.count_params()), sum(f.size for f in store.get(1).manifest.files)
 
 
-def every_rank_reads(m, root: str, comm) -> None:
-    """Every rank reads and hashes the step the chief picked, in place."""
-    from forge_dist.comm import agree
-    from forge_dist.keras import restore
-    from forge_dist.storage import CheckpointStore
-
-    store = CheckpointStore(root)
-
-    def newest():
-        return next(i for i in reversed(store.list()) if store.is_intact(i, "fast"))
-
-    info = agree(comm, "choose", newest)
-    got = restore._fetch_in_place(store, info, m)
-    if got is None:
-        raise SystemExit("the step could not be read in place")
-    restore._apply(m, got[0], got[1], info.state)
-    comm.allgather(True, name="read")
-
-
 def worker(root: str, rounds: int) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import gc
@@ -129,10 +111,8 @@ def worker(root: str, rounds: int) -> int:
                 drop_cache([step_dir])
             comm.barrier()
             t0 = time.perf_counter()
-            if way == "broadcast":
-                restore_latest(m, root, communicator=comm, verbose=0)
-            else:
-                every_rank_reads(m, root, comm)
+            read_on = "chief" if way == "broadcast" else "every_rank"
+            restore_latest(m, root, communicator=comm, verbose=0, read_on=read_on)
             comm.barrier()
             times[way].append(time.perf_counter() - t0)
             got = [w.copy() for w in m.get_weights()]

@@ -125,11 +125,25 @@ def host_rows(hosts: dict) -> list[Row]:
 
 
 def resume_rows(resume: dict) -> list[Row]:
-    """Resuming (benchmarks/bench_resume.py)."""
-    if not resume:
-        return []
-    s, r = resume["seconds"], resume["ratios"]
+    """Resuming (benchmarks/bench_resume.py; across ranks, bench_resume_ranks.py)."""
     group = "6. resume"
+    ranks = resume.get("ranks") or {}
+    across = [
+        Row(
+            group,
+            f"`restore_latest(read_on=\"every_rank\")`, {n} ranks (`mpirun`, one host), "
+            f"{ranks.get('params', 0) / 1e6:.1f} M params",
+            "the chief reads and broadcasts (the default)",
+            _s(t["seconds"]["every rank reads"]),
+            _s(t["seconds"]["broadcast"]),
+            t["ratio_every_rank_vs_broadcast"],
+            "",
+        )
+        for n, t in (ranks.get("ranks") or {}).items()
+    ]
+    if "seconds" not in resume:
+        return across
+    s, r = resume["seconds"], resume["ratios"]
     return [
         Row(
             group,
@@ -162,7 +176,7 @@ def resume_rows(resume: dict) -> list[Row]:
         for reads in [resume.get("read_seconds") or {}]
         for how, t in reads.items()
         if how != "one at a time"
-    ]
+    ] + across
 
 
 def rows(
@@ -308,7 +322,10 @@ NOTES = (
             "written out and dropped from the page cache before each load; moto serves S3 "
             "from memory. The kinds alternate their order round by round; medians after "
             "the first round. The read rows time a cold read of the step's file alone (no "
-            "hash, no model) three ways, the way the restore reads it chosen from them."
+            "hash, no model) three ways, the way the restore reads it chosen from them. The "
+            "rank rows (`benchmarks/bench_resume_ranks.py`) restore a 151 MB step on every "
+            "rank of one `mpirun`, from a barrier to the last rank done, the two ways "
+            "alternating round by round; the ranks share one host's disk and page cache."
         ),
     ),
     (
@@ -398,6 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     store, keras = _load(args.in_dir, "store"), _load(args.in_dir, "keras")
     save, hosts = _load(args.in_dir, "save"), _load(args.in_dir, "hosts")
     resume = _load(args.in_dir, "resume")
+    if _load(args.in_dir, "resume_ranks"):
+        resume = {**resume, "ranks": _load(args.in_dir, "resume_ranks")}
     if not store and not keras and not save and not hosts and not resume:
         print(f"no benchmark output in {args.in_dir}: run `make bench`", file=sys.stderr)
         return 2

@@ -124,3 +124,27 @@ def test_report_has_the_resume_rows(tmp_path):
         ("one buffered 8 MiB read at a time", "0.50 s", "0.80 s", 0.625),
     ]
     assert "**Resume rows (6.)**" in (out / "results.md").read_text()
+
+
+def test_report_has_a_row_per_rank_count_of_the_resume_across_ranks(tmp_path):
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    out.mkdir()
+    ranks = {
+        "params": 12.6e6,
+        "ranks": {
+            str(n): {
+                "seconds": {"broadcast": 1.0 * n, "every rank reads": 0.75 * n},
+                "ratio_every_rank_vs_broadcast": 0.75,
+            }
+            for n in (2, 8)
+        },
+    }
+    (src / "resume_ranks.json").write_text(json.dumps(ranks))
+    assert report.main(["--in-dir", str(src), "--out-dir", str(out)]) == 0
+    table = json.loads((out / "results.json").read_text())["table"]
+    assert [(r["ours"], r["theirs"], r["ratio"]) for r in table] == [
+        ("1.50 s", "2.00 s", 0.75),
+        ("6.00 s", "8.00 s", 0.75),
+    ]
+    assert "8 ranks" in table[1]["measure"] and "12.6 M params" in table[1]["measure"]

@@ -102,7 +102,7 @@ def test_a_restore_reads_the_step_once_into_the_models_own_variables(tmp_path, m
     """Keras 3: the step's file is read once, every byte hashed as it is read, and its
     arrays are assigned into the model's variables: no download to a temporary copy, no
     second model from keras.models.load_model; weights and optimizer bit-identical."""
-    from forge_dist.keras import restore as restore_mod
+    from forge_dist.keras import _read_step
     from forge_dist.storage import CheckpointStore
 
     root = tmp_path / "r"
@@ -117,7 +117,7 @@ def test_a_restore_reads_the_step_once_into_the_models_own_variables(tmp_path, m
         raise AssertionError("restored through a download and a second model")
 
     monkeypatch.setattr(CheckpointStore, "download", not_this_way)
-    monkeypatch.setattr(restore_mod, "_load_payload", not_this_way)
+    monkeypatch.setattr(_read_step, "load_payload", not_this_way)
     fresh = make_model(seed=11)
     r = fk.restore_latest(fresh, str(root), communicator=LOCAL)
     assert r.step == 8 and r.initial_epoch == 2

@@ -9,9 +9,6 @@ forge_dist's callbacks pick up in ``on_train_begin``. Pass the returned
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,11 +16,10 @@ from forge_dist._launch import fresh_start_allowed, restarts
 from forge_dist._urls import redact_url
 from forge_dist.comm import Communicator, agree, get_communicator
 from forge_dist.errors import ConfigurationError, IntegrityError
-from forge_dist.keras import _compat
+from forge_dist.keras import _compat, _read_step
 from forge_dist.keras._state import WEIGHTS_OF_EPOCH, Restored, registry, root_key, set_pending
-from forge_dist.keras.callbacks.broadcast import assign_optimizer_variables, optimizer_values
+from forge_dist.keras.callbacks.broadcast import assign_optimizer_variables
 from forge_dist.keras.run import check_same_model
-from forge_dist.keras.saving import MODEL_FILE, WEIGHTS_FILE
 
 log = logging.getLogger("forge_dist.keras")
 
@@ -42,72 +38,6 @@ class RestoreResult:
     #: ``initial_epoch`` already trained (a position valid at any number of ranks).
     initial_sample: int | None = None
     world_size: int | None = None  # ranks of the job that saved it (None: not recorded)
-
-
-def _load_payload(path: str, weights_only: bool, model: Any, custom_objects: Any) -> tuple:
-    """``(weights, optimizer values)`` from a saved file; a weights file is loaded into
-    ``model`` itself, a ``.keras`` archive into a new model."""
-    if weights_only:
-        if model.optimizer is not None:
-            _compat.ensure_optimizer_built(model)  # so saved optimizer variables load too
-        model.load_weights(path)
-        return model.get_weights(), optimizer_values(model) if model.optimizer else None
-    loaded = _compat.keras.models.load_model(path, custom_objects=custom_objects, compile=True)
-    opt_values = optimizer_values(loaded) if getattr(loaded, "optimizer", None) else []
-    return loaded.get_weights(), opt_values or None
-
-
-def _fetch(store: Any, info: Any, model: Any, custom_objects: Any) -> tuple:
-    """``(weights, optimizer values)`` of the step ``info`` lists, every byte verified as
-    it is read:
-    in place where it can be (:func:`_fetch_in_place`), else downloaded to local scratch
-    (verified while copied) and loaded."""
-    in_place = _fetch_in_place(store, info, model)
-    if in_place is not None:
-        return in_place
-    step = info.step
-    scratch = tempfile.mkdtemp(prefix="forge-dist-restore-")
-    try:
-        dest = store.download(step, os.path.join(scratch, "ckpt"))
-        for name, weights_only in ((MODEL_FILE, False), (WEIGHTS_FILE, True)):
-            if os.path.exists(os.path.join(dest, name)):
-                return _load_payload(os.path.join(dest, name), weights_only, model, custom_objects)
-        raise ConfigurationError(f"step {step} holds neither {MODEL_FILE} nor {WEIGHTS_FILE}")
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-
-
-def _fetch_in_place(store: Any, info: Any, model: Any) -> tuple | None:
-    """Keras 3: the step's one file read once into memory, hashed while read, and its
-    datasets taken as arrays where they lie (found through the layout Keras' own saving
-    walk gives ``model``): no temporary copy and no second model. None where the model
-    or the file does not allow it (then the caller loads it the usual way)."""
-    from forge_dist.keras import h5read, staged
-
-    files = [e.path for e in info.manifest.files] if info.manifest else []
-    if files not in ([MODEL_FILE], [WEIGHTS_FILE]):
-        return None
-    try:
-        layout = staged.StagedLayout(model)
-    except staged.NotStageable as e:
-        log.debug("restoring %s the usual way: %s", info.name, e)
-        return None
-    buf = store.read_verified(info, files[0])  # (the manifest as listed, not read again)
-    try:
-        arrays = h5read.arrays_in_place(
-            buf, files[0] == MODEL_FILE, layout.datasets, len(layout.variables)
-        )
-    except h5read.NotInPlace as e:
-        log.debug("restoring %s the usual way: %s", info.name, e)
-        return None
-    found = {id(v): a for v, a in zip(layout.variables, arrays, strict=True)}
-    optimizer = _compat.optimizer_variables(model.optimizer) if model.optimizer else []
-    wanted = list(model.weights) + list(optimizer)
-    if any(id(v) not in found for v in wanted):
-        log.debug("restoring %s the usual way: a variable is not in its file", info.name)
-        return None
-    weights = [found[id(v)] for v in model.weights]
-    return weights, [found[id(v)] for v in optimizer] or None
 
 
 def _weights_of_epoch(
@@ -173,11 +103,13 @@ def _chief_restore(
     custom_objects: Any,
     epoch_end_only: bool = False,
     step: int | None = None,
+    read: Any = None,
 ) -> Any:
     """Chief: ``(loaded or None, corrupt steps skipped, passed over)``: the newest intact
     step (with ``epoch_end_only``, the newest taken at an epoch's end; ``passed over``
     names the newer mid-epoch ones, and ``loaded`` is None with only those; with
-    ``step``, that one, or an error)."""
+    ``step``, that one, or an error). ``read(store, info)`` reads the step chosen (by
+    default :func:`._read_step.fetch`, here alone)."""
     from forge_dist.storage import CheckpointStore
     from forge_dist.storage.manifest import STEP_RE
 
@@ -218,7 +150,7 @@ def _chief_restore(
         infos = wanted
 
     def fetch(info: Any) -> tuple:
-        return _fetch(store, info, model, custom_objects)
+        return _read_step.fetch(store, info, model, custom_objects)
 
     fetched = None
     for info in reversed(infos):
@@ -232,7 +164,7 @@ def _chief_restore(
         fingerprint = info.manifest.run.get("model_fingerprint")
         check_same_model(fingerprint, model, info.step, store.display)
         try:
-            fetched = fetch(info)
+            fetched = read(store, info) if read is not None else fetch(info)
         except IntegrityError as e:
             if step is not None:
                 raise ConfigurationError(damaged) from e
@@ -272,6 +204,47 @@ def _chief_restore(
     )
 
 
+def _decide(
+    comm: Any,
+    read_on: str,
+    directory: str,
+    storage_options: Any,
+    verify: str,
+    model: Any,
+    custom_objects: Any,
+    epoch_end_only: bool,
+    step: int | None,
+) -> Any:
+    """The chief's decision (:func:`_chief_restore`) on every rank, the step it chose read
+    by every rank or by the chief alone (see :mod:`._rank_reads`)."""
+    from forge_dist.keras import _rank_reads
+
+    def decide(read: Any = None) -> Any:
+        return _chief_restore(
+            directory, storage_options, verify, model, custom_objects, epoch_end_only, step, read
+        )
+
+    if read_on == "chief" or comm.size == 1:
+        return agree(comm, _rank_reads.NAME, decide)
+    if comm.is_chief:
+        fetch = _rank_reads.ChiefFetch(
+            comm,
+            lambda store, info: _read_step.fetch_in_place(store, info, model),
+            lambda store, info: _read_step.fetch(store, info, model, custom_objects),
+        )
+        return _rank_reads.lead(comm, decide, fetch)
+    from forge_dist.storage import CheckpointStore
+
+    stores: list[Any] = []
+
+    def read(info: Any) -> tuple | None:
+        if not stores:
+            stores.append(CheckpointStore(directory, storage_options))
+        return _read_step.fetch_in_place(stores[0], info, model)
+
+    return _rank_reads.follow(comm, read)
+
+
 def _apply(model: Any, weights: Any, opt_values: Any, state: dict[str, Any]) -> None:
     """Put the restored weights, optimizer variables and learning rate into ``model``."""
     model.set_weights(weights)
@@ -302,9 +275,18 @@ def restore_latest(
     step: int | None = None,
     epoch_end_only: bool = False,
     allow_fresh_start: bool = False,
+    read_on: str = "chief",
 ) -> RestoreResult:
     """Restore ``model`` (built and compiled) on every rank from the newest intact
     checkpoint under ``directory``; return what was restored and the ``initial_epoch``.
+
+    The chief picks the step. With ``read_on="chief"`` (the default) it reads the step
+    alone and sends it to every rank, so no other rank touches the root. With
+    ``read_on="every_rank"`` every rank reads that step itself, hashing every byte
+    against the manifest the chief read, and the chief sends its own verified arrays
+    only to make up for a rank that could not (the root is local to the chief's node,
+    its copy differs); faster where every rank sees the root (0.62–0.82× of the
+    chief's read and broadcast at 2, 4 and 8 ranks in benchmarks/bench_resume_ranks.py).
 
     ``step=N`` restores that step (an error when it is missing or damaged);
     ``epoch_end_only=True`` the newest taken at an epoch's end (to continue on another
@@ -331,6 +313,7 @@ def restore_latest(
         epoch_end_only,
         step,
         allow_fresh_start,
+        read_on,
     )
 
 
@@ -345,6 +328,7 @@ def restore(
     epoch_end_only: bool = False,
     step: int | None = None,
     allow_fresh_start: bool = False,
+    read_on: str = "chief",
 ) -> RestoreResult:
     """:func:`restore_latest`; with ``epoch_end_only`` from the newest step taken at an
     epoch's end (what a plain ``model.fit`` can continue from)."""
@@ -359,12 +343,18 @@ def restore(
             )
     if verify not in ("fast", "full"):
         raise ConfigurationError(f"verify must be 'fast' or 'full', got {verify!r}")
-    loaded, skipped, passed = agree(
+    if read_on not in ("every_rank", "chief"):
+        raise ConfigurationError(f"read_on must be 'every_rank' or 'chief', got {read_on!r}")
+    loaded, skipped, passed = _decide(
         comm,
-        "restore_latest",
-        lambda: _chief_restore(
-            directory, storage_options, verify, model, custom_objects, epoch_end_only, step
-        ),
+        read_on,
+        directory,
+        storage_options,
+        verify,
+        model,
+        custom_objects,
+        epoch_end_only,
+        step,
     )
     where = redact_url(directory)
     if loaded is not None and loaded[0] == "missing":
