@@ -1,6 +1,6 @@
 """What a verified resume costs against a plain Keras load, measured the interleaved way.
 
-    python benchmarks/bench_resume.py [--rounds 5]
+    python benchmarks/bench_resume.py [--rounds 5] [--params-m 50]
 
 The 50 M-parameter model of bench_save.py (Adam, after one step: a 605 MB ``.keras``),
 saved once as ``plain.keras`` by ``model.save`` and once as a forge_dist step (the
@@ -24,7 +24,7 @@ moto keeps its objects in memory, so the S3 figures are of HTTP and the client, 
 disk. Rounds alternate the order of the kinds; medians over the rounds after the first
 (which warms up). Baselines: **keras** for **forge**, **s3 keras** for **s3 forge**.
 
-Writes benchmarks/out/resume.json.
+Writes benchmarks/out/resume.json (``resume-200m.json`` for ``--params-m 200``, …).
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def read_modes(path: str, rounds: int) -> dict:
     return {k: statistics.median(v[1:] if len(v) > 1 else v) for k, v in times.items()}
 
 
-def run(rounds: int) -> dict:
+def run(rounds: int, params_m: float = 50) -> dict:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import numpy as np
     import s3fs
@@ -118,7 +118,7 @@ def run(rounds: int) -> dict:
     base = tempfile.mkdtemp(prefix="forge-bench-resume-")
     try:
         with s3_endpoint() as (options, _):
-            model = big_model()
+            model = big_model(params_m)
             rng = np.random.default_rng(0)
             x = rng.normal(size=(8, 2048)).astype("float32")
             y = rng.normal(size=(8, 10)).astype("float32")
@@ -149,7 +149,7 @@ def run(rounds: int) -> dict:
                 return keras.models.load_model(plain)
 
             def forge_load(root: str) -> object:
-                fresh = big_model()
+                fresh = big_model(params_m)
                 opts = options if root.startswith("s3") else None
                 restore_latest(fresh, root, opts, communicator=local, verbose=0)
                 return fresh
@@ -208,8 +208,11 @@ def run(rounds: int) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5, help="the first one warms up")
+    ap.add_argument(
+        "--params-m", type=float, default=50, help="model size, M parameters (50, 200, 400)"
+    )
     args = ap.parse_args()
-    res = run(args.rounds)
+    res = run(args.rounds, args.params_m)
     s, r = res["seconds"], res["ratios"]
     print(
         f"resume of the {res['params'] / 1e6:.0f} M-param model ({res['file_mb']:.0f} MB), "
@@ -224,7 +227,8 @@ def main() -> int:
     )
     here = os.path.dirname(os.path.abspath(__file__))
     os.makedirs(os.path.join(here, "out"), exist_ok=True)
-    with open(os.path.join(here, "out", "resume.json"), "w") as f:
+    name = "resume" if args.params_m == 50 else f"resume-{args.params_m:g}m"
+    with open(os.path.join(here, "out", f"{name}.json"), "w") as f:
         json.dump(res, f, indent=2)
     return 0
 

@@ -1,6 +1,6 @@
 """What a checkpoint of a 50 M parameter model costs training, measured the interleaved way.
 
-    python benchmarks/bench_save.py [--rounds 9] [--steps 10] [--block-epochs 2]
+    python benchmarks/bench_save.py [--rounds 9] [--steps 10] [--block-epochs 2] [--params-m 50]
 
 One ``fit`` of the model of FACTS-sized scale (Adam: a 605 MB ``.keras``), random data,
 TensorFlow at one thread (so one host core is free for a writer, as when an accelerator
@@ -30,7 +30,7 @@ faults in its buffers). Baseline: plain Keras ``ModelCheckpoint`` in the same fi
 Where ``orbax-checkpoint`` is installed, Keras' own asynchronous checkpointing
 (``keras.callbacks.OrbaxCheckpoint(save_on_background=True)``) takes a turn too.
 
-Writes benchmarks/out/save.json.
+Writes benchmarks/out/save.json (``save-200m.json`` for ``--params-m 200``, …).
 """
 
 from __future__ import annotations
@@ -54,17 +54,20 @@ def limit_threads() -> None:
     tf.config.threading.set_inter_op_parallelism_threads(1)
 
 
-def big_model():
-    """50.4 M parameters, Adam: a 605 MB ``.keras``."""
+def big_model(params_m: float = 50):
+    """About ``params_m`` M parameters, Adam: 50.4 M (a 605 MB ``.keras``) and 16.8 M
+    more for each further 4096-unit layer (200 M: 201.4 M, 2.4 GB; 400 M: 403 M, 4.8 GB)."""
     from forge_dist.keras import _compat
 
     keras = _compat.keras
     keras.utils.set_random_seed(0)
+    more = max(0, round((params_m - 50.4) / 16.78))
     model = keras.Sequential(
         [
             keras.Input((2048,)),
             keras.layers.Dense(8192),
             keras.layers.Dense(4096),
+            *[keras.layers.Dense(4096) for _ in range(more)],
             keras.layers.Dense(10),
         ]
     )
@@ -184,11 +187,11 @@ def costs(blocks: list, kinds: list[str], warmup_rounds: int = 1) -> dict:
     }
 
 
-def run(rounds: int, steps: int, block_epochs: int) -> dict:
+def run(rounds: int, steps: int, block_epochs: int, params_m: float = 50) -> dict:
     limit_threads()
     import numpy as np
 
-    model = big_model()
+    model = big_model(params_m)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(8 * steps, 2048)).astype("float32")
     y = rng.normal(size=(8 * steps, 10)).astype("float32")
@@ -224,8 +227,11 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=9, help="the first one warms up")
     ap.add_argument("--steps", type=int, default=10, help="steps an epoch")
     ap.add_argument("--block-epochs", type=int, default=2)
+    ap.add_argument(
+        "--params-m", type=float, default=50, help="model size, M parameters (50, 200, 400)"
+    )
     args = ap.parse_args()
-    res = run(args.rounds, args.steps, args.block_epochs)
+    res = run(args.rounds, args.steps, args.block_epochs, args.params_m)
     print(
         f"checkpoint of the {res['params'] / 1e6:.0f} M-param model ({res['file_mb']:.0f} MB), "
         f"TF at 1 thread, a clean block of {args.block_epochs} x {args.steps} steps takes "
@@ -238,7 +244,8 @@ def main() -> int:
         )
     here = os.path.dirname(os.path.abspath(__file__))
     os.makedirs(os.path.join(here, "out"), exist_ok=True)
-    with open(os.path.join(here, "out", "save.json"), "w") as f:
+    name = "save" if args.params_m == 50 else f"save-{args.params_m:g}m"
+    with open(os.path.join(here, "out", f"{name}.json"), "w") as f:
         json.dump(res, f, indent=2)
     return 0
 

@@ -124,6 +124,9 @@ def host_rows(hosts: dict) -> list[Row]:
     return out
 
 
+S3_RATIO = "s3_forge_vs_s3fs_get_and_load"
+
+
 def resume_rows(resume: dict) -> list[Row]:
     """Resuming (benchmarks/bench_resume.py; across ranks, bench_resume_ranks.py)."""
     group = "6. resume"
@@ -131,7 +134,7 @@ def resume_rows(resume: dict) -> list[Row]:
     across = [
         Row(
             group,
-            f"`restore_latest(read_on=\"every_rank\")`, {n} ranks (`mpirun`, one host), "
+            f'`restore_latest(read_on="every_rank")`, {n} ranks (`mpirun`, one host), '
             f"{ranks.get('params', 0) / 1e6:.1f} M params",
             "the chief reads and broadcasts (the default)",
             _s(t["seconds"]["every rank reads"]),
@@ -144,39 +147,61 @@ def resume_rows(resume: dict) -> list[Row]:
     if "seconds" not in resume:
         return across
     s, r = resume["seconds"], resume["ratios"]
-    return [
+    sized = [
         Row(
             group,
-            "build + verified `restore_latest`, local disk, cold cache",
-            "`keras.models.load_model` (no check)",
-            _s(s["forge"]["median"]),
-            _s(s["keras"]["median"]),
-            r["forge_vs_keras_load"],
+            f"the same, {other['params'] / 1e6:.0f} M params ({other['file_mb'] / 1e3:.1f} GB), "
+            f"{where}",
+            baseline,
+            _s(other["seconds"][ours]["median"]),
+            _s(other["seconds"][theirs]["median"]),
+            other["ratios"][ratio],
             "≤ 1.0",
-        ),
-        Row(
-            group,
-            "build + verified `restore_latest` from S3 (moto)",
-            "`s3fs get` + `load_model`",
-            _s(s["s3 forge"]["median"]),
-            _s(s["s3 keras"]["median"]),
-            r["s3_forge_vs_s3fs_get_and_load"],
-            "≤ 1.0",
-        ),
-    ] + [
-        Row(
-            group,
-            f"cold read of the step's file (no hash), {how}",
-            "one buffered 8 MiB read at a time",
-            _s(t),
-            _s(reads["one at a time"]),
-            t / reads["one at a time"],
-            "restore reads buffered, 4 in flight" if how == "4 in flight" else "",
         )
-        for reads in [resume.get("read_seconds") or {}]
-        for how, t in reads.items()
-        if how != "one at a time"
-    ] + across
+        for other in resume.get("sizes") or []
+        for where, baseline, ours, theirs, ratio in (
+            ("local", "`load_model`", "forge", "keras", "forge_vs_keras_load"),
+            ("S3", "`s3fs get` + `load_model`", "s3 forge", "s3 keras", S3_RATIO),
+        )
+    ]
+    return (
+        [
+            Row(
+                group,
+                "build + verified `restore_latest`, local disk, cold cache",
+                "`keras.models.load_model` (no check)",
+                _s(s["forge"]["median"]),
+                _s(s["keras"]["median"]),
+                r["forge_vs_keras_load"],
+                "≤ 1.0",
+            ),
+            Row(
+                group,
+                "build + verified `restore_latest` from S3 (moto)",
+                "`s3fs get` + `load_model`",
+                _s(s["s3 forge"]["median"]),
+                _s(s["s3 keras"]["median"]),
+                r["s3_forge_vs_s3fs_get_and_load"],
+                "≤ 1.0",
+            ),
+        ]
+        + [
+            Row(
+                group,
+                f"cold read of the step's file (no hash), {how}",
+                "one buffered 8 MiB read at a time",
+                _s(t),
+                _s(reads["one at a time"]),
+                t / reads["one at a time"],
+                "restore reads buffered, 4 in flight" if how == "4 in flight" else "",
+            )
+            for reads in [resume.get("read_seconds") or {}]
+            for how, t in reads.items()
+            if how != "one at a time"
+        ]
+        + sized
+        + across
+    )
 
 
 def rows(
@@ -417,6 +442,9 @@ def main(argv: list[str] | None = None) -> int:
     resume = _load(args.in_dir, "resume")
     if _load(args.in_dir, "resume_ranks"):
         resume = {**resume, "ranks": _load(args.in_dir, "resume_ranks")}
+    sizes = [_load(args.in_dir, f"resume-{m}m") for m in (200, 400)]
+    if resume and any(sizes):
+        resume = {**resume, "sizes": [x for x in sizes if x]}
     if not store and not keras and not save and not hosts and not resume:
         print(f"no benchmark output in {args.in_dir}: run `make bench`", file=sys.stderr)
         return 2

@@ -148,3 +148,27 @@ def test_report_has_a_row_per_rank_count_of_the_resume_across_ranks(tmp_path):
         ("6.00 s", "8.00 s", 0.75),
     ]
     assert "8 ranks" in table[1]["measure"] and "12.6 M params" in table[1]["measure"]
+
+
+def test_report_has_the_resume_rows_of_larger_models(tmp_path):
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    out.mkdir()
+
+    def resume(params, ratio):
+        kinds = ("keras", "forge", "s3 keras", "s3 forge")
+        return {
+            "params": params,
+            "file_mb": params * 12 / 1e6,
+            "seconds": {k: {"median": 1.0 + i} for i, k in enumerate(kinds)},
+            "ratios": {"forge_vs_keras_load": ratio, "s3_forge_vs_s3fs_get_and_load": ratio},
+        }
+
+    (src / "resume.json").write_text(json.dumps(resume(50e6, 0.5)))
+    (src / "resume-200m.json").write_text(json.dumps(resume(200e6, 0.7)))
+    assert report.main(["--in-dir", str(src), "--out-dir", str(out)]) == 0
+    table = json.loads((out / "results.json").read_text())["table"]
+    assert [(r["measure"], r["ratio"]) for r in table[2:]] == [
+        ("the same, 200 M params (2.4 GB), local", 0.7),
+        ("the same, 200 M params (2.4 GB), S3", 0.7),
+    ]
