@@ -73,9 +73,13 @@ def test_a_directory_that_does_not_exist_is_said_and_an_error_after_a_restart(
     os.makedirs(missing)
     with pytest.raises(ConfigurationError, match="restarted .* holds no trace of a run"):
         fk.restore_latest(make_model(), missing, communicator=LOCAL)
+    capsys.readouterr()
     assert not fk.restore_latest(
         make_model(), missing, communicator=LOCAL, allow_fresh_start=True
     ).restored
+    said = capsys.readouterr().out
+    assert "(it holds no step and no writer ever took it): training from the start" in said
+    assert "does not exist" not in said, "the folder is there"
     monkeypatch.setenv("FORGE_DIST_ALLOW_FRESH_START", "1")
     assert not fk.restore_latest(make_model(), missing, communicator=LOCAL).restored
 

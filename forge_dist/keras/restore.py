@@ -121,13 +121,14 @@ def _chief_restore(
             )
         # A first run; only a restarted job's error says where the chief looked.
         said = _whereabouts(directory, "does not exist") if restarts() else ""
-        return ("missing", said), [], []
+        return ("missing", said, "it does not exist yet"), [], []
     if STEP_RE.match(directory.rstrip("/").rsplit("/", 1)[-1]):
         _not_a_root(directory, storage_options)
     infos = store.list()
     if not infos and step is None and restarts() and store.lease() is None:
         # No step and no writer ever took this root: nothing of the first attempt is here.
-        return ("missing", _whereabouts(directory, "holds no trace of a run")), [], []
+        said = _whereabouts(directory, "holds no trace of a run")
+        return ("missing", said, "it holds no step and no writer ever took it"), [], []
     skipped: list[str] = []
     passed: list[Any] = []
     chosen = None
@@ -358,7 +359,7 @@ def restore(
     )
     where = redact_url(directory)
     if loaded is not None and loaded[0] == "missing":
-        found = loaded[1]
+        found, loaded_why = loaded[1], loaded[2]
         loaded = None
         if restarts() and not (allow_fresh_start or fresh_start_allowed()):
             raise ConfigurationError(
@@ -368,7 +369,7 @@ def restore(
                 "(or set FORGE_DIST_ALLOW_FRESH_START=1)"
             )
         if verbose:
-            tell(comm, f"no checkpoint in {where} (it does not exist yet): training from the start")
+            tell(comm, f"no checkpoint in {where} ({loaded_why}): training from the start")
     elif loaded is None and not skipped and verbose:
         tell(comm, f"no checkpoint in {where} yet: training from the start")
     if passed and verbose:
