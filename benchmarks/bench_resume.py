@@ -1,6 +1,6 @@
 """What a verified resume costs against a plain Keras load, measured the interleaved way.
 
-    python benchmarks/bench_resume.py [--rounds 5] [--params-m 50]
+    python benchmarks/bench_resume.py [--rounds 5] [--params-m 50] [--no-s3]
 
 The 50 M-parameter model of bench_save.py (Adam, after one step: a 605 MB ``.keras``),
 saved once as ``plain.keras`` by ``model.save`` and once as a forge_dist step (the
@@ -100,8 +100,10 @@ def read_modes(path: str, rounds: int) -> dict:
     return {k: statistics.median(v[1:] if len(v) > 1 else v) for k, v in times.items()}
 
 
-def run(rounds: int, params_m: float = 50) -> dict:
+def run(rounds: int, params_m: float = 50, s3: bool = True) -> dict:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import contextlib
+
     import numpy as np
     import s3fs
     from _s3 import s3_endpoint
@@ -117,7 +119,8 @@ def run(rounds: int, params_m: float = 50) -> dict:
     local = LocalCommunicator()
     base = tempfile.mkdtemp(prefix="forge-bench-resume-")
     try:
-        with s3_endpoint() as (options, _):
+        kinds = KINDS if s3 else [k for k in KINDS if not k.startswith("s3")]
+        with s3_endpoint() if s3 else contextlib.nullcontext((None, None)) as (options, _):
             model = big_model(params_m)
             rng = np.random.default_rng(0)
             x = rng.normal(size=(8, 2048)).astype("float32")
@@ -125,9 +128,11 @@ def run(rounds: int, params_m: float = 50) -> dict:
             model.fit(x, y, batch_size=8, epochs=1, verbose=0)  # Adam's slots exist
             plain = os.path.join(base, "plain.keras")
             model.save(plain)
-            fs = s3fs.S3FileSystem(**options)
-            fs.put(plain, "bench/plain.keras")
-            roots = {"forge": os.path.join(base, "root"), "s3 forge": "s3://bench/root"}
+            fs = s3fs.S3FileSystem(**options) if s3 else None
+            roots = {"forge": os.path.join(base, "root")}
+            if fs is not None:
+                fs.put(plain, "bench/plain.keras")
+                roots["s3 forge"] = "s3://bench/root"
             for root in roots.values():
                 store = CheckpointStore(root, options if root.startswith("s3") else None)
                 save_to_store(
@@ -166,11 +171,11 @@ def run(rounds: int, params_m: float = 50) -> dict:
                 "keras": keras_load,
                 "forge": lambda: forge_load(roots["forge"]),
                 "s3 keras": s3_keras_load,
-                "s3 forge": lambda: forge_load(roots["s3 forge"]),
+                "s3 forge": lambda: forge_load(roots.get("s3 forge", "")),
             }
-            times: dict[str, list[float]] = {k: [] for k in KINDS}
+            times: dict[str, list[float]] = {k: [] for k in kinds}
             for r in range(rounds):
-                order = KINDS if r % 2 == 0 else KINDS[::-1]
+                order = kinds if r % 2 == 0 else kinds[::-1]
                 for kind in order:
                     keras.backend.clear_session()
                     gc.collect()
@@ -183,7 +188,7 @@ def run(rounds: int, params_m: float = 50) -> dict:
                         raise SystemExit(f"{kind}: the loaded weights differ from the saved ones")
                     del loaded, got
                 print(
-                    f"   round {r}: " + ", ".join(f"{k} {times[k][-1]:.2f} s" for k in KINDS),
+                    f"   round {r}: " + ", ".join(f"{k} {times[k][-1]:.2f} s" for k in kinds),
                     flush=True,
                 )
     finally:
@@ -197,7 +202,7 @@ def run(rounds: int, params_m: float = 50) -> dict:
         "seconds": {k: {"median": med[k], "min": min(v), "max": max(v)} for k, v in kept.items()},
         "ratios": {
             "forge_vs_keras_load": med["forge"] / med["keras"],
-            "s3_forge_vs_s3fs_get_and_load": med["s3 forge"] / med["s3 keras"],
+            **({"s3_forge_vs_s3fs_get_and_load": med["s3 forge"] / med["s3 keras"]} if s3 else {}),
         },
         "read_seconds": reads,
         "read_gb_per_s": {k: size / 1e9 / v for k, v in reads.items()},
@@ -211,18 +216,26 @@ def main() -> int:
     ap.add_argument(
         "--params-m", type=float, default=50, help="model size, M parameters (50, 200, 400)"
     )
+    ap.add_argument(
+        "--no-s3", action="store_true", help="local kinds only (moto holds objects in memory)"
+    )
     args = ap.parse_args()
-    res = run(args.rounds, args.params_m)
+    res = run(args.rounds, args.params_m, not args.no_s3)
     s, r = res["seconds"], res["ratios"]
+    on_s3 = (
+        f"   S3 (moto): s3fs get + load_model {s['s3 keras']['median']:.2f} s; build + "
+        f"verified restore {s['s3 forge']['median']:.2f} s "
+        f"({r['s3_forge_vs_s3fs_get_and_load']:.2f}x)\n"
+        if "s3 forge" in s
+        else ""
+    )
     print(
         f"resume of the {res['params'] / 1e6:.0f} M-param model ({res['file_mb']:.0f} MB), "
         f"medians of {args.rounds - 1} rounds:\n"
         f"   local, cold cache: load_model {s['keras']['median']:.2f} s; build + verified "
         f"restore {s['forge']['median']:.2f} s ({r['forge_vs_keras_load']:.2f}x)\n"
-        f"   S3 (moto): s3fs get + load_model {s['s3 keras']['median']:.2f} s; build + "
-        f"verified restore {s['s3 forge']['median']:.2f} s "
-        f"({r['s3_forge_vs_s3fs_get_and_load']:.2f}x)\n"
-        "   cold read of the step's file: "
+        + on_s3
+        + "   cold read of the step's file: "
         + ", ".join(f"{k} {v:.2f} GB/s" for k, v in res["read_gb_per_s"].items())
     )
     here = os.path.dirname(os.path.abspath(__file__))

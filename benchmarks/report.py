@@ -163,6 +163,7 @@ def resume_rows(resume: dict) -> list[Row]:
             ("local", "`load_model`", "forge", "keras", "forge_vs_keras_load"),
             ("S3", "`s3fs get` + `load_model`", "s3 forge", "s3 keras", S3_RATIO),
         )
+        if ratio in other["ratios"]  # (a run with --no-s3 has no S3 figure)
     ]
     return (
         [
