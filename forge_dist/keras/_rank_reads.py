@@ -6,7 +6,7 @@ hashing every byte against the manifest the chief read. Only what a rank verifie
 is assigned on it; where any rank could not (the root is local to the chief's node, its
 copy differs, the model cannot be read in place), the chief sends its own verified arrays
 to every rank, as the chief-only read (the default) does. Measured in
-``benchmarks/bench_resume_ranks.py``: on one host, every rank reading took 0.62–0.82× of
+``benchmarks/bench_resume_ranks.py``: on one host, every rank reading took 0.56–0.82× of
 the chief's read and broadcast at 2, 4 and 8 ranks. It is not the default because the
 other ranks then read the checkpoint root, which the chief-only read never lets them
 touch (a rank's host may lack the credentials, a bucket bills each read).

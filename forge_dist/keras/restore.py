@@ -286,7 +286,7 @@ def restore_latest(
     ``read_on="every_rank"`` every rank reads that step itself, hashing every byte
     against the manifest the chief read, and the chief sends its own verified arrays
     only to make up for a rank that could not (the root is local to the chief's node,
-    its copy differs); faster where every rank sees the root (0.62–0.82× of the
+    its copy differs); faster where every rank sees the root (0.56–0.82× of the
     chief's read and broadcast at 2, 4 and 8 ranks in benchmarks/bench_resume_ranks.py).
 
     ``step=N`` restores that step (an error when it is missing or damaged);
