@@ -46,20 +46,9 @@ WAYS = ["broadcast", "every rank reads"]
 
 def model():
     """12.6 M parameters, Adam: a 151 MB ``.keras``."""
-    from forge_dist.keras import _compat
+    from bench_save import big_model
 
-    keras = _compat.keras
-    keras.utils.set_random_seed(0)
-    m = keras.Sequential(
-        [
-            keras.Input((1024,)),
-            keras.layers.Dense(4096),
-            keras.layers.Dense(2048),
-            keras.layers.Dense(10),
-        ]
-    )
-    m.compile(optimizer="adam", loss="mse")
-    return m
+    return big_model(0, (1024, 4096, 2048))
 
 
 def save(root: str) -> tuple[int, int]:

@@ -54,9 +54,11 @@ def limit_threads() -> None:
     tf.config.threading.set_inter_op_parallelism_threads(1)
 
 
-def big_model(params_m: float = 50):
+def big_model(params_m: float = 50, widths: tuple[int, int, int] = (2048, 8192, 4096)):
     """About ``params_m`` M parameters, Adam: 50.4 M (a 605 MB ``.keras``) and 16.8 M
-    more for each further 4096-unit layer (200 M: 201.4 M, 2.4 GB; 400 M: 403 M, 4.8 GB)."""
+    more for each further 4096-unit layer (200 M: 201.4 M, 2.4 GB; 400 M: 403 M, 4.8 GB).
+    ``widths``: the input's and the first two layers' (``(1024, 4096, 2048)`` with
+    ``params_m=0``: 12.6 M, 151 MB)."""
     from forge_dist.keras import _compat
 
     keras = _compat.keras
@@ -64,9 +66,9 @@ def big_model(params_m: float = 50):
     more = max(0, round((params_m - 50.4) / 16.78))
     model = keras.Sequential(
         [
-            keras.Input((2048,)),
-            keras.layers.Dense(8192),
-            keras.layers.Dense(4096),
+            keras.Input((widths[0],)),
+            keras.layers.Dense(widths[1]),
+            keras.layers.Dense(widths[2]),
             *[keras.layers.Dense(4096) for _ in range(more)],
             keras.layers.Dense(10),
         ]
