@@ -99,7 +99,7 @@ def test_the_saved_weights_are_the_save_points_even_though_training_went_on(tmp_
 
 @pytest.mark.skipif(not os.sys.platform.startswith("linux"), reason="per-thread nice: Linux")
 def test_the_background_writer_runs_at_a_lower_priority_than_training(tmp_path, gate):
-    from forge_dist.keras.async_checkpoint import BACKGROUND_NICENESS
+    from forge_dist._background import BACKGROUND_NICENESS
 
     gate.step = 8
     seen = {}

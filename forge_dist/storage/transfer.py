@@ -16,14 +16,20 @@ from forge_dist.storage.types import CheckpointInfo
 from forge_dist.storage.verify import content_problem
 
 if TYPE_CHECKING:
+    from forge_dist.storage.lease import Lease
     from forge_dist.storage.store import CheckpointStore
 
 
 def copy_step(
-    src: CheckpointStore, step: int, dst: CheckpointStore, replace: bool = False
+    src: CheckpointStore,
+    step: int,
+    dst: CheckpointStore,
+    replace: bool = False,
+    lease: Lease | None = None,
 ) -> CheckpointInfo:
     """Copy committed ``step`` of ``src`` into ``dst``; a file that does not match the
-    source manifest aborts the copy (nothing is committed in ``dst``)."""
+    source manifest aborts the copy (nothing is committed in ``dst``). With ``lease``
+    it commits only while that writer generation holds ``dst``."""
     info = src.get(step)
     if info.manifest is None:
         raise IntegrityError(f"{info.name} in {src.display} is corrupt: {info.error}")
@@ -36,6 +42,7 @@ def copy_step(
         run=m.run,
         replace=replace,
         created=m.created,  # a copy is the same checkpoint: when it was taken stays
+        lease=lease,
     ) as w:
         for entry in m.files:
             with src.open_file(info.name, entry.path) as f:
