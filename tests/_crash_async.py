@@ -1,7 +1,9 @@
-"""Child process for the async crash test: trains with ChiefModelCheckpoint(async_save=
-True); the background writer stops at every named store point until the parent says
-"go" (or SIGKILLs it there). Points are printed as "POINT <step>:<name>", the step read
-from the writer thread's name ("forge-dist-save step N")."""
+"""Child process for the async crash tests: trains with ChiefModelCheckpoint(async_save=
+True), or with two tiers (FORGE_TEST_LOCAL_DIR: the local root, saved synchronously and
+copied into the url in the background); the background thread stops at every named store
+point until the parent says "go" (or SIGKILLs it there). Points are printed as
+"POINT <step>:<name>", the step read from the thread's name ("forge-dist-save step N",
+"forge-dist-replicate step N")."""
 
 import os
 import sys
@@ -32,7 +34,13 @@ def main() -> None:
     y = x.sum(axis=1, keepdims=True)
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
     model.compile(optimizer="adam", loss="mse")
-    ckpt = fk.ChiefModelCheckpoint(url, communicator=LocalCommunicator(), async_save=True)
+    local = os.environ.get("FORGE_TEST_LOCAL_DIR")
+    if local:
+        ckpt = fk.ChiefModelCheckpoint(
+            url, communicator=LocalCommunicator(), local_directory=local, local_keep_last=1
+        )
+    else:
+        ckpt = fk.ChiefModelCheckpoint(url, communicator=LocalCommunicator(), async_save=True)
     _faults.hook = hook
     model.fit(x, y, epochs=4, batch_size=16, shuffle=False, verbose=0, callbacks=[ckpt])
     print("DONE", flush=True)

@@ -139,3 +139,41 @@ def test_sigkill_during_a_background_save_keeps_the_previous_checkpoint(point, t
     assert store.steps() == [8]
     assert store.verify(8).ok
     assert cli_verify_all(url, None, {}) == 0
+
+
+TIER_POINTS = ["copy:16", "file-written:model.keras", "before-manifest", "manifest-written"]
+
+
+@pytest.mark.keras
+@pytest.mark.parametrize("point", [*TIER_POINTS, "durable:16"])
+def test_sigkill_between_the_tiers_loses_nothing_durable(point, tmp_path):
+    """Two tiers: the process is killed while step 16 is copied from the local root to
+    the durable one (training went on meanwhile, committing locally). The durable root
+    holds every step that was durable and nothing torn; the local root kept every step
+    that was not; a restore on either tier gets the newest it holds."""
+    pytest.importorskip("keras", reason="Keras is in the [tf] extra")
+    import keras
+    from kerashelp import LOCAL
+
+    from forge_dist import keras as fk
+
+    def make_model():  # the child's
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+        model.compile(optimizer="adam", loss="mse")
+        return model
+
+    durable, local = str(tmp_path / "durable"), str(tmp_path / "local")
+    env = {"FORGE_TEST_LOCAL_DIR": local}
+    run_and_kill_at(durable, None, f"16:{point}", env, script="_crash_async.py")
+    d, loc = CheckpointStore(durable), CheckpointStore(local)
+    made_durable = [8, 16] if point == "durable:16" else [8]
+    assert d.steps() == made_durable
+    assert all(d.verify(s).ok for s in d.steps())
+    assert cli_verify_all(durable, None, {}) == 0 and cli_verify_all(local, None, {}) == 0
+    # local_keep_last=1, yet every step it committed that is not durable is still there.
+    newest_local = loc.steps()[-1]
+    assert newest_local >= 16
+    assert set(loc.steps()) >= set(range(made_durable[-1] + 8, newest_local + 1, 8))
+    both = fk.restore_latest(make_model(), durable, communicator=LOCAL, local_directory=local)
+    assert both.step == newest_local
+    assert fk.restore_latest(make_model(), durable, communicator=LOCAL).step == made_durable[-1]

@@ -116,26 +116,26 @@ def _without_weights(result: Any) -> Any:
     """The decision with the restored step's weights and optimizer values (and any
     callback's copy of those same weights) replaced by a marker."""
     loaded, skipped, passed = result
-    if not (isinstance(loaded, tuple) and len(loaded) == 6):
+    if not (isinstance(loaded, tuple) and len(loaded) == 7):
         return result
-    step, state, weights, _opt, restored, run = loaded
+    step, state, weights, _opt, restored, run, where = loaded
     marked = {
         name: type(r)(r.state, _YOURS if r.weights is weights else r.weights)
         for name, r in restored.items()
     }
-    return (step, state, _YOURS, _YOURS, marked, run), skipped, passed
+    return (step, state, _YOURS, _YOURS, marked, run, where), skipped, passed
 
 
 def _with_weights(result: Any, mine: tuple | None) -> Any:
     loaded, skipped, passed = result
-    if not (isinstance(loaded, tuple) and len(loaded) == 6):
+    if not (isinstance(loaded, tuple) and len(loaded) == 7):
         return result
     if mine is None:  # cannot happen: the step chosen was read, or sent, here
         raise ForgeDistError(f"{NAME}: this rank holds no weights of the restored step")
-    step, state, _w, _o, restored, run = loaded
+    step, state, _w, _o, restored, run, where = loaded
     weights, opt = mine
     kept = {
         name: type(r)(r.state, weights if isinstance(r.weights, str) else r.weights)
         for name, r in restored.items()
     }
-    return (step, state, weights, opt, kept, run), skipped, passed
+    return (step, state, weights, opt, kept, run, where), skipped, passed

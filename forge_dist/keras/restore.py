@@ -41,23 +41,39 @@ class RestoreResult:
 
 
 def _weights_of_epoch(
-    store: Any, infos: list[Any], epoch: int, chosen: Any, weights: Any, fetch: Any, verify: str
+    cands: list[tuple[Any, Any]], epoch: int, chosen: Any, weights: Any, fetch: Any, verify: str
 ) -> Any:
     """Weights at the end of ``epoch``: the restored step's own when it is that epoch's
-    end, else those of an intact checkpoint taken at that epoch's end, else None."""
+    end, else those of an intact checkpoint taken at that epoch's end (on either tier),
+    else None. ``cands`` are ``(store, info)``, newest first."""
     if epoch == chosen.state.get("epoch"):
         return weights
-    match = [
-        c
-        for c in infos
-        if c.readable and c.state.get("epoch") == epoch and c.state.get("epoch_done")
-    ]
-    if match and store.is_intact(match[-1], "fast" if verify == "full" else verify):
+    for store, c in cands:
+        if not (c.readable and c.state.get("epoch") == epoch and c.state.get("epoch_done")):
+            continue
+        if not store.is_intact(c, "fast" if verify == "full" else verify):
+            continue
         try:
-            return fetch(match[-1])[0]  # every byte hashed as it is read
+            return fetch(store, c)[0]  # every byte hashed as it is read
         except IntegrityError as e:
-            log.warning("skipping corrupt %s in %s: %s", match[-1].name, store.display, e)
+            log.warning("skipping corrupt %s in %s: %s", c.name, store.display, e)
     return None
+
+
+def _candidates(store: Any, infos: list[Any], local: Any) -> list[tuple[Any, Any]]:
+    """``(store, info)`` of both tiers, newest step first, the local copy of a step
+    before the durable one. Local steps count only when they are the durable root's run
+    (a node-local folder may hold what another job left there)."""
+    pairs = [(c.step, 1, store, c) for c in infos]
+    if local is not None and local.root_exists():
+        runs = [c.manifest.run.get("id") for c in infos if c.manifest is not None]
+        for c in local.list():
+            if runs and (c.manifest is None or c.manifest.run.get("id") != runs[-1]):
+                log.warning("%s in %s is another run's: not restored", c.name, local.display)
+                continue
+            pairs.append((c.step, 0, local, c))
+    pairs.sort(key=lambda p: (-p[0], p[1]))
+    return [(st, c) for _, _, st, c in pairs]
 
 
 def _not_a_root(directory: str, storage_options: Any) -> None:
@@ -104,17 +120,21 @@ def _chief_restore(
     epoch_end_only: bool = False,
     step: int | None = None,
     read: Any = None,
+    local_directory: str | None = None,
 ) -> Any:
     """Chief: ``(loaded or None, corrupt steps skipped, passed over)``: the newest intact
     step (with ``epoch_end_only``, the newest taken at an epoch's end; ``passed over``
     names the newer mid-epoch ones, and ``loaded`` is None with only those; with
-    ``step``, that one, or an error). ``read(store, info)`` reads the step chosen (by
-    default :func:`._read_step.fetch`, here alone)."""
+    ``step``, that one, or an error), on either tier with ``local_directory``.
+    ``read(store, info)`` reads the step chosen (by default :func:`._read_step.fetch`,
+    here alone)."""
     from forge_dist.storage import CheckpointStore
     from forge_dist.storage.manifest import STEP_RE
 
     store = CheckpointStore(directory, storage_options)
-    if not store.root_exists():
+    local = CheckpointStore(local_directory) if local_directory is not None else None
+    local_steps = local is not None and local.root_exists() and bool(local.steps())
+    if not store.root_exists() and not local_steps:
         if step is not None:
             raise ConfigurationError(
                 f"no step {step} to restore: {redact_url(directory)} does not exist"
@@ -124,61 +144,65 @@ def _chief_restore(
         return ("missing", said, "it does not exist yet"), [], []
     if STEP_RE.match(directory.rstrip("/").rsplit("/", 1)[-1]):
         _not_a_root(directory, storage_options)
-    infos = store.list()
-    if not infos and step is None and restarts() and store.lease() is None:
+    infos = store.list() if store.root_exists() else []
+    if not infos and not local_steps and step is None and restarts() and store.lease() is None:
         # No step and no writer ever took this root: nothing of the first attempt is here.
         said = _whereabouts(directory, "holds no trace of a run")
         return ("missing", said, "it holds no step and no writer ever took it"), [], []
+    cands = _candidates(store, infos, local)
     skipped: list[str] = []
     passed: list[Any] = []
     chosen = None
     # Reading a step for the restore hashes every byte of it (in place or downloaded):
     # "full" checks sizes first and leaves the hashes to that one read.
     first_check = "fast" if verify == "full" else verify
-    have = ", ".join(str(c.step) for c in infos) or "none"
+    have = ", ".join(sorted({str(c.step) for _, c in cands}, key=int)) or "none"
     damaged = (
         f"step {step} in {redact_url(directory)} is damaged (forge-dist verify "
         f"{redact_url(directory)} --step {step} says how); steps there: {have}"
     )
     if step is not None:
-        wanted = [c for c in infos if c.step == step]
-        if not wanted:
+        cands = [(st, c) for st, c in cands if c.step == step]
+        if not cands:
             raise ConfigurationError(
                 f"no committed step {step} in {redact_url(directory)} (steps there: {have})"
             )
-        if not store.is_intact(wanted[0], first_check):
+        if not any(st.is_intact(c, first_check) for st, c in cands):
             raise ConfigurationError(damaged)
-        infos = wanted
 
-    def fetch(info: Any) -> tuple:
-        return _read_step.fetch(store, info, model, custom_objects)
+    def fetch(st: Any, info: Any) -> tuple:
+        return _read_step.fetch(st, info, model, custom_objects)
+
+    def label(st: Any, info: Any) -> str:
+        return info.name if st is store else f"{info.name} (in {st.display})"
 
     fetched = None
-    for info in reversed(infos):
-        if not store.is_intact(info, first_check):
-            skipped.append(info.name)
+    for i, (st, info) in enumerate(cands):
+        if not st.is_intact(info, first_check):
+            skipped.append(label(st, info))
             continue
         if epoch_end_only and not info.state.get("epoch_done", True):
             passed.append(info)
             continue
         assert info.manifest is not None
         fingerprint = info.manifest.run.get("model_fingerprint")
-        check_same_model(fingerprint, model, info.step, store.display)
+        check_same_model(fingerprint, model, info.step, st.display)
         try:
-            fetched = read(store, info) if read is not None else fetch(info)
+            fetched = read(st, info) if read is not None else fetch(st, info)
         except IntegrityError as e:
-            if step is not None:
+            if step is not None and not any(c.step == step for _, c in cands[i + 1 :]):
                 raise ConfigurationError(damaged) from e
-            log.warning("skipping corrupt %s in %s: %s", info.name, store.display, e)
-            skipped.append(info.name)
+            log.warning("skipping corrupt %s in %s: %s", info.name, st.display, e)
+            skipped.append(label(st, info))
             continue
-        chosen = info
+        chosen = (st, info)
         break
     if chosen is None or fetched is None:
         run = dict(passed[0].manifest.run) if passed and passed[0].manifest else None
-        return (None if run is None else ("run", run)), skipped, [p.name for p in passed]
-    assert chosen.manifest is not None
-    state = dict(chosen.state)
+        return (None if run is None else ("run", run)), skipped, _names(passed)
+    st, info = chosen
+    assert info.manifest is not None
+    state = dict(info.state)
     weights, opt_values = fetched
     # A callback's state may ask for the weights of an earlier epoch (EarlyStopping's
     # best); a checkpoint kept for that epoch holds them (production_callbacks keeps the
@@ -188,7 +212,7 @@ def _chief_restore(
         epoch = cb_state.get(WEIGHTS_OF_EPOCH) if isinstance(cb_state, dict) else None
         extra = None
         if epoch is not None:
-            extra = _weights_of_epoch(store, infos, epoch, chosen, weights, fetch, verify)
+            extra = _weights_of_epoch(cands, epoch, info, weights, fetch, verify)
             if extra is None:
                 log.warning(
                     "no intact checkpoint of epoch %s for %s: it will use what it sees after "
@@ -197,12 +221,14 @@ def _chief_restore(
                     name,
                 )
         restored[name] = Restored(cb_state, extra)
-    run = dict(chosen.manifest.run)
-    return (
-        (chosen.step, state, weights, opt_values, restored, run),
-        skipped,
-        [p.name for p in passed],
-    )
+    run = dict(info.manifest.run)
+    where = redact_url(directory) if st is store else f"{st.display} (the local tier)"
+    return (info.step, state, weights, opt_values, restored, run, where), skipped, _names(passed)
+
+
+def _names(passed: list[Any]) -> list[str]:
+    """Each step's name once (a step passed over may be on both tiers)."""
+    return list(dict.fromkeys(p.name for p in passed))
 
 
 def _decide(
@@ -215,6 +241,7 @@ def _decide(
     custom_objects: Any,
     epoch_end_only: bool,
     step: int | None,
+    local_directory: str | None = None,
 ) -> Any:
     """The chief's decision (:func:`_chief_restore`) on every rank, the step it chose read
     by every rank or by the chief alone (see :mod:`._rank_reads`)."""
@@ -222,7 +249,15 @@ def _decide(
 
     def decide(read: Any = None) -> Any:
         return _chief_restore(
-            directory, storage_options, verify, model, custom_objects, epoch_end_only, step, read
+            directory,
+            storage_options,
+            verify,
+            model,
+            custom_objects,
+            epoch_end_only,
+            step,
+            read,
+            local_directory,
         )
 
     if read_on == "chief" or comm.size == 1:
@@ -277,6 +312,7 @@ def restore_latest(
     epoch_end_only: bool = False,
     allow_fresh_start: bool = False,
     read_on: str = "chief",
+    local_directory: str | None = None,
 ) -> RestoreResult:
     """Restore ``model`` (built and compiled) on every rank from the newest intact
     checkpoint under ``directory``; return what was restored and the ``initial_epoch``.
@@ -299,7 +335,13 @@ def restore_latest(
     attempt wrote somewhere, and starting over would silently lose it.
     ``allow_fresh_start=True`` (or ``FORGE_DIST_ALLOW_FRESH_START=1``) starts over
     instead. A step folder given as ``directory`` is an error naming the root.
-    ``verbose`` (default 1) has the chief say what it restored."""
+    ``verbose`` (default 1) has the chief say what it restored.
+
+    Two tiers (``ChiefModelCheckpoint(local_directory=...)``): pass the same
+    ``local_directory`` and the newest step that verifies on either tier is restored,
+    the local copy first (a step not yet durable is found there on the node that wrote
+    it; a job requeued onto another node resumes from ``directory``). Local steps of
+    another run than ``directory``'s are passed over."""
     comm = communicator if communicator is not None else get_communicator("auto")
     if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
         raise ConfigurationError(f"step must be a step number (an int >= 0), got {step!r}")
@@ -315,6 +357,7 @@ def restore_latest(
         step,
         allow_fresh_start,
         read_on,
+        local_directory,
     )
 
 
@@ -330,6 +373,7 @@ def restore(
     step: int | None = None,
     allow_fresh_start: bool = False,
     read_on: str = "chief",
+    local_directory: str | None = None,
 ) -> RestoreResult:
     """:func:`restore_latest`; with ``epoch_end_only`` from the newest step taken at an
     epoch's end (what a plain ``model.fit`` can continue from)."""
@@ -344,6 +388,12 @@ def restore(
             )
     if verify not in ("fast", "full"):
         raise ConfigurationError(f"verify must be 'fast' or 'full', got {verify!r}")
+    if local_directory is not None and (
+        not isinstance(local_directory, str) or not local_directory
+    ):
+        raise ConfigurationError(
+            f"local_directory must be a non-empty string, got {local_directory!r}"
+        )
     if read_on not in ("every_rank", "chief"):
         raise ConfigurationError(f"read_on must be 'every_rank' or 'chief', got {read_on!r}")
     loaded, skipped, passed = _decide(
@@ -356,6 +406,7 @@ def restore(
         custom_objects,
         epoch_end_only,
         step,
+        local_directory,
     )
     where = redact_url(directory)
     if loaded is not None and loaded[0] == "missing":
@@ -388,7 +439,7 @@ def restore(
                 f"corrupt step(s) skipped ({', '.join(skipped)})",
             )
         return RestoreResult(False, skipped=skipped)
-    step, state, weights, opt_values, restored, run = loaded
+    step, state, weights, opt_values, restored, run, read_from = loaded
     saved_by = state.get("world_size")
     if (
         not state.get("epoch_done", True)
@@ -414,7 +465,7 @@ def restore(
         note = f"; skipped corrupt: {', '.join(skipped)}" if skipped else ""
         tell(
             comm,
-            f"resumed from step {step} in {redact_url(directory)}: epoch {epoch + 1} at {at}"
+            f"resumed from step {step} in {read_from}: epoch {epoch + 1} at {at}"
             f" (weights, optimizer state, learning rate and callback state restored){note}",
         )
     mid_epoch = initial_batch > 0

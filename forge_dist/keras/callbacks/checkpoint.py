@@ -41,6 +41,30 @@ def _check_run_arguments(run_name: Any, overwrite: Any) -> None:
         raise ConfigurationError(f"run_name must be a non-empty string, got {run_name!r}")
 
 
+def _local_tier(url: Any, durable: Any, keep_last: Any) -> Any:
+    """The fast tier's store, checked on every rank at construction."""
+    from forge_dist.storage import CheckpointStore
+
+    if not isinstance(url, str) or not url:
+        raise ConfigurationError(f"local_directory must be a non-empty string, got {url!r}")
+    check_positive_int("local_keep_last", keep_last, allow_none=True)
+    local = CheckpointStore(url)
+    if _same_place(local.url, durable.url):
+        raise ConfigurationError(
+            f"local_directory is the checkpoint directory itself ({durable.display}): pass a "
+            "fast node-local folder (a tmpfs, a local SSD), or leave it out"
+        )
+    return local
+
+
+def _same_place(a: str, b: str) -> bool:
+    def norm(u: str) -> str:
+        u = u.removeprefix("file://")
+        return u.rstrip("/") if "://" in u else os.path.abspath(u)
+
+    return norm(a) == norm(b)
+
+
 def check_target(url: Any) -> str:
     """A checkpoint folder, or a Keras file path or template."""
     if not isinstance(url, str) or not url:
@@ -76,6 +100,16 @@ class ChiefModelCheckpoint(ForgeCallback):
     (``"skip"``, agreed on every rank). A background failure is raised on every rank at
     the next epoch end; ``on_train_end``, a preemption save and interpreter exit wait
     for the last commit.
+
+    Two tiers: with ``local_directory`` (a fast node-local folder: a tmpfs, a local SSD)
+    each step is committed there and copied into ``directory`` (the durable root: NFS,
+    a bucket) in the background, oldest first, hashed against the local manifest as it
+    is read and committed there manifest last (:mod:`forge_dist.storage.tiers`). A step
+    is durable once its manifest is in ``directory``. ``keep_last``/``keep_best`` apply
+    to ``directory``, ``local_keep_last`` (default 2) to the local folder, which never
+    deletes a step that is not durable yet. A failed copy is an error on every rank at
+    the next epoch end; the end of training and a preemption's save wait until every
+    step is durable. Pass the same two folders to :func:`restore_latest`.
     """
 
     state_key = "checkpoint"
@@ -102,6 +136,8 @@ class ChiefModelCheckpoint(ForgeCallback):
         filepath: str | None = None,
         run_name: str | None = None,
         overwrite: str | None = None,
+        local_directory: str | None = None,
+        local_keep_last: int | None = 2,
     ) -> None:
         super().__init__(communicator, verbose)
         from forge_dist.storage import CheckpointStore
@@ -119,11 +155,12 @@ class ChiefModelCheckpoint(ForgeCallback):
                         f"{name} applies to a checkpoint folder (steps kept by retention), "
                         f"not to a Keras file path ({target!r}): pass a folder, or drop {name}"
                     )
-            if overwrite is not None:
-                raise ConfigurationError(
-                    "overwrite applies to a checkpoint folder; a Keras file path is replaced "
-                    "at each save, as Keras does"
-                )
+            for name, value in (("overwrite", overwrite), ("local_directory", local_directory)):
+                if value is not None:
+                    raise ConfigurationError(
+                        f"{name} applies to a checkpoint folder; a Keras file path is "
+                        "replaced at each save, as Keras does"
+                    )
         self.run_name, self.overwrite = run_name, overwrite
         self.run: dict[str, Any] | None = None  # decided by the chief at train begin
         self._lease: Any = None  # the writer generation the chief holds
@@ -145,9 +182,17 @@ class ChiefModelCheckpoint(ForgeCallback):
         # Built on every rank so a missing backend fails everywhere at construction;
         # only the chief ever calls it.
         self.store: Any = None
+        #: Two tiers (``local_directory``): steps are committed there and copied into
+        #: ``directory`` in the background (see :mod:`forge_dist.storage.tiers`).
+        self.local_store: Any = None
+        self.local_keep_last = local_keep_last
+        self.replicator: Any = None  # the chief's, from train begin
+        self._local_lease: Any = None
         if self.filepath is None:
             self.store = CheckpointStore(target, storage_options)
             self.directory = self.store.display
+            if local_directory is not None:
+                self.local_store = _local_tier(local_directory, self.store, local_keep_last)
         else:
             self.directory = FileTarget(self.filepath, storage_options).display
         self._epoch = 0
@@ -246,16 +291,47 @@ class ChiefModelCheckpoint(ForgeCallback):
         runs[key] = self.run
         if self._lease is None:  # fencing: an older attempt still running can't commit
             self._lease = self.store.take_lease(self.run["id"])
+        if self.local_store is not None and self.replicator is None:
+            self._local_preflight()
 
-    def _clear_old_steps(self, infos: list[Any]) -> None:
+    def _local_preflight(self) -> None:
+        """Chief, two tiers: the fast root is writable, has room, holds no other run's
+        steps; this run's steps there that are not durable yet are copied again first."""
+        from forge_dist.storage.tiers import Replicator
+
+        local = self.local_store
+        local.probe_writable()
+        infos = local.list()
+        check_room(local, self.model, self.local_retention(), self.async_save, infos)
+        assert self.run is not None
+        mine = [
+            c
+            for c in infos
+            if c.manifest is not None and c.manifest.run.get("id") == self.run["id"]
+        ]
+        others = [c for c in infos if c not in mine]
+        if others and self.overwrite is None:
+            raise run_mod.foreign_steps_error(local.display, others, self.overwrite_remedy)
+        if others:
+            self._clear_old_steps(others, local)
+        self._local_lease = local.take_lease(self.run["id"])
+        self.replicator = Replicator(local, self.store, self._lease)
+        durable = set(self.store.steps())
+        for c in mine:
+            if c.step not in durable and local.is_intact(c, "fast"):
+                self._say(f"step {c.step} in {local.display} is not durable yet: copying it")
+                self.replicator.submit(c.step)
+
+    def _clear_old_steps(self, infos: list[Any], store: Any = None) -> None:
         """``overwrite``: another run's steps archived (local roots) or deleted first."""
+        store = self.store if store is None else store
         if self.overwrite == "archive":
-            folder = self.store.archive_steps([c.step for c in infos])
+            folder = store.archive_steps([c.step for c in infos])
             self._say(f"moved {len(infos)} step(s) of another run to {folder}")
             return
         for c in infos:
-            self.store.delete(c.step)
-        self._say(f"deleted {len(infos)} step(s) of another run from {self.directory}")
+            store.delete(c.step)
+        self._say(f"deleted {len(infos)} step(s) of another run from {store.display}")
 
     def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
         self._epoch = epoch
@@ -275,8 +351,8 @@ class ChiefModelCheckpoint(ForgeCallback):
             self._agree(f"ChiefModelCheckpoint(epoch {epoch}) background", self._check_background)
 
     def on_train_end(self, logs: Any = None) -> None:
-        if self.async_save:
-            self._agree("ChiefModelCheckpoint(last background save)", self._drain)
+        if self.async_save or self.local_store is not None:
+            self._agree("ChiefModelCheckpoint(last background save)", self._drain_all)
 
     def save_now(self, epoch: int, batch: int | None, epoch_done: bool) -> int:
         """Save whatever ``save_best_only`` says (every rank calls it, e.g. on preemption);
@@ -284,8 +360,9 @@ class ChiefModelCheckpoint(ForgeCallback):
         step = _compat.iterations(self.model)
         if self.last_saved_step != step:
             self._save(epoch, batch, {}, epoch_done=epoch_done, force=True)  # synchronous
-        elif self.async_save:  # this step's save may still be in flight: let it commit
-            self._agree(f"ChiefModelCheckpoint(step {step}) background", self._drain)
+        if self.async_save or self.local_store is not None:
+            # this step's save may still be in flight, and (two tiers) not durable yet
+            self._agree(f"ChiefModelCheckpoint(step {step}) background", self._drain_all)
         return step
 
     # -- background saves (chief only)
@@ -293,6 +370,14 @@ class ChiefModelCheckpoint(ForgeCallback):
         """Raise the error of a finished background save, if it failed."""
         if self.async_checkpointer is not None:
             self.async_checkpointer.check_for_errors()
+        if self.replicator is not None:
+            self.replicator.check_for_errors()
+
+    def _drain_all(self) -> None:
+        """Wait for the save in flight, then for every step to be durable."""
+        self._drain()
+        if self.replicator is not None:
+            self.replicator.wait()
 
     def _drain(self) -> None:
         """Wait for the save in flight to commit; raise its error."""
@@ -426,6 +511,10 @@ class ChiefModelCheckpoint(ForgeCallback):
             self._resolved_mode or "min",
         )
 
+    def local_retention(self) -> policy.Retention:
+        """What the fast tier keeps (besides the steps not durable yet)."""
+        return policy.Retention(self.local_keep_last, None, None, "min")
+
     def _may_replace(self, step: int) -> bool:
         restored = registry(self.model).restored_step
         return restored is None or step > restored
@@ -523,8 +612,9 @@ class ChiefModelCheckpoint(ForgeCallback):
             )
             return
         t0 = time.perf_counter()
+        tiered = self.replicator is not None
         save_to_store(
-            self.store,
+            self.local_store if tiered else self.store,
             step,
             self.model if model is None else model,
             weights_only=self.save_weights_only,
@@ -532,7 +622,7 @@ class ChiefModelCheckpoint(ForgeCallback):
             state=state,
             writer=writer,
             run=self.run,
-            lease=self._lease,
+            lease=self._local_lease if tiered else self._lease,
             snapshot=snapshot,
             # This run's steps past the one it resumed from are from an attempt no
             # checkpoint covers (a newer step was corrupt, or taken mid-epoch and passed
@@ -540,16 +630,32 @@ class ChiefModelCheckpoint(ForgeCallback):
             replace=self._may_replace(step),
         )
         self.save_seconds.append(time.perf_counter() - t0)
-        if self.retention().active:
-            self.store.apply_retention(
-                self.retention(),
-                protect=[step],  # never the step just committed
+        # the epochs whose weights a callback's state asks back (the best one)
+        epochs = [
+            s[WEIGHTS_OF_EPOCH]
+            for s in (state.get("callbacks") or {}).values()
+            if isinstance(s, dict) and s.get(WEIGHTS_OF_EPOCH) is not None
+        ]
+        if not tiered:
+            self._retain(self.store, self.retention(), [step], epochs, self._lease)
+            return
+        self.replicator.submit(
+            step,
+            replace=self._may_replace(step),
+            then=lambda: self._retain(self.store, self.retention(), [step], epochs, self._lease),
+        )
+        # The fast root keeps every step not durable yet.
+        protect = [step, *self.replicator.pending]
+        self._retain(self.local_store, self.local_retention(), protect, epochs, self._local_lease)
+
+    def _retain(self, store: Any, retention: Any, protect: list[int], epochs: list, lease: Any):
+        """Chief: ``retention`` applied to ``store`` after a commit (``protect``: the step
+        just committed, and on the fast tier those not durable yet)."""
+        if retention.active:
+            store.apply_retention(
+                retention,
+                protect=protect,
                 run_id=(self.run or {}).get("id"),  # only this run's steps
-                lease=self._lease,
-                # the epochs whose weights a callback's state asks back (the best one)
-                protect_epochs=[
-                    s[WEIGHTS_OF_EPOCH]
-                    for s in (state.get("callbacks") or {}).values()
-                    if isinstance(s, dict) and s.get(WEIGHTS_OF_EPOCH) is not None
-                ],
+                lease=lease,
+                protect_epochs=epochs,
             )
