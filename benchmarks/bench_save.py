@@ -161,6 +161,9 @@ def finish(cb) -> None:
     if checkpointer is not None:
         checkpointer.wait_until_finished()
         checkpointer.check_for_errors()
+    replicator = getattr(cb, "replicator", None)  # two tiers: the copy to the durable root
+    if replicator is not None:
+        replicator.wait()
     wait = getattr(cb, "wait_until_finished", None) or getattr(
         getattr(cb, "checkpointer", None), "wait_until_finished", None
     )

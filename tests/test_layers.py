@@ -15,6 +15,7 @@ LAYER = {
     "_launch": 1,
     "_urls": 1,
     "_units": 1,
+    "_background": 1,
     "policy": 2,
     "storage": 3,
     "preemption": 3,
