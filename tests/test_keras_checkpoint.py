@@ -126,3 +126,25 @@ def test_retention_through_the_callback_keeps_steps_saved_without_validation(tmp
     assert [s for s, c in infos.items() if "val_loss" not in c.metrics] == [4, 12, 20]
     assert not (set(validated) - {best, 24}) & set(infos), "ranked steps beyond keep_best go"
     assert len(infos) < 6
+
+
+def test_a_checkpoint_driven_by_another_callback_saves_alone(tmp_path):
+    """A wrapper that calls a ChiefModelCheckpoint's hooks itself (it is not in the fit's
+    list, as in benchmarks/bench_save.py) gets each epoch's save, not an IndexError."""
+    from forge_dist.storage import CheckpointStore
+
+    inner = fk.ChiefModelCheckpoint(str(tmp_path / "r"), communicator=LOCAL)
+
+    class Wrapper(keras.callbacks.Callback):
+        def set_model(self, model):
+            super().set_model(model)
+            inner.set_model(model)
+
+        def on_train_begin(self, logs=None):
+            inner.on_train_begin(logs)
+
+        def on_epoch_end(self, epoch, logs=None):
+            inner.on_epoch_end(epoch, logs)
+
+    fit(make_model(), [Wrapper()], epochs=2)
+    assert CheckpointStore(str(tmp_path / "r")).steps() == [4, 8]

@@ -91,18 +91,23 @@ class Fit:
     seen: bool = False  # Keras' callback list was found (else: stand-alone)
     source: Any = None  # a weak reference to that list
 
+    def alone(self, cb: Any) -> bool:
+        """``cb`` is not one of the list's own: no list was found, or another callback
+        drives it (a wrapper calling its hooks): it ends its epochs by itself."""
+        return not self.seen or not any(c is cb for c in self.callbacks)
+
     def first(self, cb: Any) -> bool:
-        return not self.seen or cb is self.callbacks[0]
+        return self.alone(cb) or cb is self.callbacks[0]
 
     def last(self, cb: Any) -> bool:
-        return not self.seen or cb is self.callbacks[-1]
+        return self.alone(cb) or cb is self.callbacks[-1]
 
     def completing(self, cb: Any) -> list[Any]:
         """Whose ``epoch_complete`` runs when ``cb`` finishes its epoch end: every
         callback of the fit's (by ``complete_order``) after the last one, else none."""
         if not self.last(cb):
             return []
-        members = self.callbacks if self.seen else [cb]
+        members = [cb] if self.alone(cb) else self.callbacks
         return sorted(members, key=lambda c: c.complete_order)
 
 
