@@ -10,7 +10,7 @@ from typing import Any
 from forge_dist import policy
 from forge_dist.comm import Communicator
 from forge_dist.errors import ConfigurationError, ForgeDistError
-from forge_dist.keras import _compat, keras_files
+from forge_dist.keras import _compat, keras_files, tiers
 from forge_dist.keras import run as run_mod
 from forge_dist.keras._compat import to_float
 from forge_dist.keras._state import WEIGHTS_OF_EPOCH, collect_state, registry, root_key
@@ -39,30 +39,6 @@ def _check_run_arguments(run_name: Any, overwrite: Any) -> None:
         )
     if run_name is not None and (not isinstance(run_name, str) or not run_name):
         raise ConfigurationError(f"run_name must be a non-empty string, got {run_name!r}")
-
-
-def _local_tier(url: Any, durable: Any, keep_last: Any) -> Any:
-    """The fast tier's store, checked on every rank at construction."""
-    from forge_dist.storage import CheckpointStore
-
-    if not isinstance(url, str) or not url:
-        raise ConfigurationError(f"local_directory must be a non-empty string, got {url!r}")
-    check_positive_int("local_keep_last", keep_last, allow_none=True)
-    local = CheckpointStore(url)
-    if _same_place(local.url, durable.url):
-        raise ConfigurationError(
-            f"local_directory is the checkpoint directory itself ({durable.display}): pass a "
-            "fast node-local folder (a tmpfs, a local SSD), or leave it out"
-        )
-    return local
-
-
-def _same_place(a: str, b: str) -> bool:
-    def norm(u: str) -> str:
-        u = u.removeprefix("file://")
-        return u.rstrip("/") if "://" in u else os.path.abspath(u)
-
-    return norm(a) == norm(b)
 
 
 def check_target(url: Any) -> str:
@@ -192,7 +168,7 @@ class ChiefModelCheckpoint(ForgeCallback):
             self.store = CheckpointStore(target, storage_options)
             self.directory = self.store.display
             if local_directory is not None:
-                self.local_store = _local_tier(local_directory, self.store, local_keep_last)
+                self.local_store = tiers.local_tier(local_directory, self.store, local_keep_last)
         else:
             self.directory = FileTarget(self.filepath, storage_options).display
         self._epoch = 0
@@ -292,35 +268,7 @@ class ChiefModelCheckpoint(ForgeCallback):
         if self._lease is None:  # fencing: an older attempt still running can't commit
             self._lease = self.store.take_lease(self.run["id"])
         if self.local_store is not None and self.replicator is None:
-            self._local_preflight()
-
-    def _local_preflight(self) -> None:
-        """Chief, two tiers: the fast root is writable, has room, holds no other run's
-        steps; this run's steps there that are not durable yet are copied again first."""
-        from forge_dist.storage.tiers import Replicator
-
-        local = self.local_store
-        local.probe_writable()
-        infos = local.list()
-        check_room(local, self.model, self.local_retention(), self.async_save, infos)
-        assert self.run is not None
-        mine = [
-            c
-            for c in infos
-            if c.manifest is not None and c.manifest.run.get("id") == self.run["id"]
-        ]
-        others = [c for c in infos if c not in mine]
-        if others and self.overwrite is None:
-            raise run_mod.foreign_steps_error(local.display, others, self.overwrite_remedy)
-        if others:
-            self._clear_old_steps(others, local)
-        self._local_lease = local.take_lease(self.run["id"])
-        self.replicator = Replicator(local, self.store, self._lease)
-        durable = set(self.store.steps())
-        for c in mine:
-            if c.step not in durable and local.is_intact(c, "fast"):
-                self._say(f"step {c.step} in {local.display} is not durable yet: copying it")
-                self.replicator.submit(c.step)
+            tiers.start(self)
 
     def _clear_old_steps(self, infos: list[Any], store: Any = None) -> None:
         """``overwrite``: another run's steps archived (local roots) or deleted first."""
