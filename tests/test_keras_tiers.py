@@ -96,14 +96,14 @@ def test_restore_takes_the_newest_step_that_verifies_on_either_tier(tmp_path):
     d.delete(12)
     fresh = make_model(seed=11)
     r = fk.restore_latest(fresh, str(durable), communicator=LOCAL, local_directory=str(local))
-    assert r.step == 12
+    assert r.step == 12 and r.read_from == f"{local} (the local tier)"
     assert_holds(fresh, seen.weights[2], seen.optimizer[2])
     # Requeued onto another node: its local folder is empty, the durable tier has 8.
     fresh = make_model(seed=11)
     r = fk.restore_latest(
         fresh, str(durable), communicator=LOCAL, local_directory=str(tmp_path / "other")
     )
-    assert r.step == 8
+    assert r.step == 8 and r.read_from == str(durable)
     assert_holds(fresh, seen.weights[1], seen.optimizer[1])
     # A damaged local copy of step 8 falls back to the durable copy of that step.
     CheckpointStore(str(local)).delete(12)
@@ -111,6 +111,7 @@ def test_restore_takes_the_newest_step_that_verifies_on_either_tier(tmp_path):
     fresh = make_model(seed=11)
     r = fk.restore_latest(fresh, str(durable), communicator=LOCAL, local_directory=str(local))
     assert r.step == 8 and r.skipped == [f"step-00000008 (in {local})"]
+    assert r.read_from == str(durable)
     assert_holds(fresh, seen.weights[1], seen.optimizer[1])
 
 

@@ -38,6 +38,9 @@ class RestoreResult:
     #: ``initial_epoch`` already trained (a position valid at any number of ranks).
     initial_sample: int | None = None
     world_size: int | None = None  # ranks of the job that saved it (None: not recorded)
+    #: Where the step was read: the root (credentials redacted), or the local folder
+    #: followed by "(the local tier)" for a step read from ``local_directory``.
+    read_from: str | None = None
 
 
 def _weights_of_epoch(
@@ -480,6 +483,7 @@ def restore(
         run,
         initial_sample=state.get("samples") if mid_epoch else None,
         world_size=state.get("world_size"),
+        read_from=read_from,
     )
 
 
