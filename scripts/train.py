@@ -81,6 +81,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="a requeued job (SLURM_RESTART_COUNT > 0) that finds no checkpoint starts over "
         "instead of failing",
     )
+    ap.add_argument(
+        "--local-dir",
+        default=None,
+        help="two tiers: commit each checkpoint to this node-local folder first and copy it "
+        "to --checkpoint-dir in the background; resume from the newer of the two",
+    )
     ap.add_argument("--storage-options", default=None, help="fsspec options as JSON")
     ap.add_argument("--report", default=None, help="write this rank's summary JSON here")
     ap.add_argument("--seed", type=int, default=42)
@@ -256,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
             step=args.resume_step,
             epoch_end_only=args.resume_epoch_end,
             allow_fresh_start=args.allow_fresh_start,
+            local_directory=args.local_dir,
         )
     if args.signal_before_fit == rank:
         import signal
@@ -273,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
             reduce_lr_factor=0.5,
             tensorboard_dir=args.tensorboard_dir,
             async_save=args.async_save,
+            checkpoint={"local_directory": args.local_dir} if args.local_dir else None,
             extra=extra,
             storage_options=options,
             communicator=comm,
@@ -317,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
             "touched_root": len(touched),
             "resumed_step": restored.step if restored else None,
             "resumed_batch": restored.initial_batch if restored else None,
+            "resumed_from": restored.read_from if restored else None,
             "preempted": None
             if preempted is None
             else {

@@ -3,6 +3,8 @@
 #
 # Settings (environment, with defaults):
 #   FORGE_CHECKPOINT_DIR  checkpoint root, any fsspec URL  (default: ./forge-runs/slurm-<backend>)
+#   FORGE_LOCAL_DIR       node-local first tier: each checkpoint commits there, then is
+#                         copied to FORGE_CHECKPOINT_DIR in the background (default: none)
 #   FORGE_EPOCHS          epochs                           (default: 20)
 #   FORGE_PYTHON          the Python with forge_dist       (default: .venv/bin/python, else python3)
 #   FORGE_TRAIN_ARGS      more arguments for scripts/train.py          (default: none)
@@ -81,5 +83,6 @@ forge_train() {
     # shellcheck disable=SC2086  # FORGE_TRAIN_ARGS is a list of arguments
     forge_launch "$@" "$PY" scripts/train.py --backend "$backend" \
         --checkpoint-dir "${FORGE_CHECKPOINT_DIR:-./forge-runs/slurm-$backend}" \
+        ${FORGE_LOCAL_DIR:+--local-dir "$FORGE_LOCAL_DIR"} \
         --epochs "${FORGE_EPOCHS:-20}" --resume ${FORGE_TRAIN_ARGS:-}
 }

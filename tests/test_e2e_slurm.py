@@ -89,10 +89,13 @@ def test_sbatch_job_trains_consistently(slurm_env, tmp_path, script, backend, ke
     assert warned and all("(measured by epoch 1)" in ln for ln in warned), logs[-3000:]
 
 
-def test_scancel_usr1_saves_once_requeues_and_resumes_exactly(slurm_env, tmp_path):
+@pytest.mark.parametrize("tiers", [False, True], ids=["one-root", "two-tiers"])
+def test_scancel_usr1_saves_once_requeues_and_resumes_exactly(slurm_env, tmp_path, tiers):
     """A USR1 warning to the batch shell (as `#SBATCH --signal=B:USR1@120` sends it) of a
     running job: every rank saves and exits 75, the job requeues itself, the second run
-    resumes mid-epoch and ends with the weights of an uninterrupted run."""
+    resumes mid-epoch and ends with the weights of an uninterrupted run. With
+    FORGE_LOCAL_DIR (two tiers) the steps commit there and are copied to the root; the
+    requeued job on the same node resumes from the local tier."""
     from multiproc import has_committed_step, mpirun, wait_until
 
     args = "--patience 100 --samples 1024"  # 32 batches an epoch, no early stop: 6 epochs
@@ -118,6 +121,9 @@ def test_scancel_usr1_saves_once_requeues_and_resumes_exactly(slurm_env, tmp_pat
     root = tmp_path / "root"
     report = str(tmp_path / "rank-{rank}.json")
     env = job_env(slurm_env, root, 6, f"{args} --report {report}")
+    local = tmp_path / "node-local"
+    if tiers:
+        env["FORGE_LOCAL_DIR"] = str(local)
     out = subprocess.run(
         [
             "sbatch",
@@ -161,6 +167,13 @@ def test_scancel_usr1_saves_once_requeues_and_resumes_exactly(slurm_env, tmp_pat
     assert r0["resumed_step"] == r1["resumed_step"] == int(saved[0])
     assert r0["fingerprint"] == r1["fingerprint"] == expected
     assert subprocess.run([FORGE, "verify", str(root), "--all"], timeout=60).returncode == 0
+    assert ("(the local tier)" in r0["resumed_from"]) is tiers, r0["resumed_from"]
+    if tiers:
+        assert subprocess.run([FORGE, "verify", str(local), "--all"], timeout=60).returncode == 0
+        durable = {c.step: c.manifest.files for c in CheckpointStore(str(root)).list()}
+        here = {c.step: c.manifest.files for c in CheckpointStore(str(local)).list()}
+        assert max(durable) == max(here), "the last step was made durable at train end"
+        assert all(durable[s] == here[s] for s in set(durable) & set(here)), "same bytes"
 
 
 def test_down_stops_only_the_daemons_it_started(tmp_path):
