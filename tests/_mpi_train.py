@@ -37,6 +37,9 @@ ap.add_argument(
     "yet), says so in OUT/holding, and waits for SIGUSR2 to go on (or to be killed)",
 )
 ap.add_argument("--resume", action="store_true")
+ap.add_argument(
+    "--local-dir", default=None, help="two tiers: the chief commits here, copies to --root"
+)
 ap.add_argument("--bad", default=None, help="a misconfiguration to construct")
 ap.add_argument("--bad-rank", type=int, default=None, help="--bad on this rank only")
 ap.add_argument("--backend", default="mpi", choices=["mpi", "horovod", "auto"])
@@ -195,14 +198,14 @@ else:
         cls(**kwargs)  # must raise (on every rank, or on --bad-rank alone)
     if args.resume:
         try:
-            restored = fk.restore_latest(model, root)
+            restored = fk.restore_latest(model, root, local_directory=args.local_dir)
         except Exception as error:
             failed(error)
             raise
         initial_epoch = restored.initial_epoch
         record["resumed_from_step"] = restored.step
     es = fk.SyncEarlyStopping(patience=args.patience, restore_best_weights=True)
-    ckpt = fk.ChiefModelCheckpoint(root, keep_last=2, keep_best=1)
+    ckpt = fk.ChiefModelCheckpoint(root, keep_last=2, keep_best=1, local_directory=args.local_dir)
     callbacks = [
         fk.BroadcastInitialState(),
         fk.SyncMetrics(),
@@ -239,4 +242,6 @@ if args.mode == "forge":
     record["stopped_epoch"] = es.stopped_epoch
     record["best_epoch"] = es.best_epoch
     record["saved_steps"] = ckpt.saved_steps
+    if args.local_dir:
+        record["restored_from"] = restored.read_from if args.resume else None
 save_record()

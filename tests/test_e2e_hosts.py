@@ -285,6 +285,55 @@ def test_a_requeue_onto_other_hosts_refuses_to_start_over_from_a_node_local_root
     assert CheckpointStore(str(cluster.scratch(again[0]) / "requeue")).steps()
 
 
+def test_two_tiers_a_requeue_onto_other_hosts_resumes_from_the_durable_tier(cluster, tmp_path):
+    """Two tiers: the chief commits to its host's /scratch and copies each step to the
+    shared folder in the background. The chief is SIGKILLed as epoch 2 begins; the requeued
+    attempt lands on two other hosts, whose /scratch is empty, and resumes from the newest
+    durable step: on the shared folder, read from there, the same weights as a run never
+    interrupted. Only the chiefs' hosts ever hold a local tier."""
+    first, again = cluster.hosts[:2], cluster.hosts[2:4]
+    _, whole = train(cluster, first, str(cluster.shared / "tiers-whole"), tmp_path / "a", *COMMON)
+    durable, local = cluster.shared / "tiers", "/scratch/tiers"
+    tiers = ["--local-dir", local]
+    killed, _ = train(
+        cluster,
+        first,
+        str(durable),
+        tmp_path / "b",
+        *COMMON,
+        *tiers,
+        "--kill-rank1-at-epoch",
+        "2",
+        "--kill-rank",
+        "0",
+        ok=False,
+    )
+    assert killed.returncode != 0
+    assert CheckpointStore(str(cluster.scratch(first[0]) / "tiers")).steps() == [8, 16]
+    made_durable = CheckpointStore(str(durable)).steps()
+    assert made_durable and set(made_durable) <= {8, 16}, made_durable
+    assert cluster.files_on(first[1]) == []
+    requeued = {"SLURM_RESTART_COUNT": "1"}
+    _, resumed = train(
+        cluster, again, str(durable), tmp_path / "c", *COMMON, *tiers, "--resume", env=requeued
+    )
+    step = max(made_durable)
+    for r in resumed:
+        assert r["resumed_from_step"] == step
+        assert r["restored_from"] == str(durable), "read from the durable tier"
+        assert r["fingerprints"] == whole[0]["fingerprints"][step // 8 :]
+        assert r["final_fingerprint"] == whole[0]["final_fingerprint"]
+    assert CheckpointStore(str(cluster.scratch(again[0]) / "tiers")).steps(), "a new local tier"
+    assert cluster.files_on(again[1]) == []
+    after = CheckpointStore(str(durable)).list()
+    assert max(c.step for c in after) > step
+    assert {c.manifest.writer["host"] for c in after if c.step > step} == {again[0]}
+    verify = subprocess.run(
+        [FORGE, "verify", str(durable), "--all"], capture_output=True, text=True, timeout=120
+    )
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
 LAUNCH_MWMS = os.path.join(os.path.dirname(HERE), "scripts", "launch_mwms.sh")
 
 
