@@ -194,7 +194,11 @@ def costs(blocks: list, kinds: list[str], warmup_rounds: int = 1) -> dict:
 
 def run(rounds: int, steps: int, block_epochs: int, params_m: float = 50) -> dict:
     limit_threads()
+    import resource
+
     import numpy as np
+
+    from forge_dist.keras.preflight import state_bytes
 
     model = big_model(params_m)
     rng = np.random.default_rng(0)
@@ -208,6 +212,7 @@ def run(rounds: int, steps: int, block_epochs: int, params_m: float = 50) -> dic
         epochs = rounds * 2 * len(kinds) * block_epochs
         model.fit(x, y, batch_size=8, epochs=epochs, verbose=0, shuffle=False, callbacks=[cb])
         size = os.path.getsize(os.path.join(root, "keras.keras"))
+        host_bytes = inner["async"]._staged.host_bytes  # the snapshot's host buffers
     finally:
         shutil.rmtree(root, ignore_errors=True)
     out = costs(cb.blocks, kinds)
@@ -215,6 +220,11 @@ def run(rounds: int, steps: int, block_epochs: int, params_m: float = 50) -> dic
     out.update(
         params=int(model.count_params()),
         file_mb=size / 1e6,
+        # Host memory: the async save's buffers (allocated at its first save, kept), what
+        # the check at train begin asks of MemAvailable, and the process' peak RSS.
+        async_host_mb=host_bytes / 1e6,
+        state_mb=state_bytes(model) / 1e6,
+        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3,
         kinds=kinds,
         rounds=rounds,
         steps_per_epoch=steps,
@@ -247,6 +257,10 @@ def main() -> int:
             f"   {kind:>6}: held {res['held'][kind]:.3f} s ({res['ratio_held'][kind]:.3f}x), "
             f"lost in all {res['lost'][kind]:.3f} s ({res['ratio_lost'][kind]:.3f}x Keras)"
         )
+    print(
+        f"   host memory: the async buffers {res['async_host_mb']:.0f} MB (model and optimizer "
+        f"state {res['state_mb']:.0f} MB), peak RSS {res['peak_rss_mb']:.0f} MB"
+    )
     here = os.path.dirname(os.path.abspath(__file__))
     os.makedirs(os.path.join(here, "out"), exist_ok=True)
     name = "save" if args.params_m == 50 else f"save-{args.params_m:g}m"

@@ -57,40 +57,115 @@ SAVERS = {
 }
 
 
-def save_rows(save: dict) -> list[Row]:
+def _size(save: dict) -> str:
+    return f"{save['params'] / 1e6:.0f} M params ({save['file_mb']:.0f} MB)"
+
+
+def save_rows(save: dict, sizes: list[dict] | None = None) -> list[Row]:
     """bench_save.py: per saver, the loop held and the training time lost in all, each
-    against plain Keras ``ModelCheckpoint`` in the same fit."""
+    against plain Keras ``ModelCheckpoint`` in the same fit; at the other model sizes
+    (``--params-m``), the time lost, its cost per GB against the first size's, and the
+    host memory the asynchronous save holds."""
     out: list[Row] = []
     if not save:
         return out
-    size = f"{save['params'] / 1e6:.0f} M params ({save['file_mb']:.0f} MB)"
+    group = "1. checkpoint, interleaved in one fit"
     base = "plain Keras `ModelCheckpoint` (same fit)"
-    held, lost = save["held"], save["lost"]
-    for kind, (name, target) in SAVERS.items():
-        if kind not in held:
-            continue
-        out.append(
-            Row(
-                "1. checkpoint, interleaved in one fit",
-                f"loop held at the save point, {size}: {name}",
-                base,
-                _s(held[kind]),
-                _s(held["keras"]),
-                held[kind] / held["keras"],
+    for i, one in enumerate([save, *(sizes or [])]):
+        size = _size(one)
+        held, lost = one["held"], one["lost"]
+        for kind, (name, target) in SAVERS.items():
+            if kind not in held:
+                continue
+            if i == 0:
+                out.append(
+                    Row(
+                        group,
+                        f"loop held at the save point, {size}: {name}",
+                        base,
+                        _s(held[kind]),
+                        _s(held["keras"]),
+                        held[kind] / held["keras"],
+                    )
+                )
+            out.append(
+                Row(
+                    group,
+                    f"training time lost per save (held + the steps it slowed), {size}: {name}",
+                    base,
+                    _s(lost[kind]),
+                    _s(lost["keras"]),
+                    lost[kind] / lost["keras"],
+                    target,
+                )
             )
-        )
-        out.append(
-            Row(
-                "1. checkpoint, interleaved in one fit",
-                f"training time lost per save (held + the steps it slowed), {size}: {name}",
-                base,
-                _s(lost[kind]),
-                _s(lost["keras"]),
-                lost[kind] / lost["keras"],
-                target,
+            if i > 0 and kind == "sync":
+                per_gb = lost[kind] / one["file_mb"] * 1e3
+                first = save["lost"][kind] / save["file_mb"] * 1e3
+                out.append(
+                    Row(
+                        group,
+                        f"{name}: time lost per GB saved, {size}",
+                        f"the same at {save['params'] / 1e6:.0f} M params",
+                        _s(per_gb),
+                        _s(first),
+                        per_gb / first,
+                        "≈ 1 (flat as the model grows)",
+                    )
+                )
+        if "async_host_mb" in one:
+            out.append(
+                Row(
+                    group,
+                    f"host memory the async save holds (its snapshot), {size}",
+                    "the checkpoint's size",
+                    f"{one['async_host_mb']:.0f} MB",
+                    f"{one['file_mb']:.0f} MB",
+                    one["async_host_mb"] / one["file_mb"],
+                    f"peak RSS {one['peak_rss_mb'] / 1e3:.1f} GB; refused at train begin "
+                    "where MemAvailable is less",
+                )
             )
-        )
     return out
+
+
+def tier_rows(tiers: dict) -> list[Row]:
+    """Two tiers (benchmarks/bench_tiers.py): time lost per save, and resuming per tier."""
+    if not tiers:
+        return []
+    group = "7. two tiers (node-local + S3)"
+    size = f"{tiers['params'] / 1e6:.1f} M params"
+    s3 = "every save straight to S3 (moto), the loop held until it commits"
+    lost = tiers["lost"]
+    return [
+        Row(
+            group,
+            f"training time lost per save, {size}: {name}",
+            s3,
+            _s(lost[kind]),
+            _s(lost["s3"]),
+            tiers["lost_vs_s3"][kind],
+            note,
+        )
+        for kind, name, note in (
+            (
+                "tiers",
+                '`ChiefModelCheckpoint("s3://…", local_directory=…)`',
+                "durable once copied",
+            ),
+            ("local", "`ChiefModelCheckpoint(local folder)` (nothing durable)", "the floor"),
+        )
+        if kind in lost
+    ] + [
+        Row(
+            group,
+            f"verified `restore_latest` from the local tier (cold cache), {size}",
+            "from the durable tier (S3) alone: a requeue onto another node",
+            _s(tiers["resume_s"]["local tier"]),
+            _s(tiers["resume_s"]["durable tier"]),
+            tiers["resume_local_vs_durable"],
+        )
+    ]
 
 
 def host_rows(hosts: dict) -> list[Row]:
@@ -211,8 +286,9 @@ def rows(
     save: dict | None = None,
     hosts: dict | None = None,
     resume: dict | None = None,
+    tiers: dict | None = None,
 ) -> list[Row]:
-    out: list[Row] = save_rows(save or {})
+    out: list[Row] = save_rows(save or {}, (save or {}).get("sizes"))
     storage = [
         # group, results, (ours, baseline, baseline's name) for the commit, then for verify
         (
@@ -313,6 +389,7 @@ def rows(
         )
     out.extend(host_rows(hosts or {}))
     out.extend(resume_rows(resume or {}))
+    out.extend(tier_rows(tiers or {}))
     return out
 
 
@@ -352,6 +429,19 @@ NOTES = (
             "rank rows (`benchmarks/bench_resume_ranks.py`) restore a 151 MB step on every "
             "rank of one `mpirun`, from a barrier to the last rank done, the two ways "
             "alternating round by round; the ranks share one host's disk and page cache."
+        ),
+    ),
+    (
+        "7. two tiers",
+        (
+            "**Two-tier rows (7.)** come from `benchmarks/bench_tiers.py`: whole `fit`s of a "
+            "12.6 M-parameter model (151 MB with Adam) at one TensorFlow thread, a save at "
+            "each epoch end, the kinds (no checkpoint, straight to S3, local only, two "
+            "tiers) taking turns round by round. *Lost per save* is a kind's fit minus the "
+            "clean fit, over the saves: the hold, the background copy competing with "
+            "training (moto's server a third process on the 2 cores), and the wait at train "
+            "end for the last copy to be durable. Resume: a verified `restore_latest` into "
+            "the built model, from the local tier (page cache dropped) and from S3 alone."
         ),
     ),
     (
@@ -446,14 +536,18 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [_load(args.in_dir, f"resume-{m}m") for m in (200, 400)]
     if resume and any(sizes):
         resume = {**resume, "sizes": [x for x in sizes if x]}
-    if not store and not keras and not save and not hosts and not resume:
+    sizes = [_load(args.in_dir, f"save-{m}m") for m in (200, 400)]
+    if save and any(sizes):
+        save = {**save, "sizes": [x for x in sizes if x]}
+    tiers = _load(args.in_dir, "tiers")
+    if not any((store, keras, save, hosts, resume, tiers)):
         print(f"no benchmark output in {args.in_dir}: run `make bench`", file=sys.stderr)
         return 2
     machine = (
         keras.get("machine") or store.get("machine") or save.get("machine") or platform.machine()
     )
     date = datetime.date.today().isoformat()
-    table = rows(store, keras, save, hosts, resume)
+    table = rows(store, keras, save, hosts, resume, tiers)
     with open(os.path.join(args.out_dir, "results.json"), "w") as f:
         json.dump(
             {
@@ -465,6 +559,7 @@ def main(argv: list[str] | None = None) -> int:
                 "save": save,
                 "hosts": hosts,
                 "resume": resume,
+                "tiers": tiers,
             },
             f,
             indent=2,

@@ -172,3 +172,69 @@ def test_report_has_the_resume_rows_of_larger_models(tmp_path):
         ("the same, 200 M params (2.4 GB), local", 0.7),
         ("the same, 200 M params (2.4 GB), S3", 0.7),
     ]
+
+
+def test_report_has_the_save_rows_of_larger_models_and_the_async_host_memory(tmp_path):
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    out.mkdir()
+    memory = {"async_host_mb": 600.0, "state_mb": 600.0, "peak_rss_mb": 3000.0}
+    (src / "save.json").write_text(json.dumps({**SAVE, **memory}))
+    big = {
+        "params": 200_000_000,
+        "file_mb": 2400.0,
+        "held": {"keras": 8.0, "sync": 7.0, "async": 0.4},
+        "lost": {"keras": 8.0, "sync": 9.6, "async": 0.8},
+        "async_host_mb": 2400.0,
+        "state_mb": 2400.0,
+        "peak_rss_mb": 12000.0,
+    }
+    (src / "save-200m.json").write_text(json.dumps(big))
+    assert report.main(["--in-dir", str(src), "--out-dir", str(out)]) == 0
+    table = json.loads((out / "results.json").read_text())["table"]
+    big_rows = [(r["measure"], r["ratio"]) for r in table if "200 M" in r["measure"]]
+    assert big_rows == [
+        (
+            "training time lost per save (held + the steps it slowed), 200 M params (2400 MB): "
+            "`ChiefModelCheckpoint`",
+            pytest.approx(1.2),
+        ),
+        (
+            "`ChiefModelCheckpoint`: time lost per GB saved, 200 M params (2400 MB)",
+            # 9.6 s / 2.4 GB against 1.9 s / 0.605 GB
+            pytest.approx((9.6 / 2.4) / (1.9 / 0.605)),
+        ),
+        (
+            "training time lost per save (held + the steps it slowed), 200 M params (2400 MB): "
+            "`ChiefModelCheckpoint(async_save=True)`",
+            pytest.approx(0.1),
+        ),
+        ("host memory the async save holds (its snapshot), 200 M params (2400 MB)", 1.0),
+    ]
+    memory_rows = [r for r in table if r["measure"].startswith("host memory")]
+    assert [r["ours"] for r in memory_rows] == ["600 MB", "2400 MB"]
+    assert "peak RSS 12.0 GB" in memory_rows[1]["target"]
+
+
+def test_report_has_the_two_tier_rows(tmp_path):
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    out.mkdir()
+    tiers = {
+        "params": 12_600_000,
+        "lost": {"s3": 2.0, "local": 0.2, "tiers": 1.0},
+        "lost_vs_s3": {"s3": 1.0, "local": 0.1, "tiers": 0.5},
+        "resume_s": {"local tier": 0.25, "durable tier": 0.6},
+        "resume_local_vs_durable": 0.25 / 0.6,
+    }
+    (src / "tiers.json").write_text(json.dumps(tiers))
+    assert report.main(["--in-dir", str(src), "--out-dir", str(out)]) == 0
+    table = json.loads((out / "results.json").read_text())["table"]
+    assert [(r["ours"], r["theirs"], r["ratio"]) for r in table] == [
+        ("1.00 s", "2.00 s", 0.5),
+        ("0.20 s", "2.00 s", 0.1),
+        ("0.25 s", "0.60 s", pytest.approx(0.4167, abs=1e-4)),
+    ]
+    assert "local_directory" in table[0]["measure"] and "S3" in table[0]["baseline"]
+    assert "durable tier" in table[2]["baseline"]
+    assert "**Two-tier rows (7.)**" in (out / "results.md").read_text()

@@ -102,6 +102,11 @@ class StagedSaves:
             return None
         return Snapshot(layout, layout.views(), staged.config_and_metadata(model))
 
+    @property
+    def host_bytes(self) -> int:
+        """Host memory the asynchronous saves' buffers hold (0 before the first)."""
+        return 0 if self._buffers is None else sum(a.nbytes for a in self._buffers.arrays)
+
     def copy(self, model: Any) -> Snapshot | None:
         """The variables copied into the host buffers (training may go on)."""
         layout = self.layout(model)
