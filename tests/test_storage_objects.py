@@ -11,7 +11,7 @@ import pytest
 from faultproxy import FaultProxy
 
 from forge_dist.storage import CheckpointStore
-from forge_dist.storage.backends import s3 as s3io
+from forge_dist.storage.backends import s3wire as s3io
 
 pytestmark = pytest.mark.s3
 
@@ -221,3 +221,34 @@ def test_a_large_object_reads_back_in_ranges_ahead_byte_for_byte(s3, tmp_path, m
     dest = store.download(1, tmp_path / "dl")
     assert (tmp_path / "dl" / "model.bin").read_bytes() == data, dest
     assert store.verify(1).ok
+
+
+def test_each_protocol_gets_its_backend_from_the_one_table(s3, tmp_path):
+    """s3:// gets S3Backend (conditional lease writes), a protocol with no entry the
+    generic ObjectBackend (plain lease writes), a local path the POSIX one; a protocol
+    whose fsspec implementation is missing names its extra."""
+    from forge_dist.errors import BackendNotInstalledError
+    from forge_dist.storage.backends import (
+        PROTOCOLS,
+        ObjectBackend,
+        PosixBackend,
+        make_backend,
+    )
+    from forge_dist.storage.backends.s3 import S3Backend
+
+    b = make_backend(f"s3://{s3.bucket}/t", s3.options, "s3")
+    assert type(b) is S3Backend and b.conditional_writes
+    m = make_backend("memory://table/t", None, "memory")
+    assert type(m) is ObjectBackend and not m.conditional_writes
+    assert type(make_backend(str(tmp_path), None, "local")) is PosixBackend
+    assert PROTOCOLS["s3a"] is PROTOCOLS["s3"]
+    if not PROTOCOLS["gs"].package or _installed(PROTOCOLS["gs"].package):
+        return
+    with pytest.raises(BackendNotInstalledError, match=r"pip install 'forge-dist\[gcs\]'"):
+        make_backend("gs://bucket/t", None, "gs")
+
+
+def _installed(package: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(package) is not None

@@ -1,14 +1,17 @@
 """Two commit protocols behind one interface (docs/DESIGN.md, "Commit protocols").
 
 * :class:`~.posix.PosixBackend` — local disks, NFS, Lustre: stage, fsync, rename.
-* :class:`~.objects.ObjectBackend` — any other fsspec filesystem (s3, gs, memory, ...):
-  payload first, ``manifest.json`` last as one single-object PUT.
+* :class:`~.objects.ObjectBackend` — any other fsspec filesystem (gs, az, memory, ...):
+  payload first, ``manifest.json`` last as one single-object PUT; subclassed per cloud
+  where its API does better (:class:`~.s3.S3Backend`).
 
-:func:`make_backend` picks one for a URL.
+:func:`make_backend` picks one for a URL from :data:`PROTOCOLS`.
 """
 
 from __future__ import annotations
 
+import importlib
+from dataclasses import dataclass
 from typing import Any
 
 from forge_dist.errors import BackendNotInstalledError, StorageError
@@ -17,25 +20,66 @@ from forge_dist.storage.backends.base import Backend, FileStat, Sink, owner_is_d
 from forge_dist.storage.backends.objects import ObjectBackend
 from forge_dist.storage.backends.posix import PosixBackend
 
+
+@dataclass(frozen=True)
+class Protocol:
+    """How the store meets one URL protocol: its backend (``module:Class`` under this
+    package, imported when used), the forge-dist extra that installs its fsspec
+    implementation, and that implementation's package."""
+
+    backend: str = "objects:ObjectBackend"
+    extra: str | None = None
+    package: str | None = None
+
+    def backend_class(self) -> type[Backend]:
+        module, name = self.backend.split(":")
+        return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+
+    def prepare(self, options: dict[str, Any]) -> dict[str, Any]:
+        """The storage options as this backend's client wants them."""
+        if self.backend.startswith("s3:"):
+            from forge_dist.storage.backends import s3
+
+            return s3.prepare_options(options)
+        return options
+
+
+_POSIX = Protocol("posix:PosixBackend")
+_S3 = Protocol("s3:S3Backend", "s3", "s3fs")
+_GCS = Protocol(extra="gcs", package="gcsfs")
+
+#: Protocol -> backend, like fsspec's own registry (names, imported when used). A
+#: protocol not here goes through the generic object backend.
+PROTOCOLS: dict[str, Protocol] = {
+    "file": _POSIX,
+    "local": _POSIX,
+    "s3": _S3,
+    "s3a": _S3,
+    "gs": _GCS,
+    "gcs": _GCS,
+}
+
 #: The extra that installs the fsspec implementation of a protocol.
-EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
+EXTRAS = {name: p.extra for name, p in PROTOCOLS.items() if p.extra}
+
+
+def _protocol(url: str) -> str:
+    return url.split("://", 1)[0] if "://" in url else "file"
 
 
 def make_backend(url: str, storage_options: dict[str, Any] | None, display: str) -> Backend:
     """Pick the commit protocol for ``url``: rename on POSIX, manifest-last elsewhere."""
     import fsspec
 
-    options = dict(storage_options or {})
-    if url.split("://", 1)[0] in ("s3", "s3a"):
-        options = _s3_options(options)
+    entry = PROTOCOLS.get(_protocol(url), Protocol())
+    options = entry.prepare(dict(storage_options or {}))
     try:
         fs, path = fsspec.core.url_to_fs(url, **options)
     except ImportError as e:
-        protocol = url.split("://", 1)[0] if "://" in url else "file"
-        extra = EXTRAS.get(protocol)
+        protocol = _protocol(url)
         hint = (
-            f"pip install 'forge-dist[{extra}]'"
-            if extra
+            f"pip install 'forge-dist[{entry.extra}]'"
+            if entry.extra
             else f"install the fsspec implementation for {protocol!r}"
         )
         raise BackendNotInstalledError(
@@ -43,26 +87,14 @@ def make_backend(url: str, storage_options: dict[str, Any] | None, display: str)
         ) from e
     except (ValueError, TypeError) as e:
         raise StorageError(f"cannot open {display}: {describe(e)}") from e
+    # The filesystem's own protocol decides (a chained or aliased URL may differ).
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    if protocol in ("file", "local"):
+    cls = PROTOCOLS.get(protocol, Protocol()).backend_class()
+    if cls is PosixBackend:
         return PosixBackend(path, display)
-    return ObjectBackend(fs, path, display)
-
-
-def _s3_options(options: dict[str, Any]) -> dict[str, Any]:
-    """The store's S3 client validates no GET's checksum itself unless the options say
-    so: every byte the store reads (verify, download, copy) is hashed against the
-    manifest's sha256, and botocore's check of the same bytes (a CRC-32, or a second
-    sha256 for objects uploaded with theirs) ran on the one event-loop thread every
-    transfer shares (~30 % of it in a verify, profiled)."""
-    try:
-        from botocore.config import Config
-    except ImportError:  # s3fs missing: make_backend says so
-        return options
-    config = dict(options.get("config_kwargs") or {})
-    if "response_checksum_validation" in Config.OPTION_DEFAULTS:
-        config.setdefault("response_checksum_validation", "when_required")
-    return {**options, "config_kwargs": config}
+    if not cls.accepts(fs):
+        cls = ObjectBackend
+    return cls(fs, path, display)
 
 
 __all__ = [

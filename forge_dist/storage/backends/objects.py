@@ -3,7 +3,8 @@
 Rename is copy+delete there, so the payload goes straight under ``step-N/`` and
 ``manifest.json`` is written last as one single-object PUT; a prefix without a
 manifest is uncommitted. A delete removes the manifest first (one atomic uncommit).
-How S3 objects themselves travel (parts, ranges) is in :mod:`.s3`.
+:class:`ObjectBackend` does it through fsspec's generic calls; a store whose API allows
+better subclasses it (:class:`~.s3.S3Backend`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from typing import IO, Any, BinaryIO
 from forge_dist.errors import CheckpointExistsError, ManifestError, StorageError
 from forge_dist.storage import _faults
 from forge_dist.storage._errors import storage_errors
-from forge_dist.storage.backends import s3
 from forge_dist.storage.backends.base import (
     LEASE_NAME,
     PROBE_PREFIX,
@@ -78,6 +78,7 @@ def _mtime(info: dict[str, Any]) -> float | None:
 class ObjectBackend(Backend):
     rename_commit = False
     parallel_files = 8
+    conditional_writes = False  # write_lease is a plain write (S3Backend's is not)
 
     def __init__(self, fs: Any, root: str, display: str) -> None:
         self.fs = fs
@@ -86,6 +87,12 @@ class ObjectBackend(Backend):
         protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
         self.protocol = protocol
         self.bucketed = protocol in ("s3", "s3a", "gs", "gcs", "az", "abfs", "adl", "oss")
+
+    @classmethod
+    def accepts(cls, fs: Any) -> bool:
+        """Whether this backend can drive ``fs`` (a subclass may need its client's own
+        calls; make_backend falls back to this generic one)."""
+        return True
 
     def _p(self, name: str, rel: str = "") -> str:
         return f"{self.root}/{name}/{rel}" if rel else f"{self.root}/{name}"
@@ -120,28 +127,9 @@ class ObjectBackend(Backend):
             out.append((name, e.get("type") == "directory"))
         return out
 
-    def _s3(self, method: str, **kwargs: Any) -> Any:
-        from fsspec.asyn import sync
-
-        return sync(self.fs.loop, self._s3_call, method, **kwargs)
-
-    def _get_small(self, path: str, limit: int) -> tuple[bytes, Any] | None:
-        """S3: a small object in one GET (fsspec's info + cat_file make a HEAD and a
-        GET); None when it is missing."""
-        from fsspec.asyn import sync
-
-        bucket, key = path.split("/", 1)
-        try:
-            return sync(self.fs.loop, s3.get_small, self._s3_call, bucket, key, limit)
-        except FileNotFoundError:
-            return None
-
     def read_manifest(self, name: str) -> bytes | None:
         path = self._p(name, MANIFEST_NAME)
         with storage_errors(f"cannot read {name}/{MANIFEST_NAME}"):
-            if self._s3_call is not None:
-                got = self._get_small(path, MAX_MANIFEST_BYTES)
-                return None if got is None else got[0]
             try:
                 info = self.fs.info(path)
             except FileNotFoundError:
@@ -184,45 +172,15 @@ class ObjectBackend(Backend):
     def open_read(self, name: str, rel: str) -> BinaryIO:
         path = self._p(name, rel)
         with storage_errors(f"cannot open {name}/{rel}"):
-            if self._s3_call is not None:
-                size = int(self.fs.info(path).get("size") or 0)
-                return s3.RangeReader(self.fs, path, size)  # type: ignore[return-value]
             return self.fs.open(path, "rb")
 
     def newest_mtime(self, name: str) -> float | None:
         times = [t for info in self._find(name).values() if (t := _mtime(info)) is not None]
         return max(times) if times else None
 
-    def _list_step_s3(self, name: str) -> list[str]:
-        """S3: the keys under ``name/``, relative to it, in one LIST per 1000 keys (a
-        missing bucket said clearly)."""
-        bucket, prefix = self._p(name).split("/", 1)
-        keys: list[str] = []
-        token: dict[str, Any] = {}
-        with storage_errors(f"cannot list {name} in {self.display}"):
-            while True:
-                try:
-                    page = self._s3("list_objects_v2", Bucket=bucket, Prefix=prefix + "/", **token)
-                except FileNotFoundError:
-                    raise StorageError(
-                        f"bucket {bucket!r} of {self.display} does not exist"
-                    ) from None
-                keys += [c["Key"][len(prefix) + 1 :] for c in page.get("Contents", [])]
-                if not page.get("IsTruncated"):
-                    return keys
-                token = {"ContinuationToken": page["NextContinuationToken"]}
-
     def begin(self, step: int, replace: bool) -> str:
         name = step_dirname(step)
-        if self._s3_call is not None:
-            # One LIST of the step's prefix says all three things begin needs: the
-            # bucket is there, whether the step is committed, and leftovers.
-            keys = self._list_step_s3(name)
-            committed, leftovers = MANIFEST_NAME in keys, bool(keys)
-        else:
-            self.list_root()  # fails clearly on a missing bucket or unreachable endpoint
-            committed = self.read_manifest(name) is not None
-            leftovers = not committed and bool(self.walk(name))
+        committed, leftovers = self._step_state(name)
         if committed:
             if not replace:
                 raise CheckpointExistsError(
@@ -235,10 +193,15 @@ class ObjectBackend(Backend):
             self.remove_uncommitted(name)
         return name
 
+    def _step_state(self, name: str) -> tuple[bool, bool]:
+        """Whether step ``name`` is committed, and whether it has objects (failing
+        clearly on a missing bucket or an unreachable endpoint)."""
+        self.list_root()
+        committed = self.read_manifest(name) is not None
+        return committed, not committed and bool(self.walk(name))
+
     def open_write(self, staging: str, rel: str) -> Sink:
         with storage_errors(f"cannot create {rel} in {staging}"):
-            if self._s3_call is not None:
-                return s3.PartsSink(self.fs, self._p(staging, rel))
             return _FsspecSink(self.fs, self._p(staging, rel))
 
     def commit(self, staging: str, step: int, manifest: bytes, replace: bool) -> None:
@@ -267,43 +230,19 @@ class ObjectBackend(Backend):
         path = f"{self.root}/{LEASE_NAME}"
         with storage_errors(f"cannot read the writer lease of {self.display}"):
             self._fresh(path)
-            if self._s3_call is not None:  # the body and the ETag in one GET
-                return self._get_small(path, MAX_MANIFEST_BYTES) or (None, None)
             try:
                 info = self.fs.info(path)
             except FileNotFoundError:
                 return None, None
             return bytes(self.fs.cat_file(path)), info.get("ETag") or info.get("etag")
 
-    @property
-    def conditional_writes(self) -> bool:  # type: ignore[override]
-        """S3's conditional PUT (If-Match / If-None-Match), which moto and AWS honour."""
-        return self._s3_call is not None
-
-    @property
-    def _s3_call(self) -> Any:
-        call = getattr(self.fs, "_call_s3", None)
-        return call if self.protocol in ("s3", "s3a") and call is not None else None
-
     def write_lease(self, data: bytes, token: Any) -> bool:
+        """No compare-and-swap through fsspec's generic calls: the lease is a plain
+        write, checked before and after (:attr:`conditional_writes` is False)."""
         path = f"{self.root}/{LEASE_NAME}"
         with storage_errors(f"cannot write the writer lease of {self.display}"):
-            if self._s3_call is None:  # no compare-and-swap here: checked before and after
-                self.fs.pipe_file(path, data)
-                self._fresh(path)
-                return True
-            bucket, key = path.split("/", 1)
-            match = {"IfMatch": token} if token else {"IfNoneMatch": "*"}
-            try:
-                self._s3("put_object", Bucket=bucket, Key=key, Body=data, **match)
-            except FileExistsError:  # s3fs's translation of 412 PreconditionFailed
-                return False
-            except Exception as e:
-                if "PreconditionFailed" in str(e) or "pre-conditions" in str(e):
-                    return False
-                raise
-            finally:
-                self._fresh(path)
+            self.fs.pipe_file(path, data)
+            self._fresh(path)
         return True
 
     def abort(self, staging: str) -> None:

@@ -1,250 +1,125 @@
-"""S3 objects on the wire, on s3fs's event loop: uploads in concurrent parts
-(:class:`PartsSink`), reads in ranges fetched ahead (:class:`RangeReader`), small objects
-in one GET (:func:`get_small`). Used by :mod:`.objects` where the filesystem is s3fs."""
+"""S3 (``s3://``, ``s3a://``, through s3fs): the manifest-last commit of
+:class:`~.objects.ObjectBackend`, with S3's own calls where they do better than fsspec's
+generic ones:
+
+- a manifest or the lease in one GET (a generic read is a HEAD and a GET);
+- a step's whole state at ``begin`` in one LIST of its prefix;
+- payload uploads in concurrent parts, reads in ranges fetched ahead (:mod:`.s3wire`);
+- the writer lease by conditional PUT (``If-Match`` its ETag, ``If-None-Match: *`` for
+  the first), which AWS and moto honour: a writer that lost the lease cannot write it.
+"""
 
 from __future__ import annotations
 
-import base64
-import contextlib
-import io
-from typing import Any
+from typing import Any, BinaryIO
 
-from forge_dist.errors import ManifestError
-from forge_dist.storage.backends.base import Sink
-
-#: S3 uploads: a file smaller than two parts is one PUT (as s3fs ``put`` does: one
-#: request costs less than a multipart upload's three); a larger one goes in parts of
-#: this size, this many at once (the last part may be smaller).
-PART_BYTES = 32 * 1024 * 1024
-PARTS_IN_FLIGHT = 2
+from forge_dist.errors import StorageError
+from forge_dist.storage._errors import storage_errors
+from forge_dist.storage.backends import s3wire
+from forge_dist.storage.backends.base import LEASE_NAME, Sink
+from forge_dist.storage.backends.objects import ObjectBackend
+from forge_dist.storage.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES
 
 
-def flexible_checksums(fs: Any) -> bool:
-    """Whether this client sends S3's checksum headers (botocore's default since 1.36).
-    Endpoints that refuse them are configured ``request_checksum_calculation=
-    "when_required"``; then no ``x-amz-checksum-*`` header is added here either."""
-    client = getattr(fs, "s3", None)
-    config = getattr(getattr(client, "meta", None), "config", None)
-    return getattr(config, "request_checksum_calculation", None) != "when_required"
+def prepare_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The store's S3 client validates no GET's checksum itself unless the options say
+    so: every byte the store reads (verify, download, copy) is hashed against the
+    manifest's sha256, and botocore's check of the same bytes (a CRC-32, or a second
+    sha256 for objects uploaded with theirs) ran on the one event-loop thread every
+    transfer shares (~30 % of it in a verify, profiled)."""
+    try:
+        from botocore.config import Config
+    except ImportError:  # s3fs missing: make_backend says so
+        return options
+    config = dict(options.get("config_kwargs") or {})
+    if "response_checksum_validation" in Config.OPTION_DEFAULTS:
+        config.setdefault("response_checksum_validation", "when_required")
+    return {**options, "config_kwargs": config}
 
 
-class PartsSink(Sink):
-    """An S3 object written as a multipart upload whose parts travel concurrently on
-    s3fs's event loop (s3fs's own file object sends one part after another). At most
-    :data:`PARTS_IN_FLIGHT` parts are in memory or on the wire; ``close`` completes the
-    upload (the object appears whole or not at all), ``discard`` aborts it.
+class S3Backend(ObjectBackend):
+    conditional_writes = True
 
-    A file smaller than two parts is one PUT of what was handed over (no copy when it
-    came as one ``bytes``), carrying its sha256 as ``x-amz-checksum-sha256`` when
-    ``close`` is given it: S3 then refuses a body that differs from the manifest's hash,
-    and botocore does not hash the body again for a CRC-32 of its own."""
+    @classmethod
+    def accepts(cls, fs: Any) -> bool:
+        return callable(getattr(fs, "_call_s3", None))
 
-    @property  # type: ignore[override]
-    def whole_below(self) -> int:
-        """Below two parts a file is one PUT (read at call time: tests shrink parts)."""
-        return 2 * PART_BYTES
+    def __init__(self, fs: Any, root: str, display: str) -> None:
+        super().__init__(fs, root, display)
+        self._call = fs._call_s3  # s3fs's coroutine: one S3 API call, retried
 
-    def __init__(self, fs: Any, path: str) -> None:
-        self.fs = fs
-        self.bucket, self.key = path.split("/", 1)
-        self._buf = bytearray()
-        self._whole: bytes | None = None  # a whole small file, kept as handed over
-        self._upload_id: str | None = None
-        self._pending: list[Any] = []  # concurrent.futures of upload_part, in order
-        self._parts: list[dict[str, Any]] = []
-        self._closed = False
-
-    def _call(self, method: str, **kwargs: Any) -> Any:
+    def _s3(self, method: str, **kwargs: Any) -> Any:
         from fsspec.asyn import sync
 
-        return sync(self.fs.loop, self.fs._call_s3, method, **kwargs)
+        return sync(self.fs.loop, self._call, method, **kwargs)
 
-    def _submit(self, data: bytes) -> None:
-        import asyncio
+    def _get_small(self, path: str, limit: int) -> tuple[bytes, Any] | None:
+        """A small object and its ETag in one GET; None when it is missing."""
+        from fsspec.asyn import sync
 
-        if self._upload_id is None:
-            mpu = self._call("create_multipart_upload", Bucket=self.bucket, Key=self.key)
-            self._upload_id = mpu["UploadId"]
-        while len(self._pending) >= PARTS_IN_FLIGHT:
-            self._collect_oldest()
-        number = len(self._parts) + len(self._pending) + 1
-        coro = self.fs._call_s3(
-            "upload_part",
-            Bucket=self.bucket,
-            Key=self.key,
-            UploadId=self._upload_id,
-            PartNumber=number,
-            Body=data,
-        )
-        self._pending.append((number, asyncio.run_coroutine_threadsafe(coro, self.fs.loop)))
-
-    def _collect_oldest(self) -> None:
-        number, future = self._pending.pop(0)
-        out = future.result()
-        self._parts.append({"PartNumber": number, "ETag": out["ETag"]})
-
-    def write(self, data: bytes | memoryview) -> None:
-        fresh = self._whole is None and not self._buf and self._upload_id is None
-        if fresh and isinstance(data, bytes) and len(data) < self.whole_below:
-            self._whole = data  # immutable: kept, not copied
-            return
-        if self._whole is not None:
-            self._buf += self._whole
-            self._whole = None
-        self._buf += memoryview(data).cast("B")
-        if self._upload_id is None and len(self._buf) < self.whole_below:
-            return  # may still be one PUT
-        while len(self._buf) >= PART_BYTES:
-            part = bytes(self._buf[:PART_BYTES])
-            del self._buf[:PART_BYTES]
-            self._submit(part)
-
-    def close(self, sha256: str | None = None) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        if self._upload_id is None:  # smaller than two parts: one PUT
-            # As bytes: a bytearray body made the same PUT ~25 % slower here (measured
-            # against moto), for the copy this saves.
-            body = self._whole if self._whole is not None else bytes(self._buf)
-            self._whole, self._buf = None, bytearray()
-            checksum = {}
-            if sha256 is not None and flexible_checksums(self.fs):
-                checksum = {
-                    "ChecksumAlgorithm": "SHA256",
-                    "ChecksumSHA256": base64.b64encode(bytes.fromhex(sha256)).decode(),
-                }
-            self._call("put_object", Bucket=self.bucket, Key=self.key, Body=body, **checksum)
-            return
+        bucket, key = path.split("/", 1)
         try:
-            if self._buf:
-                self._submit(bytes(self._buf))
-            while self._pending:
-                self._collect_oldest()
-            self._call(
-                "complete_multipart_upload",
-                Bucket=self.bucket,
-                Key=self.key,
-                UploadId=self._upload_id,
-                MultipartUpload={"Parts": self._parts},
-            )
-        except BaseException:
-            self._abort()
-            raise
+            return sync(self.fs.loop, s3wire.get_small, self._call, bucket, key, limit)
+        except FileNotFoundError:
+            return None
 
-    def discard(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._abort()
+    def read_manifest(self, name: str) -> bytes | None:
+        with storage_errors(f"cannot read {name}/{MANIFEST_NAME}"):
+            got = self._get_small(self._p(name, MANIFEST_NAME), MAX_MANIFEST_BYTES)
+        return None if got is None else got[0]
 
-    def _abort(self) -> None:
-        for _, future in self._pending:
-            with contextlib.suppress(BaseException):
-                future.result()
-        self._pending.clear()
-        if self._upload_id is not None:
-            with contextlib.suppress(Exception):
-                self._call(
-                    "abort_multipart_upload",
-                    Bucket=self.bucket,
-                    Key=self.key,
-                    UploadId=self._upload_id,
-                )
+    def open_read(self, name: str, rel: str) -> BinaryIO:
+        path = self._p(name, rel)
+        with storage_errors(f"cannot open {name}/{rel}"):
+            size = int(self.fs.info(path).get("size") or 0)
+            return s3wire.RangeReader(self.fs, path, size)  # type: ignore[return-value]
 
+    def _step_state(self, name: str) -> tuple[bool, bool]:
+        """One LIST of the step's prefix (a page per 1000 keys) says all three things
+        ``begin`` needs: the bucket is there, whether the step is committed, and
+        leftovers."""
+        bucket, prefix = self._p(name).split("/", 1)
+        keys: list[str] = []
+        token: dict[str, Any] = {}
+        with storage_errors(f"cannot list {name} in {self.display}"):
+            while True:
+                try:
+                    page = self._s3("list_objects_v2", Bucket=bucket, Prefix=prefix + "/", **token)
+                except FileNotFoundError:
+                    raise StorageError(
+                        f"bucket {bucket!r} of {self.display} does not exist"
+                    ) from None
+                keys += [c["Key"][len(prefix) + 1 :] for c in page.get("Contents", [])]
+                if not page.get("IsTruncated"):
+                    break
+                token = {"ContinuationToken": page["NextContinuationToken"]}
+        return MANIFEST_NAME in keys, bool(keys)
 
-#: S3 reads: an object up to this size is one GET; a larger one goes in ranges of this
-#: size, this many fetched ahead of the reader. (Large ranges: a server may read the
-#: whole object for each ranged GET, as moto does.)
-RANGE_BYTES = 64 * 1024 * 1024
-RANGES_AHEAD = 2
-#: The most one read of a response body returns (it returns what has arrived).
-READ_CHUNK = 4 * 1024 * 1024
+    def open_write(self, staging: str, rel: str) -> Sink:
+        with storage_errors(f"cannot create {rel} in {staging}"):
+            return s3wire.PartsSink(self.fs, self._p(staging, rel))
 
+    def read_lease(self) -> tuple[bytes | None, Any]:
+        path = f"{self.root}/{LEASE_NAME}"
+        with storage_errors(f"cannot read the writer lease of {self.display}"):
+            self._fresh(path)
+            return self._get_small(path, MAX_MANIFEST_BYTES) or (None, None)
 
-class RangeReader(io.RawIOBase):
-    """An S3 object read front to back with :data:`RANGES_AHEAD` ranged GETs in flight
-    (s3fs's file object fetches one block after another): for verify, download, cp."""
-
-    def __init__(self, fs: Any, path: str, size: int) -> None:
-        super().__init__()
-        self.fs, self.path, self.size = fs, path, size
-        self._next = 0  # the next offset to ask for
-        self._ahead: list[Any] = []  # futures of the ranges ahead: lists of chunks
-        self._chunks: list[bytes] = []  # the current range's chunks not yet read
-        self._chunk = memoryview(b"")
-
-    def readable(self) -> bool:
+    def write_lease(self, data: bytes, token: Any) -> bool:
+        """A conditional PUT: False when another writer changed (or created) the lease
+        since ``token`` (its ETag) was read."""
+        path = f"{self.root}/{LEASE_NAME}"
+        bucket, key = path.split("/", 1)
+        match = {"IfMatch": token} if token else {"IfNoneMatch": "*"}
+        with storage_errors(f"cannot write the writer lease of {self.display}"):
+            try:
+                self._s3("put_object", Bucket=bucket, Key=key, Body=data, **match)
+            except FileExistsError:  # s3fs's translation of 412 PreconditionFailed
+                return False
+            except Exception as e:
+                if "PreconditionFailed" in str(e) or "pre-conditions" in str(e):
+                    return False
+                raise
+            finally:
+                self._fresh(path)
         return True
-
-    def _fill(self) -> None:
-        import asyncio
-
-        while len(self._ahead) < RANGES_AHEAD and self._next < self.size:
-            end = min(self.size, self._next + RANGE_BYTES)
-            coro = _retried(self.fs, _get_chunks, self.fs, self.path, self._next, end)
-            self._ahead.append(asyncio.run_coroutine_threadsafe(coro, self.fs.loop))
-            self._next = end
-
-    def readinto(self, b: Any) -> int:
-        if not self._chunk:
-            if not self._chunks:
-                self._fill()
-                if not self._ahead:
-                    return 0
-                self._chunks = self._ahead.pop(0).result()
-                self._fill()
-            self._chunk = memoryview(self._chunks.pop(0))
-        n = min(len(b), len(self._chunk))
-        memoryview(b).cast("B")[:n] = self._chunk[:n]
-        self._chunk = self._chunk[n:]
-        return n
-
-    def close(self) -> None:
-        for future in self._ahead:
-            future.cancel()
-        self._ahead.clear()
-        super().close()
-
-
-async def _get_chunks(fs: Any, path: str, start: int, end: int) -> list[bytes]:
-    """Bytes ``[start, end)`` of an S3 object as the chunks the connection delivered:
-    joining them (what s3fs's ``cat_file`` does) cost the event loop a copy of every
-    byte, and the event loop is what a verify waits for."""
-    import aiohttp
-
-    bucket, key = path.split("/", 1)
-    resp = await fs._call_s3("get_object", Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}")
-    body = resp["Body"]
-    chunks: list[bytes] = []
-    got = 0
-    try:
-        while chunk := await body.read(READ_CHUNK):
-            chunks.append(chunk)
-            got += len(chunk)
-    finally:
-        body.close()
-    if got != end - start:  # (retried, as a connection cut short is)
-        raise aiohttp.ClientPayloadError(f"{path}: {got} bytes of {end - start} arrived")
-    return chunks
-
-
-async def _retried(fs: Any, func: Any, *args: Any) -> Any:
-    """``func(*args)`` with s3fs's own retries of transient errors, where it has them."""
-    try:
-        from s3fs.core import _error_wrapper
-    except ImportError:  # pragma: no cover - another s3fs
-        return await func(*args)
-    return await _error_wrapper(func, args=args, retries=getattr(fs, "retries", 5))
-
-
-async def get_small(call: Any, bucket: str, key: str, limit: int) -> tuple[bytes, Any]:
-    """One GET of an object of at most ``limit`` bytes: ``(data, ETag)``; a missing
-    object raises FileNotFoundError (s3fs's translation of NoSuchKey)."""
-    resp = await call("get_object", Bucket=bucket, Key=key)
-    body = resp["Body"]
-    try:
-        if int(resp.get("ContentLength") or 0) > limit:
-            raise ManifestError(f"{key.rsplit('/', 1)[-1]} is larger than {limit} bytes")
-        return await body.read(), resp.get("ETag")
-    finally:
-        body.close()
