@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 EXTRAS ?= dev,s3,tf,mpi,bench
 SHELL_SCRIPTS := scripts/*.sh slurm/*.sh slurm/*.sbatch
 
-.PHONY: setup test demo lint bench clean
+.PHONY: setup test demo lint bench gpu-check clean
 
 setup:
 	@scripts/setup-env.sh $(EXTRAS)
@@ -36,6 +36,13 @@ bench: setup
 	$(PY) benchmarks/bench_resume.py
 	$(PY) benchmarks/bench_resume_ranks.py
 	$(PY) benchmarks/report.py
+
+# On a machine with a GPU (and TensorFlow built for it): MirroredStrategy over the visible
+# GPUs, the demo, and the save and resume benchmarks with device-resident variables; a few
+# minutes; writes benchmarks/out/gpu.{json,md}. `PY=python3 make gpu-check` uses another
+# Python that has TensorFlow and forge_dist.
+gpu-check:
+	$(PY) benchmarks/gpu_check.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

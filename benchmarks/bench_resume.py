@@ -100,14 +100,29 @@ def read_modes(path: str, rounds: int) -> dict:
     return {k: statistics.median(v[1:] if len(v) > 1 else v) for k, v in times.items()}
 
 
-def run(rounds: int, params_m: float = 50, s3: bool = True) -> dict:
+def run(
+    rounds: int,
+    params_m: float = 50,
+    s3: bool = True,
+    *,
+    scope=None,
+    widths: tuple[int, int, int] = (2048, 8192, 4096),
+) -> dict:
+    """``scope``: makes the context every model is built and loaded in (a
+    ``tf.distribute`` strategy's ``scope``, for device-resident variables)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import contextlib
 
     import numpy as np
-    import s3fs
-    from _s3 import s3_endpoint
     from bench_save import big_model
+
+    def built(params_m: float):
+        with scope() if scope else contextlib.nullcontext():
+            return big_model(params_m, widths)
+
+    if s3:
+        import s3fs
+        from _s3 import s3_endpoint
 
     from forge_dist.comm import LocalCommunicator
     from forge_dist.keras import _compat, restore_latest
@@ -121,9 +136,9 @@ def run(rounds: int, params_m: float = 50, s3: bool = True) -> dict:
     try:
         kinds = KINDS if s3 else [k for k in KINDS if not k.startswith("s3")]
         with s3_endpoint() if s3 else contextlib.nullcontext((None, None)) as (options, _):
-            model = big_model(params_m)
+            model = built(params_m)
             rng = np.random.default_rng(0)
-            x = rng.normal(size=(8, 2048)).astype("float32")
+            x = rng.normal(size=(8, widths[0])).astype("float32")
             y = rng.normal(size=(8, 10)).astype("float32")
             model.fit(x, y, batch_size=8, epochs=1, verbose=0)  # Adam's slots exist
             plain = os.path.join(base, "plain.keras")
@@ -151,12 +166,14 @@ def run(rounds: int, params_m: float = 50, s3: bool = True) -> dict:
             del model
 
             def keras_load() -> object:
-                return keras.models.load_model(plain)
+                with scope() if scope else contextlib.nullcontext():
+                    return keras.models.load_model(plain)
 
             def forge_load(root: str) -> object:
-                fresh = big_model(params_m)
+                fresh = built(params_m)
                 opts = options if root.startswith("s3") else None
-                restore_latest(fresh, root, opts, communicator=local, verbose=0)
+                with scope() if scope else contextlib.nullcontext():
+                    restore_latest(fresh, root, opts, communicator=local, verbose=0)
                 return fresh
 
             def s3_keras_load() -> object:

@@ -1,6 +1,7 @@
 """What a checkpoint of a 50 M parameter model costs training, measured the interleaved way.
 
     python benchmarks/bench_save.py [--rounds 9] [--steps 10] [--block-epochs 2] [--params-m 50]
+                                    [--no-orbax]
 
 One ``fit`` of the model of FACTS-sized scale (Adam: a 605 MB ``.keras``), random data,
 TensorFlow at one thread (so one host core is free for a writer, as when an accelerator
@@ -77,7 +78,7 @@ def big_model(params_m: float = 50, widths: tuple[int, int, int] = (2048, 8192, 
     return model
 
 
-def savers(root: str) -> dict:
+def savers(root: str, orbax: bool = True) -> dict:
     from forge_dist.comm import LocalCommunicator
     from forge_dist.keras import ChiefModelCheckpoint, _compat
 
@@ -90,7 +91,7 @@ def savers(root: str) -> dict:
             os.path.join(root, "async"), communicator=local, keep_last=1, async_save=True
         ),
     }
-    orbax = getattr(keras.callbacks, "OrbaxCheckpoint", None)
+    orbax = getattr(keras.callbacks, "OrbaxCheckpoint", None) if orbax else None
     if orbax is not None:
         try:
             out["orbax"] = orbax(
@@ -192,21 +193,38 @@ def costs(blocks: list, kinds: list[str], warmup_rounds: int = 1) -> dict:
     }
 
 
-def run(rounds: int, steps: int, block_epochs: int, params_m: float = 50) -> dict:
-    limit_threads()
+def run(
+    rounds: int,
+    steps: int,
+    block_epochs: int,
+    params_m: float = 50,
+    *,
+    scope=None,
+    widths: tuple[int, int, int] = (2048, 8192, 4096),
+    one_thread: bool = True,
+    orbax: bool = True,
+) -> dict:
+    """``scope``: makes the context the model is built in (a ``tf.distribute``
+    strategy's ``scope``, for device-resident variables); ``one_thread=False`` leaves
+    TensorFlow's threads alone (it cannot change them once it has started);
+    ``orbax=False`` leaves Keras' OrbaxCheckpoint out."""
+    if one_thread:
+        limit_threads()
+    import contextlib
     import resource
 
     import numpy as np
 
     from forge_dist.keras.preflight import state_bytes
 
-    model = big_model(params_m)
+    with scope() if scope else contextlib.nullcontext():
+        model = big_model(params_m, widths)
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(8 * steps, 2048)).astype("float32")
+    x = rng.normal(size=(8 * steps, widths[0])).astype("float32")
     y = rng.normal(size=(8 * steps, 10)).astype("float32")
     root = tempfile.mkdtemp(prefix="forge-bench-save-")
     try:
-        inner = savers(root)
+        inner = savers(root, orbax)
         kinds = list(inner)
         cb = interleaved(inner, block_epochs)
         epochs = rounds * 2 * len(kinds) * block_epochs
@@ -245,8 +263,11 @@ def main() -> int:
     ap.add_argument(
         "--params-m", type=float, default=50, help="model size, M parameters (50, 200, 400)"
     )
+    ap.add_argument(
+        "--no-orbax", action="store_true", help="leave Keras' OrbaxCheckpoint out (shorter)"
+    )
     args = ap.parse_args()
-    res = run(args.rounds, args.steps, args.block_epochs, args.params_m)
+    res = run(args.rounds, args.steps, args.block_epochs, args.params_m, orbax=not args.no_orbax)
     print(
         f"checkpoint of the {res['params'] / 1e6:.0f} M-param model ({res['file_mb']:.0f} MB), "
         f"TF at 1 thread, a clean block of {args.block_epochs} x {args.steps} steps takes "
