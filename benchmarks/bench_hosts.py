@@ -26,6 +26,8 @@ import statistics
 import subprocess
 import sys
 
+from _out import write_result
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 SCRIPT = os.path.join(ROOT, "scripts", "test-cluster.sh")
@@ -151,9 +153,7 @@ def main() -> int:
         down = cluster("down")
         if down.returncode != 0:
             print(f"bench_hosts: down failed: {down.stderr}", file=sys.stderr)
-    os.makedirs(os.path.join(HERE, "out"), exist_ok=True)
-    with open(os.path.join(HERE, "out", "hosts.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    write_result("hosts", results)
     return 0
 
 

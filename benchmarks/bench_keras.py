@@ -33,6 +33,8 @@ import subprocess
 import sys
 import tempfile
 
+from _out import write_result
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "_keras_worker.py")
 BIN = os.path.dirname(sys.executable)
@@ -230,9 +232,7 @@ def main() -> int:
         f"(plain EarlyStopping {mwms['plain_ms']:.3f} ms)"
     )
 
-    os.makedirs(os.path.join(HERE, "out"), exist_ok=True)
-    with open(os.path.join(HERE, "out", "keras.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    write_result("keras", results)
     return 0
 
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import platform
 import shutil
@@ -39,6 +38,8 @@ import statistics
 import sys
 import tempfile
 import time
+
+from _out import sized, write_result
 
 KINDS = ["keras", "forge", "s3 keras", "s3 forge"]
 READS = ["one at a time", "4 in flight", "O_DIRECT, 4 in flight"]
@@ -255,11 +256,7 @@ def main() -> int:
         + "   cold read of the step's file: "
         + ", ".join(f"{k} {v:.2f} GB/s" for k, v in res["read_gb_per_s"].items())
     )
-    here = os.path.dirname(os.path.abspath(__file__))
-    os.makedirs(os.path.join(here, "out"), exist_ok=True)
-    name = "resume" if args.params_m == 50 else f"resume-{args.params_m:g}m"
-    with open(os.path.join(here, "out", f"{name}.json"), "w") as f:
-        json.dump(res, f, indent=2)
+    write_result(sized("resume", args.params_m), res)
     return 0
 
 

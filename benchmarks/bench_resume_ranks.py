@@ -39,6 +39,8 @@ import sys
 import tempfile
 import time
 
+from _out import write_result
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 BIN = os.path.dirname(sys.executable)
 WAYS = ["broadcast", "every rank reads"]
@@ -164,9 +166,7 @@ def main() -> int:
         return worker(args.worker[0], int(args.worker[1]))
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     res = run(args.rounds, args.ranks)
-    os.makedirs(os.path.join(HERE, "out"), exist_ok=True)
-    with open(os.path.join(HERE, "out", "resume_ranks.json"), "w") as f:
-        json.dump(res, f, indent=2)
+    write_result("resume_ranks", res)
     return 0
 
 

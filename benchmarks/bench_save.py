@@ -37,7 +37,6 @@ Writes benchmarks/out/save.json (``save-200m.json`` for ``--params-m 200``, …)
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -45,6 +44,8 @@ import statistics
 import sys
 import tempfile
 import time
+
+from _out import sized, write_result
 
 
 def limit_threads() -> None:
@@ -282,11 +283,7 @@ def main() -> int:
         f"   host memory: the async buffers {res['async_host_mb']:.0f} MB (model and optimizer "
         f"state {res['state_mb']:.0f} MB), peak RSS {res['peak_rss_mb']:.0f} MB"
     )
-    here = os.path.dirname(os.path.abspath(__file__))
-    os.makedirs(os.path.join(here, "out"), exist_ok=True)
-    name = "save" if args.params_m == 50 else f"save-{args.params_m:g}m"
-    with open(os.path.join(here, "out", f"{name}.json"), "w") as f:
-        json.dump(res, f, indent=2)
+    write_result(sized("save", args.params_m), res)
     return 0
 
 

@@ -29,7 +29,6 @@ and writes them to benchmarks/out/store.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -38,6 +37,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from _out import write_result
 
 from forge_dist.policy import Retention
 
@@ -265,10 +266,7 @@ def main() -> int:
             f"verify throughput / read + sha256          : "
             f"{r['verify_throughput_vs_read_sha256']:.2f}x"
         )
-        out = os.path.join(HERE, "out")
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "store.json"), "w") as f:
-            json.dump(results, f, indent=2)
+        write_result("store", results)
     finally:
         shutil.rmtree(base, ignore_errors=True)
     return 0

@@ -30,7 +30,6 @@ Writes benchmarks/out/tiers.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -38,6 +37,8 @@ import statistics
 import sys
 import tempfile
 import time
+
+from _out import write_result
 
 
 def run(rounds: int, steps: int, epochs: int) -> dict:
@@ -166,10 +167,7 @@ def main() -> int:
     for kind, t in res["resume_s"].items():
         print(f"   resume from the {kind}: {t:.2f} s")
     print(f"   local tier / durable tier: {res['resume_local_vs_durable']:.2f}x")
-    here = os.path.dirname(os.path.abspath(__file__))
-    os.makedirs(os.path.join(here, "out"), exist_ok=True)
-    with open(os.path.join(here, "out", "tiers.json"), "w") as f:
-        json.dump(res, f, indent=2)
+    write_result("tiers", res)
     return 0
 
 

@@ -21,7 +21,6 @@ for N logical CPU devices instead: a dry run of this script, as the test suite m
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -165,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     import bench_resume
     import bench_save
     import tensorflow as tf
+    from _out import write_result
 
     found = devices(args.cpu_devices)
     if not found:
@@ -210,9 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         args.rounds, args.params_m if on_gpu else 0, False, scope=strategy.scope, widths=widths
     )
     print(f"   resume: {res['resume']['ratios']['forge_vs_keras_load']:.2f}x load_model")
-    os.makedirs(args.out_dir, exist_ok=True)
-    with open(os.path.join(args.out_dir, "gpu.json"), "w") as f:
-        json.dump(res, f, indent=2)
+    write_result("gpu", res, args.out_dir)
     with open(os.path.join(args.out_dir, "gpu.md"), "w") as f:
         f.write(report(res))
     print(f"wrote gpu.json and gpu.md in {args.out_dir}")

@@ -20,7 +20,8 @@ import textwrap
 from dataclasses import asdict, dataclass
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-OUT = os.path.join(HERE, "out")
+sys.path.insert(0, HERE)
+from _out import OUT  # noqa: E402
 
 
 @dataclass
@@ -74,31 +75,26 @@ def save_rows(save: dict, sizes: list[dict] | None = None) -> list[Row]:
     for i, one in enumerate([save, *(sizes or [])]):
         size = _size(one)
         held, lost = one["held"], one["lost"]
+        measures = (
+            ("held", "loop held at the save point", False),
+            ("lost", "training time lost per save (held + the steps it slowed)", True),
+        )
         for kind, (name, target) in SAVERS.items():
             if kind not in held:
                 continue
-            if i == 0:
+            for key, what, has_target in measures[0 if i == 0 else 1 :]:
+                t = one[key]  # held at the first size only: the larger ones give lost
                 out.append(
                     Row(
                         group,
-                        f"loop held at the save point, {size}: {name}",
+                        f"{what}, {size}: {name}",
                         base,
-                        _s(held[kind]),
-                        _s(held["keras"]),
-                        held[kind] / held["keras"],
+                        _s(t[kind]),
+                        _s(t["keras"]),
+                        t[kind] / t["keras"],
+                        target if has_target else "",
                     )
                 )
-            out.append(
-                Row(
-                    group,
-                    f"training time lost per save (held + the steps it slowed), {size}: {name}",
-                    base,
-                    _s(lost[kind]),
-                    _s(lost["keras"]),
-                    lost[kind] / lost["keras"],
-                    target,
-                )
-            )
             if i > 0 and kind == "sync":
                 per_gb = lost[kind] / one["file_mb"] * 1e3
                 first = save["lost"][kind] / save["file_mb"] * 1e3
