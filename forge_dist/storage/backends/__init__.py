@@ -35,14 +35,6 @@ class Protocol:
         module, name = self.backend.split(":")
         return getattr(importlib.import_module(f"{__name__}.{module}"), name)
 
-    def prepare(self, options: dict[str, Any]) -> dict[str, Any]:
-        """The storage options as this backend's client wants them."""
-        if self.backend.startswith("s3:"):
-            from forge_dist.storage.backends import s3
-
-            return s3.prepare_options(options)
-        return options
-
 
 _POSIX = Protocol("posix:PosixBackend")
 _S3 = Protocol("s3:S3Backend", "s3", "s3fs")
@@ -72,7 +64,7 @@ def make_backend(url: str, storage_options: dict[str, Any] | None, display: str)
     import fsspec
 
     entry = PROTOCOLS.get(_protocol(url), Protocol())
-    options = entry.prepare(dict(storage_options or {}))
+    options = entry.backend_class().prepare_options(dict(storage_options or {}))
     try:
         fs, path = fsspec.core.url_to_fs(url, **options)
     except ImportError as e:

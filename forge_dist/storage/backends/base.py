@@ -85,6 +85,12 @@ class Backend(ABC):
     #: bound); network stores wait on round trips, so more pay there.
     parallel_files: int | None = None
 
+    @classmethod
+    def prepare_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        """The storage options as this backend's client wants them (before the
+        filesystem is made from them)."""
+        return options
+
     @abstractmethod
     def check_root(self) -> None:
         """Raise StorageError if the root cannot be read (missing, a file, no permission)."""

@@ -21,24 +21,24 @@ from forge_dist.storage.backends.objects import ObjectBackend
 from forge_dist.storage.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES
 
 
-def prepare_options(options: dict[str, Any]) -> dict[str, Any]:
-    """The store's S3 client validates no GET's checksum itself unless the options say
-    so: every byte the store reads (verify, download, copy) is hashed against the
-    manifest's sha256, and botocore's check of the same bytes (a CRC-32, or a second
-    sha256 for objects uploaded with theirs) ran on the one event-loop thread every
-    transfer shares (~30 % of it in a verify, profiled)."""
-    try:
-        from botocore.config import Config
-    except ImportError:  # s3fs missing: make_backend says so
-        return options
-    config = dict(options.get("config_kwargs") or {})
-    if "response_checksum_validation" in Config.OPTION_DEFAULTS:
-        config.setdefault("response_checksum_validation", "when_required")
-    return {**options, "config_kwargs": config}
-
-
 class S3Backend(ObjectBackend):
     conditional_writes = True
+
+    @classmethod
+    def prepare_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        """The store's S3 client validates no GET's checksum itself unless the options say
+        so: every byte the store reads (verify, download, copy) is hashed against the
+        manifest's sha256, and botocore's check of the same bytes (a CRC-32, or a second
+        sha256 for objects uploaded with theirs) ran on the one event-loop thread every
+        transfer shares (~30 % of it in a verify, profiled)."""
+        try:
+            from botocore.config import Config
+        except ImportError:  # s3fs missing: make_backend says so
+            return options
+        config = dict(options.get("config_kwargs") or {})
+        if "response_checksum_validation" in Config.OPTION_DEFAULTS:
+            config.setdefault("response_checksum_validation", "when_required")
+        return {**options, "config_kwargs": config}
 
     @classmethod
     def accepts(cls, fs: Any) -> bool:
