@@ -45,15 +45,17 @@ class _FsspecSink(Sink):
             f.close()
 
     def discard(self) -> None:
+        """Drop the file unwritten. Closing would upload what it holds (fsspec's
+        buffered files send their buffer on close, also when collected as garbage, and
+        gcsfs' ``discard`` only cancels an upload already begun): it is marked closed
+        instead, after its own ``discard``."""
         if self.f is not None:
             f, self.f = self.f, None
-            try:
+            with contextlib.suppress(Exception):
                 if hasattr(f, "discard"):
                     f.discard()
-                else:
-                    f.close()
-            except Exception:
-                pass
+            with contextlib.suppress(Exception):
+                f.closed = True
 
 
 def _mtime(info: dict[str, Any]) -> float | None:
