@@ -3,7 +3,8 @@
 * :class:`~.posix.PosixBackend` — local disks, NFS, Lustre: stage, fsync, rename.
 * :class:`~.objects.ObjectBackend` — any other fsspec filesystem (gs, az, memory, ...):
   payload first, ``manifest.json`` last as one single-object PUT; subclassed per cloud
-  where its API does better (:class:`~.s3.S3Backend`).
+  where its API does better (:class:`~.s3.S3Backend`, :class:`~.azure.AzureBackend`,
+  :class:`~.gcs.GCSBackend`).
 
 :func:`make_backend` picks one for a URL from :data:`PROTOCOLS`.
 """
@@ -38,7 +39,8 @@ class Protocol:
 
 _POSIX = Protocol("posix:PosixBackend")
 _S3 = Protocol("s3:S3Backend", "s3", "s3fs")
-_GCS = Protocol(extra="gcs", package="gcsfs")
+_GCS = Protocol("gcs:GCSBackend", "gcs", "gcsfs")
+_AZURE = Protocol("azure:AzureBackend", "azure", "adlfs")
 
 #: Protocol -> backend, like fsspec's own registry (names, imported when used). A
 #: protocol not here goes through the generic object backend.
@@ -49,6 +51,9 @@ PROTOCOLS: dict[str, Protocol] = {
     "s3a": _S3,
     "gs": _GCS,
     "gcs": _GCS,
+    "az": _AZURE,
+    "abfs": _AZURE,
+    "abfss": _AZURE,
 }
 
 #: The extra that installs the fsspec implementation of a protocol.
