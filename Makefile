@@ -1,7 +1,7 @@
 # The README's two commands: `make demo` and `make test`. Both set up .venv themselves.
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-EXTRAS ?= dev,s3,tf,mpi,bench
+EXTRAS ?= dev,s3,azure,gcs,tf,mpi,bench
 SHELL_SCRIPTS := scripts/*.sh slurm/*.sh slurm/*.sbatch
 
 .PHONY: setup test demo lint bench gpu-check clean

@@ -6,7 +6,8 @@
 # Installs missing Debian packages through apt-get (as root, or with sudo), creates
 # .venv, and (re)installs forge_dist with the given extras only when pyproject.toml,
 # this script or the extras changed since the last run: a second run takes well
-# under a second.
+# under a second. With the dev extra it also installs Azurite (npm) under .venv/azurite,
+# the local Azure Blob endpoint of the tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -38,11 +39,29 @@ if ! "$PYTHON" -c 'import venv, ensurepip' 2>/dev/null; then
     apt_install python3-venv
 fi
 
+AZURITE_VERSION=3.37.0
+install_azurite() {
+    # The tests' Azure Blob emulator, from npm, pinned, inside the venv's folder.
+    local dir="$VENV/azurite"
+    [ -x "$dir/node_modules/.bin/azurite-blob" ] \
+        && grep -q "\"$AZURITE_VERSION\"" "$dir/node_modules/azurite/package.json" 2>/dev/null \
+        && return 0
+    if ! command -v npm >/dev/null; then
+        apt_install nodejs npm
+    fi
+    echo "setup-env: installing azurite $AZURITE_VERSION with npm" >&2
+    mkdir -p "$dir"
+    npm install --prefix "$dir" --no-audit --no-fund --loglevel=error \
+        "azurite@$AZURITE_VERSION" >/dev/null
+}
+
 stamp_key() {
     { echo "$EXTRAS"; cat pyproject.toml "$0"; "$PYTHON" -VV; } | sha256sum | cut -c1-16
 }
 KEY="$(stamp_key)"
 STAMP="$VENV/.forge-dist-setup"
+
+case ",$EXTRAS," in *,dev,*) install_azurite ;; esac
 
 if [ -x "$VENV/bin/python" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$KEY" ]; then
     exit 0

@@ -1,5 +1,6 @@
-"""Shared fixtures: a real S3 HTTP endpoint on 127.0.0.1 (moto's server) and one
-store test suite parametrised over local disk, ``memory://`` and S3."""
+"""Shared fixtures: real object-store HTTP endpoints on 127.0.0.1 (moto's S3 server,
+Azurite, fake-gcs-server; see emulators.py) and one store test suite parametrised over
+local disk, ``memory://``, S3, Azure Blob and GCS."""
 
 from __future__ import annotations
 
@@ -12,6 +13,10 @@ from typing import Any
 
 import pytest
 
+# gcsfs' default class asks a gRPC control plane for every bucket's layout, with a 60 s
+# timeout per call, which no emulator answers; the plain class speaks only the JSON API.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 _counter = itertools.count()
@@ -21,6 +26,7 @@ _counter = itertools.count()
 class S3Endpoint:
     url: str
     bucket: str
+    kind: str = "s3"
 
     @property
     def options(self) -> dict[str, Any]:
@@ -29,6 +35,20 @@ class S3Endpoint:
             "secret": "testing",
             "client_kwargs": {"endpoint_url": self.url, "region_name": "us-east-1"},
             "skip_instance_cache": True,
+        }
+
+    def options_for(self, url: str, attempts: int = 5) -> dict[str, Any]:
+        """Options through ``url`` (a proxy in front of it) with 1 s timeouts; botocore's
+        ``attempts`` under s3fs's own five tries (a network that stays down costs about
+        attempts x 5 round trips)."""
+        return {
+            **self.options,
+            "client_kwargs": {**self.options["client_kwargs"], "endpoint_url": url},
+            "config_kwargs": {
+                "connect_timeout": 1,
+                "read_timeout": 1,
+                "retries": {"max_attempts": attempts, "mode": "standard"},
+            },
         }
 
     def env(self) -> dict[str, str]:
@@ -63,6 +83,37 @@ def s3() -> S3Endpoint:
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def az(tmp_path_factory):
+    pytest.importorskip("adlfs", reason="adlfs is in the [azure] extra that `make test` installs")
+    from emulators import AzureEndpoint, make_container, start_azurite
+
+    server = start_azurite(tmp_path_factory.mktemp("azurite"))
+    try:
+        endpoint = AzureEndpoint(server.url, "forge-test")
+        make_container(endpoint)
+        yield endpoint
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def gs(tmp_path_factory):
+    pytest.importorskip("gcsfs", reason="gcsfs is in the [gcs] extra that `make test` installs")
+    from emulators import GCSEndpoint, make_bucket, start_fake_gcs
+
+    server = start_fake_gcs(tmp_path_factory.mktemp("fake-gcs"))
+    try:
+        endpoint = GCSEndpoint(server.url, "forge-test")
+        make_bucket(endpoint)
+        yield endpoint
+    finally:
+        server.stop()
+
+
+CLOUDS = ("s3", "az", "gs")
+
+
 @dataclass
 class Target:
     kind: str
@@ -76,16 +127,40 @@ class Target:
         return CheckpointStore(self.url, self.options)
 
 
-@pytest.fixture(params=["local", "memory", "s3"])
+def cloud_target(request, kind: str, prefix: str = "t") -> Target:
+    """A fresh root on the local endpoint of cloud ``kind`` (s3, az, gs)."""
+    endpoint = request.getfixturevalue(kind)
+    url = f"{kind}://{endpoint.bucket}/{prefix}{next(_counter)}-{uuid.uuid4().hex[:8]}"
+    return Target(kind, url, endpoint.options, endpoint.env())
+
+
+@pytest.fixture(params=["local", "memory", *CLOUDS])
 def target(request, tmp_path) -> Target:
     kind = request.param
     if kind == "local":
         return Target(kind, str(tmp_path / "root"), None, {})
     if kind == "memory":
         return Target(kind, f"memory://forge-{uuid.uuid4().hex}/root", None, {})
-    s3: S3Endpoint = request.getfixturevalue("s3")
-    url = f"s3://{s3.bucket}/t{next(_counter)}-{uuid.uuid4().hex[:8]}"
-    return Target(kind, url, s3.options, s3.env())
+    return cloud_target(request, kind)
+
+
+@pytest.fixture
+def without_gcsfs(tmp_path, monkeypatch) -> dict[str, str]:
+    """gcsfs as if it were not installed: hidden from this process's imports and, through
+    the environment returned, from a child's (first on PYTHONPATH, a gcsfs whose import
+    fails as a missing package's does)."""
+    import fsspec.registry  # noqa: F401 (the module, not fsspec's attribute of that name)
+
+    registry = sys.modules["fsspec.registry"]._registry
+    hide = tmp_path / "hide" / "gcsfs"
+    hide.mkdir(parents=True)
+    (hide / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'gcsfs'\")\n")
+    monkeypatch.setitem(sys.modules, "gcsfs", None)
+    for protocol in ("gs", "gcs"):
+        if protocol in registry:
+            monkeypatch.delitem(registry, protocol)
+    path = [str(hide.parent), *filter(None, [os.environ.get("PYTHONPATH")])]
+    return {"PYTHONPATH": os.pathsep.join(path)}
 
 
 @pytest.fixture
@@ -99,12 +174,10 @@ def payload(tmp_path):
     return src
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", *CLOUDS])
 def cli_target(request, tmp_path):
-    """Targets a separate CLI process can reach (memory:// lives in one process only)."""
+    """Targets a separate CLI process can reach (memory:// lives in one process only).
+    The CLI gets its endpoint and keys from the environment, as a user's would."""
     if request.param == "local":
         return Target("local", str(tmp_path / "root"), None, {})
-    s3 = request.getfixturevalue("s3")
-    url = f"s3://{s3.bucket}/cli-{os.urandom(4).hex()}"
-    # The CLI gets its endpoint and keys from the environment, as a user's would.
-    return Target("s3", url, s3.options, s3.env())
+    return cloud_target(request, request.param, "cli-")

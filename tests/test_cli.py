@@ -205,11 +205,11 @@ def test_put_then_gc(cli_target, tmp_path):
         (["nonsense"], "invalid choice"),
     ],
 )
-def test_errors_are_one_clear_line_with_exit_2(tmp_path, args, needle):
+def test_errors_are_one_clear_line_with_exit_2(tmp_path, args, needle, without_gcsfs):
     (tmp_path / "root").mkdir()
     (tmp_path / "f").write_text("x")
     paths = {"missing": tmp_path / "missing", "file": tmp_path / "f", "root": tmp_path / "root"}
-    out = run(*[a.format(**paths) for a in args])
+    out = run(*[a.format(**paths) for a in args], env=without_gcsfs)
     assert out.returncode == 2
     assert "Traceback" not in out.stderr
     assert needle in out.stderr

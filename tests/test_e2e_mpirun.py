@@ -118,8 +118,12 @@ def test_a_dead_rank_becomes_an_error_on_the_survivor_within_the_deadline(tmp_pa
         ({"class": "ChiefModelCheckpoint", "directory": "gs://bucket/run"}, "forge-dist[gcs]"),
     ],
 )
-def test_bad_configuration_fails_on_every_rank_at_construction(tmp_path, bad, message):
-    run, _, _ = train(tmp_path, "bad", "--bad", json.dumps(bad), expect_ok=False, bound_s=120)
+def test_bad_configuration_fails_on_every_rank_at_construction(
+    tmp_path, bad, message, without_gcsfs
+):
+    run, _, _ = train(
+        tmp_path, "bad", "--bad", json.dumps(bad), env=without_gcsfs, expect_ok=False, bound_s=120
+    )
     assert run.returncode != 0
     assert run.output.count(message) >= 2, run.output[-3000:]  # once per rank
 

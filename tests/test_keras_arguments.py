@@ -40,6 +40,6 @@ def test_bad_arguments_fail_at_construction(factory, message):
         factory()
 
 
-def test_a_missing_storage_backend_fails_at_construction():
+def test_a_missing_storage_backend_fails_at_construction(without_gcsfs):
     with pytest.raises(BackendNotInstalledError, match=r"forge-dist\[gcs\]"):
         fk.ChiefModelCheckpoint("gs://bucket/run", communicator=LOCAL)

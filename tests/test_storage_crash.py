@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+from conftest import CLOUDS, cloud_target
 
 from forge_dist.storage import CheckpointStore
 
@@ -80,15 +81,14 @@ def cli_verify_all(url: str, options: dict | None, env: dict[str, str]) -> int:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("point", POINTS)
-@pytest.mark.parametrize("kind", ["local", "s3"])
+@pytest.mark.parametrize("kind", ["local", *CLOUDS])
 def test_sigkill_at_every_point_leaves_a_consistent_store(kind, point, tmp_path, request):
     if kind == "local":
         url, options, env = str(tmp_path / "root"), None, {}
     else:
-        s3 = request.getfixturevalue("s3")
-        url = f"s3://{s3.bucket}/crash-{os.urandom(4).hex()}"
-        options = {k: v for k, v in s3.options.items() if k != "skip_instance_cache"}
-        env = {}
+        t = cloud_target(request, kind, "crash-")
+        url, env = t.url, {}
+        options = {k: v for k, v in (t.options or {}).items() if k != "skip_instance_cache"}
     store = CheckpointStore(url, options)
     for step in (1, 2):
         with store.writer(step, metrics={"val_loss": 1.0 / step}) as w:
@@ -98,7 +98,7 @@ def test_sigkill_at_every_point_leaves_a_consistent_store(kind, point, tmp_path,
 
     fresh = CheckpointStore(url, options)
     committed_before_kill = point in ("committed",) or point.startswith(("retention", "deleted"))
-    if kind == "s3" and point == "manifest-written":
+    if kind != "local" and point == "manifest-written":
         committed_before_kill = True  # on object stores the manifest PUT is the commit
     newest = fresh.newest(verify="full")
     assert newest is not None

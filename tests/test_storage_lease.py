@@ -1,6 +1,7 @@
-"""Fencing: two real writer processes race on one root (local disk and a real S3
-endpoint); the older generation can neither commit nor delete once the newer one holds
-the lease, its staging is cleaned, and the newer writer's steps are untouched."""
+"""Fencing: two real writer processes race on one root (local disk and the real S3,
+Azure Blob and GCS endpoints on 127.0.0.1); the older generation can neither commit nor
+delete once the newer one holds the lease, its staging is cleaned, and the newer
+writer's steps are untouched."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import sys
 import threading
 
 import pytest
+from conftest import CLOUDS, cloud_target
 
 from forge_dist.errors import StaleWriterError
 from forge_dist.storage import CheckpointStore
@@ -21,12 +23,18 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 BOUND_S = 120
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", *CLOUDS])
 def root(request, tmp_path):
     if request.param == "local":
         return str(tmp_path / "root"), None, {}
-    s3 = request.getfixturevalue("s3")
-    return f"s3://{s3.bucket}/lease-{os.urandom(4).hex()}", s3.options, s3.env()
+    t = cloud_target(request, request.param, "lease-")
+    return t.url, t.options, t.env
+
+
+@pytest.fixture(params=CLOUDS)
+def cloud(request):
+    t = cloud_target(request, request.param, "lease-")
+    return t.url, t.options, t.env
 
 
 class Writer:
@@ -103,7 +111,7 @@ def test_an_older_writer_cannot_commit_after_a_newer_one_took_over(root):
     assert store.steps() == [2] and store.verify(2).ok
     assert store.lease().generation == 2
     assert store.get(2).manifest.writer["generation"] == 2
-    if url.startswith("s3://"):
+    if "://" in url:
         # Its files are under step-00000001/ itself, where a newer writer might be
         # writing too: left for gc (or the begin of that step), never removed by it.
         assert [(st.name, st.kind) for st in store.list_staging()] == [
@@ -113,17 +121,17 @@ def test_an_older_writer_cannot_commit_after_a_newer_one_took_over(root):
     assert store.list_staging() == []  # the stale writer's POSIX staging is gone
 
 
-def test_a_commit_that_raced_a_takeover_is_withdrawn_on_s3(s3):
+def test_a_commit_that_raced_a_takeover_is_withdrawn_on_object_stores(cloud):
     """The takeover lands between the old writer's lease check and its manifest PUT (the
-    window S3 has no transaction over): the old writer's commit is withdrawn at once and
-    it is told so; the newer writer's step is intact."""
-    url, options = f"s3://{s3.bucket}/race-{os.urandom(4).hex()}", s3.options
-    old = Writer(url, options, s3.env(), 1, pause_at="before-manifest")
+    window an object store has no transaction over): the old writer's commit is
+    withdrawn at once and it is told so; the newer writer's step is intact."""
+    url, options, env = cloud
+    old = Writer(url, options, env, 1, pause_at="before-manifest")
     assert old.expect("LEASED") == "LEASED 1"
     old.expect("STAGED")
     old.send("go")
     old.expect("POINT before-manifest")  # checked the lease: still its own
-    new = Writer(url, options, s3.env(), 2)
+    new = Writer(url, options, env, 2)
     assert new.expect("LEASED") == "LEASED 2"
     new.expect("STAGED")
     assert new.go() == "DONE"
@@ -165,16 +173,19 @@ def test_the_newest_lease_holder_commits_and_deletes(tmp_path):
     assert sorted(os.listdir(tmp_path / "r")) == [".writer.lock", "step-00000002", "writer.lease"]
 
 
-def test_taking_the_lease_is_a_compare_and_swap_on_s3(s3):
-    store = CheckpointStore(f"s3://{s3.bucket}/cas-{os.urandom(4).hex()}", s3.options)
+def test_taking_the_lease_is_a_compare_and_swap_on_object_stores(cloud):
+    """The backend's conditional write, against each emulator (S3: If-Match/If-None-Match
+    on PUT; Azure: the same on Put Blob; GCS: ifGenerationMatch on a multipart upload)."""
+    url, options, _ = cloud
+    store = CheckpointStore(url, options)
     backend = store._backend  # the primitive under the lease, tested on its own
     one = Lease(1, "me", "host.1.aaaa", "2026-01-01T00:00:00+00:00").to_bytes()
     assert backend.conditional_writes
     assert backend.write_lease(one, None)
-    assert not backend.write_lease(one, None)  # If-None-Match: someone holds it already
+    assert not backend.write_lease(one, None)  # if absent: someone holds it already
     _, token = backend.read_lease()
     store.take_lease("other")  # someone else moves it on
-    assert not backend.write_lease(one, token)  # If-Match: a stale token is refused
+    assert not backend.write_lease(one, token)  # if unchanged: a stale token is refused
     assert store.lease().generation == 2
 
 

@@ -223,32 +223,34 @@ def test_a_large_object_reads_back_in_ranges_ahead_byte_for_byte(s3, tmp_path, m
     assert store.verify(1).ok
 
 
-def test_each_protocol_gets_its_backend_from_the_one_table(s3, tmp_path):
-    """s3:// gets S3Backend (conditional lease writes), a protocol with no entry the
-    generic ObjectBackend (plain lease writes), a local path the POSIX one; a protocol
-    whose fsspec implementation is missing names its extra."""
-    from forge_dist.errors import BackendNotInstalledError
+def test_each_protocol_gets_its_backend_from_the_one_table(s3, az, gs, tmp_path):
+    """Each cloud gets its own backend (conditional lease writes), a protocol with no
+    entry the generic ObjectBackend (plain lease writes), a local path the POSIX one."""
     from forge_dist.storage.backends import (
         PROTOCOLS,
         ObjectBackend,
         PosixBackend,
         make_backend,
     )
+    from forge_dist.storage.backends.azure import AzureBackend
+    from forge_dist.storage.backends.gcs import GCSBackend
     from forge_dist.storage.backends.s3 import S3Backend
 
-    b = make_backend(f"s3://{s3.bucket}/t", s3.options, "s3")
-    assert type(b) is S3Backend and b.conditional_writes
+    for endpoint, cls in ((s3, S3Backend), (az, AzureBackend), (gs, GCSBackend)):
+        url = f"{endpoint.kind}://{endpoint.bucket}/t"
+        b = make_backend(url, endpoint.options, endpoint.kind)
+        assert type(b) is cls and b.conditional_writes
     m = make_backend("memory://table/t", None, "memory")
     assert type(m) is ObjectBackend and not m.conditional_writes
     assert type(make_backend(str(tmp_path), None, "local")) is PosixBackend
     assert PROTOCOLS["s3a"] is PROTOCOLS["s3"]
-    if not PROTOCOLS["gs"].package or _installed(PROTOCOLS["gs"].package):
-        return
+    assert PROTOCOLS["abfs"] is PROTOCOLS["az"] and PROTOCOLS["gcs"] is PROTOCOLS["gs"]
+    assert PROTOCOLS["gs"].extra == "gcs" and PROTOCOLS["az"].extra == "azure"
+
+
+def test_a_missing_fsspec_implementation_names_its_extra(without_gcsfs):
+    from forge_dist.errors import BackendNotInstalledError
+    from forge_dist.storage.backends import make_backend
+
     with pytest.raises(BackendNotInstalledError, match=r"pip install 'forge-dist\[gcs\]'"):
         make_backend("gs://bucket/t", None, "gs")
-
-
-def _installed(package: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(package) is not None

@@ -40,7 +40,7 @@ def test_file_url_and_plain_path_are_the_same_root(tmp_path):
     assert CheckpointStore(str(tmp_path / "r")).uses_rename
 
 
-def test_missing_backend_names_the_extra():
+def test_missing_backend_names_the_extra(without_gcsfs):
     with pytest.raises(BackendNotInstalledError, match=r"forge-dist\[gcs\]"):
         CheckpointStore("gs://bucket/run")
 
