@@ -9,6 +9,7 @@ import json
 import os
 
 from clihelp import one_clear_line, opts, run
+from conftest import cloud_target
 
 from forge_dist.cli import main as cli_main
 from forge_dist.storage import MANIFEST_NAME, CheckpointStore
@@ -160,15 +161,20 @@ def test_export_of_a_damaged_step_fails_with_1_and_writes_nothing(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["r"]  # no scratch left behind
 
 
-def test_cp_copies_verified_into_another_kind_of_store(cli_target, tmp_path, s3):
+def test_cp_copies_verified_into_another_kind_of_store(cli_target, tmp_path, request):
     keras_root(cli_target)
-    # local -> S3, S3 -> local: the other kind of storage, committed by its protocol.
-    if cli_target.kind == "local":
-        dst = f"s3://{s3.bucket}/cp-{os.urandom(4).hex()}"
-        env, dst_options = s3.env(), s3.options
+    # Into the next kind of storage (local -> S3 -> Azure -> GCS -> local), committed by
+    # that store's protocol.
+    kinds = ["local", "s3", "az", "gs"]
+    other = kinds[(kinds.index(cli_target.kind) + 1) % len(kinds)]
+    if other == "local":
+        dst, dst_env, dst_options = str(tmp_path / "copy"), {}, None
     else:
-        dst, env, dst_options = str(tmp_path / "copy"), cli_target.env, None
-    out = run("cp", cli_target.url, dst, "--all", *opts(cli_target), env=env)
+        t = cloud_target(request, other, "cp-")
+        dst, dst_env, dst_options = t.url, t.env, t.options
+    env = {**cli_target.env, **dst_env}
+    dst_opts = ["--dst-storage-options", json.dumps(dst_options)] if dst_options else []
+    out = run("cp", cli_target.url, dst, "--all", *opts(cli_target), *dst_opts, env=env)
     assert out.returncode == 0, out.stderr
     copied = CheckpointStore(dst, dst_options)
     assert copied.steps() == [1, 2, 3]

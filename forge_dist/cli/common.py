@@ -15,22 +15,22 @@ class UsageError(ConfigurationError):
     """A bad command line: one line on stderr, exit 2."""
 
 
-def storage_options(text: str | None) -> dict[str, Any] | None:
+def storage_options(text: str | None, flag: str = "--storage-options") -> dict[str, Any] | None:
     if text is None:
         return None
     try:
         value = json.loads(text)
     except ValueError as e:
-        raise UsageError(f"--storage-options is not valid JSON: {e}") from None
+        raise UsageError(f"{flag} is not valid JSON: {e}") from None
     if not isinstance(value, dict):
-        raise UsageError("--storage-options must be a JSON object")
+        raise UsageError(f"{flag} must be a JSON object")
     return value
 
 
-def open_store(url: str, options_text: str | None) -> Any:
+def open_store(url: str, options_text: str | None, flag: str = "--storage-options") -> Any:
     from forge_dist.storage import CheckpointStore
 
-    return CheckpointStore(url, storage_options(options_text))
+    return CheckpointStore(url, storage_options(options_text, flag))
 
 
 def split_url(url: str) -> tuple[str, str] | None:

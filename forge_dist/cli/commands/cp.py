@@ -15,7 +15,7 @@ def cmd_cp(args: argparse.Namespace) -> int:
     if args.step is not None and args.all:
         raise UsageError("--step and --all cannot be used together")
     src, name = resolve(args.src, args.storage_options)
-    dst = open_store(args.dst, args.storage_options)
+    dst = open_store(args.dst, _dst_options(args), "--dst-storage-options")
     if name is not None:
         info = src.info(name)
         if info is None:
@@ -42,10 +42,29 @@ def cmd_cp(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _protocol(url: str) -> str:
+    return url.split("://", 1)[0] if "://" in url else "file"
+
+
+def _dst_options(args: argparse.Namespace) -> str | None:
+    """The destination's options: its own, else the source's where both roots speak the
+    same protocol (S3 options mean nothing to Azure: credentials come from the
+    environment there)."""
+    if args.dst_storage_options is not None:
+        return args.dst_storage_options
+    return args.storage_options if _protocol(args.src) == _protocol(args.dst) else None
+
+
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
     cp = sub.add_parser("cp", parents=[common], help="copy committed steps to another root")
     cp.add_argument("src", help="a checkpoint root, or one checkpoint folder")
     cp.add_argument("dst", help="the destination root (any URL)")
+    cp.add_argument(
+        "--dst-storage-options",
+        metavar="JSON",
+        help="fsspec storage options of the destination (default: --storage-options when "
+        "both roots have the same protocol, else none)",
+    )
     cp.add_argument("--step", type=int, help="this step (default: the newest)")
     cp.add_argument("--all", action="store_true", help="every committed step")
     cp.add_argument("--replace", action="store_true", help="overwrite a committed step")
