@@ -47,8 +47,23 @@ def url_secrets(url: str) -> list[str]:
     return [s for s in out if s]
 
 
+# Secrets that travel outside URLs: the keys of an Azure connection string (account key,
+# SAS token, SAS signature as a query parameter outside a URL) and a PEM private key (a
+# GCS service-account key's).
+_KEYED = re.compile(
+    r"((?:AccountKey|SharedAccessSignature|SharedAccessKey|sig|client_secret)\s*=\s*)"
+    r"[^;&\s'\"#:,)]+",
+    re.IGNORECASE,
+)
+_PEM = re.compile(
+    r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?(?:-----END [A-Z ]*PRIVATE KEY-----|$)", re.S
+)
+
+
 def redact_text(text: str, secrets: list[str] | tuple[str, ...] = ()) -> str:
-    """Redact every URL found in ``text``, any ``user:password@`` and each given secret."""
+    """Redact every URL found in ``text``, any ``user:password@``, the keys of a
+    connection string, a private key, and each given secret."""
+    text = _PEM.sub("***", _KEYED.sub(r"\1***", text))
     out = re.sub(
         r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"]*[^\s'\".,:;)]",
         lambda m: redact_url(m.group(0)),

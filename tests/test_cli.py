@@ -279,6 +279,71 @@ def test_credentials_and_queries_are_redacted(s3):
     assert json.loads(out.stdout)["url"] == "s3://***@no-such-bucket/run?***"
 
 
+def _service_account_key(path, token_uri):
+    """A service-account key file as Google issues them, with a fresh RSA key, whose
+    token endpoint is a closed port on 127.0.0.1 (nothing leaves this machine)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+    doc = {
+        "type": "service_account",
+        "project_id": "forge-test",
+        "private_key_id": "CANARYKEYID" + os.urandom(6).hex(),
+        "private_key": pem,
+        "client_email": "canary@forge-test.iam.gserviceaccount.com",
+        "client_id": "1",
+        "token_uri": token_uri,
+    }
+    path.write_text(json.dumps(doc))
+    return [doc["private_key_id"], *pem.splitlines()[1:-1]]
+
+
+def test_azure_and_gcs_credentials_never_appear_in_any_output(az, gs, tmp_path):
+    """A canary secret in an Azure connection string (account key), an Azure SAS token and
+    a GCS service-account key, each given the usual way (environment, storage option,
+    key file): the command fails with one line (the emulator refuses the key, the token
+    endpoint is closed) and no output holds any of it."""
+    import base64
+
+    from emulators import AZ_KEY
+
+    key = base64.b64encode(b"CANARY-account-key-" + os.urandom(16)).decode()
+    wrong_key = az.connection_string().replace(AZ_KEY, key)
+    sig = "CANARYSIG" + os.urandom(8).hex()
+    sas = f"sv=2023-01-03&ss=b&srt=sco&sp=rl&se=2099-01-01T00:00:00Z&sig={sig}"
+    sas_string = f"BlobEndpoint={az.url}/devstoreaccount1;SharedAccessSignature={sas}"
+    secrets = [key, sig, *_service_account_key(tmp_path / "sa.json", "http://127.0.0.1:9/t")]
+    gs_env = {k: v for k, v in gs.env().items() if not k.startswith("FSSPEC_GS")}
+    az_url, gs_url = f"az://{az.bucket}/canary", f"gs://{gs.bucket}/canary"
+    cases = [
+        (["ls", az_url], {"AZURE_STORAGE_CONNECTION_STRING": wrong_key}),
+        (["verify", az_url, "--storage-options", json.dumps({"connection_string": wrong_key})], {}),
+        (["ls", az_url], {"AZURE_STORAGE_CONNECTION_STRING": sas_string}),
+        (["ls", gs_url], {**gs_env, "GOOGLE_APPLICATION_CREDENTIALS": str(tmp_path / "sa.json")}),
+        (
+            [
+                "verify",
+                gs_url,
+                "--storage-options",
+                json.dumps({"token": str(tmp_path / "sa.json")}),
+            ],
+            gs_env,
+        ),
+    ]
+    for args, env in cases:
+        out = run(*args, env=env, timeout=150)
+        assert out.returncode == 2, (args[:2], out.stdout, out.stderr)
+        one_clear_line(out)
+        text = out.stdout + out.stderr
+        assert not [s for s in secrets if s in text], (args[:2], text)
+
+
 def test_progress_bar_on_a_terminal(tmp_path):
     root = tmp_path / "root"
     big = tmp_path / "big.bin"
@@ -345,3 +410,13 @@ def test_redact_url(url, shown):
 
     assert redact_url(url) == shown
     assert redact_text(f"cannot open {url}: no") == f"cannot open {shown}: no"
+
+
+def test_redact_text_hides_connection_string_keys_and_private_keys():
+    from forge_dist._urls import redact_text
+
+    cs = "DefaultEndpointsProtocol=http;AccountName=acct;AccountKey=Q0FOQVJZ+/k==;BlobEndpoint=x"
+    assert "Q0FOQVJZ" not in redact_text(f"bad {cs}") and "AccountName=acct" in redact_text(cs)
+    assert "S1GN" not in redact_text("SharedAccessSignature=sv=2020&sig=S1GN;BlobEndpoint=y")
+    pem = "-----BEGIN PRIVATE KEY-----\nMIIEvQ\n-----END PRIVATE KEY-----\n"
+    assert "MIIEvQ" not in redact_text(f'{{"private_key": "{pem}"}}')

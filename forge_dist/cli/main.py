@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_STORAGE_LOGGERS = ("gcsfs", "adlfs", "azure", "s3fs", "botocore", "aiobotocore", "google")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -71,6 +74,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.debug else logging.ERROR,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    if not args.debug:
+        # A storage library logs the error it then raises (gcsfs with its traceback): the
+        # user gets it once, as the command's one line.
+        for name in _STORAGE_LOGGERS:
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         return int(args.func(args))
     except KeyboardInterrupt:

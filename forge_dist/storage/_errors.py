@@ -1,4 +1,4 @@
-"""Turn backend exceptions (OSError, botocore, aiohttp, gcsfs ...) into StorageError."""
+"""Turn backend exceptions (OSError, botocore, aiohttp, gcsfs, azure ...) into StorageError."""
 
 from __future__ import annotations
 
@@ -9,7 +9,17 @@ from contextlib import contextmanager
 from forge_dist._urls import redact_text
 from forge_dist.errors import ForgeDistError, StorageError
 
-_BACKEND_MODULES = ("botocore", "aiobotocore", "aiohttp", "s3fs", "gcsfs", "google", "fsspec")
+_BACKEND_MODULES = (
+    "botocore",
+    "aiobotocore",
+    "aiohttp",
+    "s3fs",
+    "gcsfs",
+    "google",
+    "adlfs",
+    "azure",
+    "fsspec",
+)
 
 _HINTS = {
     errno.ENOSPC: "no space left on device",
