@@ -142,7 +142,7 @@ class GCSEndpoint:
     kind: str = "gs"
 
     def options_for(self, url: str, attempts: int = 5) -> dict[str, Any]:
-        return {**self.options, "endpoint_url": url, "timeout": 5}
+        return {**self.options, "endpoint_url": url, "requests_timeout": 5}
 
     @property
     def options(self) -> dict[str, Any]:

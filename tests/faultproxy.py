@@ -1,8 +1,9 @@
 """A TCP proxy on 127.0.0.1 that puts a faulty network between a client and an HTTP
-server (moto's S3), for tests: at the start of a request it may reset the connection,
-answer ``503 SlowDown``, stall past the client's timeout, or forward the request and cut
-the response short. Faults are drawn from a seeded generator at a chosen rate, and
-counted. It listens only on the loopback address and stops with :meth:`close`.
+server (moto's S3, Azurite, fake-gcs-server), for tests: at the start of a request it
+may reset the connection, answer ``503 SlowDown``, stall past the client's timeout, or
+forward the request and cut the response short. Faults are drawn from a seeded
+generator at a chosen rate, and counted. It listens only on the loopback address and
+stops with :meth:`close`.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ from collections import Counter
 
 METHODS = (b"GET ", b"PUT ", b"POST ", b"HEAD ", b"DELETE ")
 FAULTS = ("reset", "slowdown", "stall", "truncate")
+_SLOWDOWN_BODY = (
+    b"<?xml version='1.0'?><Error><Code>SlowDown</Code><Message>Reduce your rate</Message></Error>"
+)
 SLOWDOWN = (
     b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nConnection: close\r\n"
-    b"Content-Length: 93\r\n\r\n<?xml version='1.0'?><Error><Code>SlowDown</Code>"
-    b"<Message>Reduce your rate</Message></Error>"
-)
+    b"Content-Length: %d\r\n\r\n" % len(_SLOWDOWN_BODY)
+) + _SLOWDOWN_BODY
 
 
 class FaultProxy:
