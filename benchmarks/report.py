@@ -293,13 +293,18 @@ def rows(
             ("store_commit", "cp_sync", "`cp -r` + `sync -f` (same durability)"),
             ("verify", "sha256sum", "`sha256sum` of the same files"),
         ),
-        (
-            "2. storage, S3 on 127.0.0.1",
-            store.get("s3"),
-            ("commit", "put", "plain s3fs `put` (no manifest)"),
-            ("verify", "read_sha256", "read every object + `hashlib.sha256`"),
-        ),
     ]
+    for kind, name in CLOUD_NAMES.items():
+        res = store.get(kind)
+        client = (res or {}).get("client", "s3fs")
+        storage.append(
+            (
+                f"2. storage, {name} on 127.0.0.1",
+                res,
+                ("commit", "put", f"plain {client} `put` (no manifest)"),
+                ("verify", "read_sha256", "read every object + `hashlib.sha256`"),
+            )
+        )
     for group, res, commit, verify in storage:
         if not res:
             continue
@@ -454,7 +459,13 @@ NOTES = (
 )
 
 
-def markdown(table: list[Row], machine: str, date: str, faults: dict | None = None) -> str:
+#: The clouds bench_store measures, by protocol, as the report names them.
+CLOUD_NAMES = {"s3": "S3", "az": "Azure Blob (Azurite)", "gs": "GCS (fake-gcs-server)"}
+
+
+def markdown(
+    table: list[Row], machine: str, date: str, faults: dict[str, dict] | None = None
+) -> str:
     lines = [
         "# forge_dist benchmark report",
         "",
@@ -474,15 +485,16 @@ def markdown(table: list[Row], machine: str, date: str, faults: dict | None = No
         if any(r.group.startswith(prefix) for r in table):
             lines += ["", note]
     lines += ["", "![ratios](results.png)", ""]
-    if faults:
-        injected = sum(faults["faults"].values())
-        kinds = ", ".join(f"{k} {v}" for k, v in sorted(faults["faults"].items()))
+    for kind, f in (faults or {}).items():
+        injected = sum(f["faults"].values())
+        kinds = ", ".join(f"{k} {v}" for k, v in sorted(f["faults"].items()))
         lines += [
-            "**A faulty network** (a proxy in front of moto: connection resets, `503 "
-            "SlowDown`, stalls past the timeout, truncated responses, 15 % of requests): "
-            f"{faults['trials']} saves, {faults['requests']} requests, {injected} faults "
-            f"injected ({kinds}); {faults['committed']} committed, {faults['failed']} failed "
-            f"with one clear error, **{faults['corrupt']} corrupt commits** (must be 0).",
+            f"**A faulty network, {CLOUD_NAMES[kind]}** (a proxy in front of its endpoint: "
+            "connection resets, `503 SlowDown`, stalls past the timeout, truncated "
+            f"responses, 15 % of requests): {f['trials']} saves, {f['requests']} requests, "
+            f"{injected} faults injected ({kinds}); {f['committed']} committed, "
+            f"{f['failed']} failed with one clear error, **{f['corrupt']} corrupt commits** "
+            "(must be 0).",
             "",
         ]
     return "\n".join(lines)
@@ -561,7 +573,12 @@ def main(argv: list[str] | None = None) -> int:
             indent=2,
         )
     with open(os.path.join(args.out_dir, "results.md"), "w") as f:
-        f.write(markdown(table, machine, date, (store.get("s3") or {}).get("faulty_network")))
+        faults = {
+            kind: store[kind]["faulty_network"]
+            for kind in CLOUD_NAMES
+            if (store.get(kind) or {}).get("faulty_network")
+        }
+        f.write(markdown(table, machine, date, faults))
     chart(table, os.path.join(args.out_dir, "results.png"), machine)
     for r in table:
         print(f"{r.ratio:7.2f}x  {r.measure}  vs {r.baseline}")

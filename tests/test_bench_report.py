@@ -238,3 +238,40 @@ def test_report_has_the_two_tier_rows(tmp_path):
     assert "local_directory" in table[0]["measure"] and "S3" in table[0]["baseline"]
     assert "durable tier" in table[2]["baseline"]
     assert "**Two-tier rows (7.)**" in (out / "results.md").read_text()
+
+
+def test_report_has_commit_and_verify_rows_and_the_faulty_network_of_each_cloud(tmp_path):
+    def cloud(commit, put, verify, read, client, faults=None):
+        secs = {"commit": med(commit), "put": med(put), "verify": med(verify)}
+        secs["read_sha256"] = med(read)
+        return {"bytes": 100e6, "client": client, "seconds": secs, "faulty_network": faults}
+
+    faults = {"trials": 20, "requests": 90, "faults": {"reset": 5, "stall": 2}}
+    faults.update(committed=18, failed=2, corrupt=0)
+    store = {
+        **STORE,
+        "az": cloud(4.0, 5.0, 1.0, 2.5, "adlfs"),
+        "gs": cloud(1.0, 2.0, 3.0, 2.0, "gcsfs", faults),
+    }
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    out.mkdir()
+    (src / "keras.json").write_text(json.dumps(KERAS))
+    (src / "store.json").write_text(json.dumps(store))
+    assert report.main(["--in-dir", str(src), "--out-dir", str(out)]) == 0
+    rows = {
+        (r["group"], r["measure"].split(" ")[0]): r
+        for r in json.loads((out / "results.json").read_text())["table"]
+    }
+    az, gs = (
+        "2. storage, Azure Blob (Azurite) on 127.0.0.1",
+        "2. storage, GCS (fake-gcs-server) on 127.0.0.1",
+    )
+    assert rows[(az, "commit")]["ratio"] == pytest.approx(0.8)  # commit / plain put
+    assert rows[(az, "commit")]["baseline"] == "plain adlfs `put` (no manifest)"
+    assert rows[(az, "verify")]["ratio"] == pytest.approx(0.4)  # verify / read + sha256
+    assert rows[(gs, "commit")]["ratio"] == pytest.approx(0.5)
+    assert rows[(gs, "verify")]["ratio"] == pytest.approx(1.5)
+    md = (out / "results.md").read_text()
+    assert "A faulty network, GCS (fake-gcs-server)" in md and "**0 corrupt commits**" in md
+    assert "A faulty network, Azure" not in md  # not measured there
