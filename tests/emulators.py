@@ -33,7 +33,11 @@ class Server:
     def __init__(self, cmd: list[str], log: Path, port_from_log: str | None, port: int) -> None:
         self.log = log
         self.proc = subprocess.Popen(
-            cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            cmd,
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,
         )
         self.port = port
         deadline = time.monotonic() + START_S
@@ -61,6 +65,15 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGTERM it when the process that started it dies (a test run that
+    is killed runs no fixture teardown), so no emulator outlives its run."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _accepts(port: int) -> bool:

@@ -90,6 +90,51 @@ def test_tensorboard_and_csv_agree_across_a_preemption(tmp_path):
         assert val == pytest.approx(float(row["val_loss"]), rel=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["az", "gs"])
+def test_on_azure_and_gcs_a_preempted_job_resumes_with_its_logs_in_the_bucket(
+    kind, request, tmp_path
+):
+    """production_callbacks("az://…") / ("gs://…") under mpirun -np 2, against Azurite and
+    fake-gcs-server: steps commit there, a SIGUSR1 to rank 1 ends both ranks with a
+    committed step, the resumed job reads it from the bucket and finishes, and the CSV
+    and TensorBoard logs there hold one row (one value per tag) per epoch."""
+    pytest.importorskip("tensorboard")
+    from conftest import cloud_target
+
+    from forge_dist.keras.tb_events import scalar_values
+
+    t = cloud_target(request, kind, "keras-")
+    root, tb, report = t.url, f"{t.url}-tb", tmp_path / "r{rank}.json"
+    store = CheckpointStore(root, t.options)
+    args = ["--epochs", "4", "--samples", "512", "--patience", "100", "--tensorboard-dir", tb]
+    job = Background(*mpirun_cmd(2, train(root, report, *args), t.env))
+    wait_until(lambda: bool(store.steps()), 180, "first checkpoint", job)
+    (rank1,) = pids_with(root, "OMPI_COMM_WORLD_RANK=1")
+    os.kill(rank1, signal.SIGUSR1)
+    done = job.wait(240)
+    assert done.returncode == PREEMPTED_EXIT_CODE, done.output[-3000:]
+    preempted_at = read_rank_reports(str(report))[0]["preempted"]["step"]
+    assert preempted_at in store.steps() and store.verify(preempted_at).ok
+    run = mpirun(2, train(root, report, *args, "--resume"), t.env, bound_s=240)
+    assert run.returncode == 0, run.output[-3000:]
+    r0, r1 = read_rank_reports(str(report))
+    assert r0["resumed_step"] == r1["resumed_step"] == preempted_at
+    assert r0["resumed_from"] == root and r0["fingerprint"] == r1["fingerprint"]
+    assert all(store.verify(s).ok for s in store.steps())
+
+    fs = store._backend.fs
+    import csv
+    import io
+
+    rows = list(csv.DictReader(io.StringIO(fs.cat_file(f"{root}/history.csv").decode())))
+    assert [int(r["epoch"]) for r in rows] == list(range(4))  # one row per epoch, no gap
+    fs.get(tb, str(tmp_path / "tb"), recursive=True)
+    train_tags = scalar_values(str(tmp_path / "tb" / "train"))
+    assert [s for s, _ in train_tags["epoch_loss"]] == list(range(4))
+    for (_, loss), row in zip(train_tags["epoch_loss"], rows, strict=True):
+        assert loss == pytest.approx(float(row["loss"]), rel=1e-6)
+
+
 class Webhook:
     """A local HTTP server that records what is posted to it."""
 

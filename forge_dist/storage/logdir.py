@@ -22,7 +22,7 @@ from forge_dist.storage._errors import describe, storage_errors
 from forge_dist.storage.backends import EXTRAS, writer_id
 from forge_dist.storage.backends.base import PROBE_PREFIX
 
-OBJECT_STORES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "adl", "oss")
+OBJECT_STORES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss")
 
 
 def open_url(url: str, storage_options: dict[str, Any] | None, what: str) -> tuple[Any, str]:

@@ -177,7 +177,7 @@ class ObjectBackend(Backend):
         self.display = display
         protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
         self.protocol = protocol
-        self.bucketed = protocol in ("s3", "s3a", "gs", "gcs", "az", "abfs", "adl", "oss")
+        self.bucketed = protocol in ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss")
 
     @classmethod
     def accepts(cls, fs: Any) -> bool:
