@@ -245,6 +245,24 @@ def test_rm_takes_a_step_folder(tmp_path):
     assert neither.returncode == 2 and "pass --step N" in one_clear_line(neither)
 
 
+def test_rm_and_gc_on_each_store(cli_target):
+    """``rm`` of a step folder URL and ``gc --keep-best`` on local disk and on each
+    cloud's endpoint, the credentials from the environment."""
+    store = keras_root(cli_target)
+    out = run("rm", f"{cli_target.url}/step-00000001", *opts(cli_target), env=cli_target.env)
+    assert out.returncode == 0 and store.steps() == [2, 3], out.stderr
+    out = run(
+        "gc",
+        cli_target.url,
+        *("--keep-best", "1", "--monitor", "val_acc", "--grace", "0"),
+        *opts(cli_target),
+        env=cli_target.env,
+    )
+    assert out.returncode == 0, out.stderr
+    assert store.steps() == [3], out.stdout  # the best val_acc, and the newest
+    assert store.verify(3).ok
+
+
 def test_gc_keeps_the_best_alone_warns_on_a_reversed_mode_and_a_dry_run_would_keep(tmp_path):
     from conftest import Target
 
