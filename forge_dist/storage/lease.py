@@ -1,8 +1,9 @@
 """Fencing: at most one writer generation per checkpoint root.
 
 A writer takes the root's lease (``writer.lease``) by raising its generation: a
-compare-and-swap, under an exclusive lock on POSIX roots and through S3's conditional
-PUT (``If-Match`` / ``If-None-Match``) on S3. Before every commit and every delete, at
+compare-and-swap, under an exclusive lock on POSIX roots and through a conditional
+write on the clouds (S3 and Azure Blob: ``If-Match`` / ``If-None-Match``; GCS:
+``ifGenerationMatch``). Before every commit and every delete, at
 the begin of a save and before each of its files becomes visible, the writer checks that
 the lease still holds its generation; an older one (a job that ``scontrol requeue``
 restarted while the old attempt still runs, a partitioned node) gets
@@ -17,8 +18,8 @@ is made before the manifest PUT and again after it, and a commit that raced a ta
 is withdrawn at once (a reader may see it for that moment). Likewise a file whose PUT
 was already on its way when the lease changed hands can land on the newer step (the
 window is one request; a store's conditional PUT would close it). Stores without conditional
-writes (``memory://``, GCS through fsspec) take the lease by a plain write: the last
-writer to take it wins.
+writes (``memory://``, any fsspec protocol without a backend of its own) take the lease
+by a plain write: the last writer to take it wins.
 """
 
 from __future__ import annotations

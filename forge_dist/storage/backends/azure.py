@@ -21,7 +21,10 @@ from forge_dist.errors import ManifestError
 from forge_dist.storage._errors import storage_errors
 from forge_dist.storage.backends.base import LEASE_NAME
 from forge_dist.storage.backends.objects import ObjectBackend
-from forge_dist.storage.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES
+
+#: The 409 that If-None-Match: * gets from an existing blob (other 409s, an Azure blob
+#: lease or an immutability policy, are errors, not a lost race).
+_EXISTS = "BlobAlreadyExists"  # (the SDK's StorageErrorCode is a str enum)
 
 
 class AzureBackend(ObjectBackend):
@@ -36,7 +39,10 @@ class AzureBackend(ObjectBackend):
 
         return sync(self.fs.loop, func, *args)
 
-    async def _get_small(self, path: str, limit: int) -> tuple[bytes, str] | None:
+    def _get_small(self, path: str, limit: int) -> tuple[bytes, str] | None:
+        return self._run(self._aget_small, path, limit)
+
+    async def _aget_small(self, path: str, limit: int) -> tuple[bytes, str] | None:
         from azure.core.exceptions import ResourceNotFoundError
 
         container, blob, _ = self.fs.split_path(path)
@@ -49,19 +55,13 @@ class AzureBackend(ObjectBackend):
                 raise ManifestError(f"{path.rsplit('/', 1)[-1]} is larger than {limit} bytes")
             return await stream.readall(), stream.properties.etag
 
-    def read_manifest(self, name: str) -> bytes | None:
-        with storage_errors(f"cannot read {name}/{MANIFEST_NAME}"):
-            got = self._run(self._get_small, self._p(name, MANIFEST_NAME), MAX_MANIFEST_BYTES)
-        return None if got is None else got[0]
-
-    def read_lease(self) -> tuple[bytes | None, Any]:
-        path = f"{self.root}/{LEASE_NAME}"
-        with storage_errors(f"cannot read the writer lease of {self.display}"):
-            return self._run(self._get_small, path, MAX_MANIFEST_BYTES) or (None, None)
-
     async def _put_if(self, path: str, data: bytes, etag: str | None) -> bool:
         from azure.core import MatchConditions
-        from azure.core.exceptions import ResourceExistsError, ResourceModifiedError
+        from azure.core.exceptions import (
+            ResourceExistsError,
+            ResourceModifiedError,
+            ResourceNotFoundError,
+        )
 
         container, blob, _ = self.fs.split_path(path)
         if etag:
@@ -75,8 +75,16 @@ class AzureBackend(ObjectBackend):
         async with self.fs.service_client.get_blob_client(container, blob) as bc:
             try:
                 await bc.upload_blob(data, **cond)
-            except (ResourceExistsError, ResourceModifiedError):
+            except ResourceModifiedError:  # 412: If-Match named another version
                 return False
+            except ResourceExistsError as e:  # 409: If-None-Match: *, or something else
+                if getattr(e, "error_code", None) == _EXISTS:
+                    return False
+                raise
+            except ResourceNotFoundError:
+                if etag:  # If-Match on a lease removed since it was read
+                    return False
+                raise
         return True
 
     def write_lease(self, data: bytes, token: Any) -> bool:

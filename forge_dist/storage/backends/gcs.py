@@ -19,11 +19,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from forge_dist.errors import ManifestError
+from forge_dist.errors import ManifestError, StorageError
 from forge_dist.storage._errors import storage_errors
 from forge_dist.storage.backends.base import LEASE_NAME
 from forge_dist.storage.backends.objects import ObjectBackend
-from forge_dist.storage.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES
 
 _BOUNDARY = "forge-dist-lease"
 
@@ -51,18 +50,10 @@ class GCSBackend(ObjectBackend):
             return None
         if len(body) > limit:
             raise ManifestError(f"{key.rsplit('/', 1)[-1]} is larger than {limit} bytes")
-        return bytes(body), headers.get("X-Goog-Generation") or headers.get("x-goog-generation")
-
-    def read_manifest(self, name: str) -> bytes | None:
-        with storage_errors(f"cannot read {name}/{MANIFEST_NAME}"):
-            got = self._get_small(self._p(name, MANIFEST_NAME), MAX_MANIFEST_BYTES)
-        return None if got is None else got[0]
-
-    def read_lease(self) -> tuple[bytes | None, Any]:
-        path = f"{self.root}/{LEASE_NAME}"
-        with storage_errors(f"cannot read the writer lease of {self.display}"):
-            self._fresh(path)
-            return self._get_small(path, MAX_MANIFEST_BYTES) or (None, None)
+        generation = headers.get("X-Goog-Generation") or headers.get("x-goog-generation")
+        if not generation:  # a conditional write could never replace it
+            raise StorageError(f"{self.display}: {key} came without its generation")
+        return bytes(body), generation
 
     def write_lease(self, data: bytes, token: Any) -> bool:
         """A conditional upload: False when another writer changed (or created) the lease
@@ -91,7 +82,6 @@ class GCSBackend(ObjectBackend):
                     ifGenerationMatch=str(token or 0),
                     headers={"Content-Type": f'multipart/related; boundary="{_BOUNDARY}"'},
                     data=body,
-                    json_out=True,
                 )
             except FileExistsError:  # gcsfs' translation of 412 Precondition Failed
                 return False

@@ -56,7 +56,7 @@ class _FsspecSink(Sink):
         if self.f is None:
             self._held.append(data if isinstance(data, bytes) else bytes(data))
             self._size += len(data)
-            if self._size < WHOLE_BYTES:
+            if self._size < self.whole_below:
                 return
             self.f = self.fs.open(self.path, "wb")
             held, self._held = self._held, []
@@ -98,17 +98,33 @@ RANGE_BYTES = 32 * 1024 * 1024
 RANGES_AHEAD = 2
 
 
-class _AheadReader(io.RawIOBase):
-    """An object read front to back with :data:`RANGES_AHEAD` ranged reads
-    (``_cat_file`` with ``start``/``end``) in flight on the client's event loop: for
-    verify, download, cp on any asynchronous fsspec filesystem (adlfs, gcsfs)."""
+class AheadReader(io.RawIOBase):
+    """An object read front to back with :attr:`ahead` ranged reads of :attr:`range_bytes`
+    in flight on the client's event loop (fsspec's file objects fetch one block after
+    another): for verify, download, cp. Here through ``_cat_file`` with ``start``/``end``,
+    on any asynchronous fsspec filesystem (adlfs, gcsfs); :mod:`.s3wire` fetches S3's
+    ranges its own way."""
+
+    ahead = RANGES_AHEAD
+
+    @property
+    def range_bytes(self) -> int:  # read at call time: tests shrink ranges
+        return RANGE_BYTES
 
     def __init__(self, fs: Any, path: str, size: int) -> None:
         super().__init__()
         self.fs, self.path, self.size = fs, path, size
-        self._next = 0
-        self._ahead: list[Any] = []
+        self._next = 0  # the next offset to ask for
+        self._ahead: list[Any] = []  # futures of the ranges ahead: lists of chunks
+        self._chunks: list[bytes] = []  # the current range's chunks not yet read
         self._chunk = memoryview(b"")
+
+    async def _fetch(self, start: int, end: int) -> list[bytes]:
+        """Bytes ``[start, end)`` as a list of chunks."""
+        data = await self.fs._cat_file(self.path, start=start, end=end)
+        if len(data) != end - start:
+            raise OSError(f"{self.path}: {len(data)} bytes of a {end - start}-byte range arrived")
+        return [data]
 
     def readable(self) -> bool:
         return True
@@ -116,32 +132,29 @@ class _AheadReader(io.RawIOBase):
     def _fill(self) -> None:
         import asyncio
 
-        while len(self._ahead) < RANGES_AHEAD and self._next < self.size:
-            end = min(self.size, self._next + RANGE_BYTES)
-            coro = self.fs._cat_file(self.path, start=self._next, end=end)
-            self._ahead.append(
-                (end - self._next, asyncio.run_coroutine_threadsafe(coro, self.fs.loop))
-            )
+        while len(self._ahead) < self.ahead and self._next < self.size:
+            end = min(self.size, self._next + self.range_bytes)
+            coro = self._fetch(self._next, end)
+            self._ahead.append(asyncio.run_coroutine_threadsafe(coro, self.fs.loop))
             self._next = end
 
     def readinto(self, b: Any) -> int:
         if not self._chunk:
-            self._fill()
-            if not self._ahead:
-                return 0
-            want, future = self._ahead.pop(0)
-            data = future.result()
-            if len(data) != want:
-                raise OSError(f"{self.path}: {len(data)} bytes of a {want}-byte range arrived")
-            self._chunk = memoryview(data)
-            self._fill()
+            if not self._chunks:
+                self._fill()
+                if not self._ahead:
+                    return 0
+                with storage_errors(f"cannot read {self.path}"):
+                    self._chunks = self._ahead.pop(0).result()
+                self._fill()
+            self._chunk = memoryview(self._chunks.pop(0))
         n = min(len(b), len(self._chunk))
         memoryview(b).cast("B")[:n] = self._chunk[:n]
         self._chunk = self._chunk[n:]
         return n
 
     def close(self) -> None:
-        for _, future in self._ahead:
+        for future in self._ahead:
             future.cancel()
         self._ahead.clear()
         super().close()
@@ -218,18 +231,25 @@ class ObjectBackend(Backend):
             out.append((name, e.get("type") == "directory"))
         return out
 
+    def _get_small(self, path: str, limit: int) -> tuple[bytes, Any] | None:
+        """A small object (a manifest, the lease) and the token a conditional write of it
+        would name (its ETag here), or None when it is missing; larger than ``limit`` is
+        a :class:`ManifestError`. A subclass reads both in one request where its API can.
+        """
+        try:
+            info = self.fs.info(path)
+        except FileNotFoundError:
+            return None
+        if info.get("type") != "file":
+            return None
+        if (info.get("size") or 0) > limit:
+            raise ManifestError(f"{path.rsplit('/', 1)[-1]} is larger than {limit} bytes")
+        return bytes(self.fs.cat_file(path)), info.get("ETag") or info.get("etag")
+
     def read_manifest(self, name: str) -> bytes | None:
-        path = self._p(name, MANIFEST_NAME)
         with storage_errors(f"cannot read {name}/{MANIFEST_NAME}"):
-            try:
-                info = self.fs.info(path)
-            except FileNotFoundError:
-                return None
-            if info.get("type") != "file":
-                return None
-            if (info.get("size") or 0) > MAX_MANIFEST_BYTES:
-                raise ManifestError(f"{MANIFEST_NAME} is larger than {MAX_MANIFEST_BYTES} bytes")
-            return bytes(self.fs.cat_file(path))
+            got = self._get_small(self._p(name, MANIFEST_NAME), MAX_MANIFEST_BYTES)
+        return None if got is None else got[0]
 
     def stat(self, name: str, rel: str) -> FileStat | None:
         with storage_errors(f"cannot stat {name}/{rel}"):
@@ -265,7 +285,7 @@ class ObjectBackend(Backend):
         with storage_errors(f"cannot open {name}/{rel}"):
             if getattr(self.fs, "async_impl", False) and getattr(self.fs, "loop", None):
                 size = int(self.fs.info(path).get("size") or 0)
-                return _AheadReader(self.fs, path, size)  # type: ignore[return-value]
+                return AheadReader(self.fs, path, size)  # type: ignore[return-value]
             return self.fs.open(path, "rb")
 
     def newest_mtime(self, name: str) -> float | None:
@@ -324,11 +344,7 @@ class ObjectBackend(Backend):
         path = f"{self.root}/{LEASE_NAME}"
         with storage_errors(f"cannot read the writer lease of {self.display}"):
             self._fresh(path)
-            try:
-                info = self.fs.info(path)
-            except FileNotFoundError:
-                return None, None
-            return bytes(self.fs.cat_file(path)), info.get("ETag") or info.get("etag")
+            return self._get_small(path, MAX_MANIFEST_BYTES) or (None, None)
 
     def write_lease(self, data: bytes, token: Any) -> bool:
         """No compare-and-swap through fsspec's generic calls: the lease is a plain

@@ -18,7 +18,7 @@ from forge_dist.storage._errors import storage_errors
 from forge_dist.storage.backends import s3wire
 from forge_dist.storage.backends.base import LEASE_NAME, Sink
 from forge_dist.storage.backends.objects import ObjectBackend
-from forge_dist.storage.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES
+from forge_dist.storage.manifest import MANIFEST_NAME
 
 
 class S3Backend(ObjectBackend):
@@ -63,11 +63,6 @@ class S3Backend(ObjectBackend):
         except FileNotFoundError:
             return None
 
-    def read_manifest(self, name: str) -> bytes | None:
-        with storage_errors(f"cannot read {name}/{MANIFEST_NAME}"):
-            got = self._get_small(self._p(name, MANIFEST_NAME), MAX_MANIFEST_BYTES)
-        return None if got is None else got[0]
-
     def open_read(self, name: str, rel: str) -> BinaryIO:
         path = self._p(name, rel)
         with storage_errors(f"cannot open {name}/{rel}"):
@@ -98,12 +93,6 @@ class S3Backend(ObjectBackend):
     def open_write(self, staging: str, rel: str) -> Sink:
         with storage_errors(f"cannot create {rel} in {staging}"):
             return s3wire.PartsSink(self.fs, self._p(staging, rel))
-
-    def read_lease(self) -> tuple[bytes | None, Any]:
-        path = f"{self.root}/{LEASE_NAME}"
-        with storage_errors(f"cannot read the writer lease of {self.display}"):
-            self._fresh(path)
-            return self._get_small(path, MAX_MANIFEST_BYTES) or (None, None)
 
     def write_lease(self, data: bytes, token: Any) -> bool:
         """A conditional PUT: False when another writer changed (or created) the lease

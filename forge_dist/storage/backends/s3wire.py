@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import io
 from typing import Any
 
 from forge_dist.errors import ManifestError
 from forge_dist.storage.backends.base import Sink
+from forge_dist.storage.backends.objects import AheadReader
 
 #: S3 uploads: a file smaller than two parts is one PUT (as s3fs ``put`` does: one
 #: request costs less than a multipart upload's three); a larger one goes in parts of
@@ -161,49 +161,18 @@ RANGES_AHEAD = 2
 READ_CHUNK = 4 * 1024 * 1024
 
 
-class RangeReader(io.RawIOBase):
-    """An S3 object read front to back with :data:`RANGES_AHEAD` ranged GETs in flight
-    (s3fs's file object fetches one block after another): for verify, download, cp."""
+class RangeReader(AheadReader):
+    """An S3 object read front to back with :data:`RANGES_AHEAD` ranged GETs in flight,
+    each kept as the chunks the connection delivered, with s3fs's retries."""
 
-    def __init__(self, fs: Any, path: str, size: int) -> None:
-        super().__init__()
-        self.fs, self.path, self.size = fs, path, size
-        self._next = 0  # the next offset to ask for
-        self._ahead: list[Any] = []  # futures of the ranges ahead: lists of chunks
-        self._chunks: list[bytes] = []  # the current range's chunks not yet read
-        self._chunk = memoryview(b"")
+    ahead = RANGES_AHEAD
 
-    def readable(self) -> bool:
-        return True
+    @property
+    def range_bytes(self) -> int:
+        return RANGE_BYTES
 
-    def _fill(self) -> None:
-        import asyncio
-
-        while len(self._ahead) < RANGES_AHEAD and self._next < self.size:
-            end = min(self.size, self._next + RANGE_BYTES)
-            coro = _retried(self.fs, _get_chunks, self.fs, self.path, self._next, end)
-            self._ahead.append(asyncio.run_coroutine_threadsafe(coro, self.fs.loop))
-            self._next = end
-
-    def readinto(self, b: Any) -> int:
-        if not self._chunk:
-            if not self._chunks:
-                self._fill()
-                if not self._ahead:
-                    return 0
-                self._chunks = self._ahead.pop(0).result()
-                self._fill()
-            self._chunk = memoryview(self._chunks.pop(0))
-        n = min(len(b), len(self._chunk))
-        memoryview(b).cast("B")[:n] = self._chunk[:n]
-        self._chunk = self._chunk[n:]
-        return n
-
-    def close(self) -> None:
-        for future in self._ahead:
-            future.cancel()
-        self._ahead.clear()
-        super().close()
+    async def _fetch(self, start: int, end: int) -> list[bytes]:
+        return await _retried(self.fs, _get_chunks, self.fs, self.path, start, end)
 
 
 async def _get_chunks(fs: Any, path: str, start: int, end: int) -> list[bytes]:
