@@ -68,15 +68,10 @@ def endpoint(kind: str, bucket: str = "bench") -> Iterator[Cloud]:
     import emulators
 
     with tempfile.TemporaryDirectory(prefix=f"forge-bench-{kind}-") as logs:
-        if kind == "az":
-            server = emulators.start_azurite(Path(logs))
-            ep: Any = emulators.AzureEndpoint(server.url, bucket)
-            make = emulators.make_container
-        else:
-            server = emulators.start_fake_gcs(Path(logs))
-            ep = emulators.GCSEndpoint(server.url, bucket)
-            make = emulators.make_bucket
+        start, endpoint_class, make = emulators.KINDS[kind]
+        server = start(Path(logs))
         try:
+            ep = endpoint_class(server.url, bucket)
             make(ep)
             yield Cloud(kind, bucket, ep.options, ("127.0.0.1", server.port), ep.options_for)
         finally:

@@ -83,32 +83,29 @@ def s3() -> S3Endpoint:
     server.stop()
 
 
-@pytest.fixture(scope="session")
-def az(tmp_path_factory):
-    pytest.importorskip("adlfs", reason="adlfs is in the [azure] extra that `make test` installs")
-    from emulators import AzureEndpoint, make_container, start_azurite
+def _emulated(tmp_path_factory, package: str, extra: str, kind: str):
+    """A session's emulator of cloud ``kind`` (az, gs) with a bucket, stopped after."""
+    pytest.importorskip(package, reason=f"{package} is in the [{extra}] extra `make test` installs")
+    import emulators
 
-    server = start_azurite(tmp_path_factory.mktemp("azurite"))
+    start, endpoint_class, make = emulators.KINDS[kind]
+    server = start(tmp_path_factory.mktemp(kind))
     try:
-        endpoint = AzureEndpoint(server.url, "forge-test")
-        make_container(endpoint)
+        endpoint = endpoint_class(server.url, "forge-test")
+        make(endpoint)
         yield endpoint
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def az(tmp_path_factory):
+    yield from _emulated(tmp_path_factory, "adlfs", "azure", "az")
 
 
 @pytest.fixture(scope="session")
 def gs(tmp_path_factory):
-    pytest.importorskip("gcsfs", reason="gcsfs is in the [gcs] extra that `make test` installs")
-    from emulators import GCSEndpoint, make_bucket, start_fake_gcs
-
-    server = start_fake_gcs(tmp_path_factory.mktemp("fake-gcs"))
-    try:
-        endpoint = GCSEndpoint(server.url, "forge-test")
-        make_bucket(endpoint)
-        yield endpoint
-    finally:
-        server.stop()
+    yield from _emulated(tmp_path_factory, "gcsfs", "gcs", "gs")
 
 
 CLOUDS = ("s3", "az", "gs")

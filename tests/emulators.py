@@ -188,3 +188,10 @@ def make_bucket(endpoint: GCSEndpoint) -> None:
     import gcsfs
 
     gcsfs.GCSFileSystem(**endpoint.options).mkdir(endpoint.bucket)
+
+
+#: Per cloud: how to start its emulator, its endpoint, and how to make a bucket there.
+KINDS = {
+    "az": (start_azurite, AzureEndpoint, make_container),
+    "gs": (start_fake_gcs, GCSEndpoint, make_bucket),
+}

@@ -291,7 +291,38 @@ def test_an_object_of_several_ranges_reads_back_with_ranges_ahead(kind, request,
     with store.writer(1) as w:
         w.add_bytes("big.bin", data)
     reader = store._backend.open_read("step-00000001", "big.bin")
-    assert isinstance(reader, objects._AheadReader)
+    assert isinstance(reader, objects.AheadReader)
     with io.BufferedReader(reader) as f:
         assert f.read() == data
     assert store.verify(1).ok
+
+
+@pytest.mark.parametrize("kind", ["az", "gs"])
+def test_files_around_the_one_request_size_commit_whole_and_a_discarded_one_leaves_nothing(
+    kind, request, monkeypatch
+):
+    """Below the generic sink's one-request size a file is held and sent whole; at and
+    above it, it streams through the client's file object. Each reads back byte for
+    byte; a streaming file discarded before its end leaves no object."""
+    from conftest import cloud_target
+
+    from forge_dist.storage.backends import objects
+
+    monkeypatch.setattr(objects._FsspecSink, "whole_below", 50_000)
+    t = cloud_target(request, kind, "sink-")
+    store = t.store()
+    files = {
+        name: os.urandom(n) for name, n in (("held", 49_999), ("at", 50_000), ("big", 120_001))
+    }
+    with store.writer(1) as w:
+        for name, data in files.items():
+            w.add_bytes(name, data)
+    assert store.verify(1).ok
+    for name, data in files.items():
+        with store.open_file(1, name) as f:
+            assert f.read() == data, name
+    backend = store._backend
+    sink = backend.open_write("step-00000002", "partial")
+    sink.write(os.urandom(120_000))  # past the held size: the client's file is open
+    sink.discard()
+    assert not backend.fs.exists(backend._p("step-00000002", "partial"))
