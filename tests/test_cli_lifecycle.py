@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 
+import pytest
 from clihelp import one_clear_line, opts, run
 from conftest import cloud_target
 
@@ -392,3 +393,34 @@ def sha(data: bytes) -> str:
 
 
 __all__ = ["MANIFEST_NAME", "sha"]
+
+
+@pytest.mark.parametrize(
+    "src, dst, given, expected",
+    [
+        ("/data/run", "s3://b/run", None, "SRC"),  # local: the options are the destination's
+        ("s3://a/run", "s3a://b/run", None, "SRC"),  # one kind of store
+        ("s3://a/run", "az://c/run", None, None),  # another: its environment
+        ("s3://a/run", "az://c/run", "DST", "DST"),  # its own flag
+    ],
+)
+def test_cp_gives_the_destination_options_that_are_its_own(src, dst, given, expected):
+    import argparse
+
+    from forge_dist.cli.commands.cp import _dst_options
+
+    args = argparse.Namespace(src=src, dst=dst, storage_options="SRC", dst_storage_options=given)
+    assert _dst_options(args) == expected
+
+
+def test_secret_storage_options_are_among_what_the_cli_redacts():
+    import argparse
+
+    from forge_dist.cli.main import _option_secrets
+
+    options = {"account_key": "K3Y", "client_kwargs": {"endpoint_url": "http://x"}}
+    args = argparse.Namespace(
+        storage_options=json.dumps(options),
+        dst_storage_options=json.dumps({"connection_string": "AccountKey=Z", "sas_token": "S"}),
+    )
+    assert sorted(_option_secrets(args)) == ["AccountKey=Z", "K3Y", "S"]

@@ -64,6 +64,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_SECRET_KEYS = ("key", "secret", "token", "password", "credential", "connection_string", "sas")
+
+
+def _option_secrets(args: argparse.Namespace) -> list[str]:
+    """The values of ``--storage-options`` / ``--dst-storage-options`` whose names say
+    they are secrets (``secret``, ``account_key``, ``sas_token``, ...), at any depth."""
+    import json
+
+    found: list[str] = []
+
+    def walk(value: Any, name: str = "") -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, str(k).lower())
+        elif isinstance(value, str) and any(word in name for word in _SECRET_KEYS):
+            found.append(value)
+
+    for flag in ("storage_options", "dst_storage_options"):
+        try:
+            walk(json.loads(getattr(args, flag, None) or "{}"))
+        except ValueError:
+            continue
+    return found
+
+
 _STORAGE_LOGGERS = ("gcsfs", "adlfs", "azure", "s3fs", "botocore", "aiobotocore", "google")
 
 
@@ -96,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         secrets = [
             s for a in ("url", "src", "dst") for s in url_secrets(getattr(args, a, "") or "")
-        ]
+        ] + _option_secrets(args)
         line = redact_text(" ".join(str(e).split()), secrets) or type(e).__name__
         line = line.replace("pass replace=True", "pass --replace")  # the flag, on the CLI
         if getattr(args, "json", False):

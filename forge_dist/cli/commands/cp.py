@@ -42,17 +42,24 @@ def cmd_cp(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _protocol(url: str) -> str:
-    return url.split("://", 1)[0] if "://" in url else "file"
+def _store_kind(url: str) -> str:
+    """The backend a URL gets (``s3`` and ``s3a`` are one kind), or its protocol."""
+    from forge_dist.storage.backends import PROTOCOLS
+
+    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    entry = PROTOCOLS.get(protocol)
+    return entry.backend if entry else protocol
 
 
 def _dst_options(args: argparse.Namespace) -> str | None:
-    """The destination's options: its own, else the source's where both roots speak the
-    same protocol (S3 options mean nothing to Azure: credentials come from the
-    environment there)."""
+    """The destination's options: its own; else ``--storage-options`` when the source is
+    local (they can only be the destination's) or of the same kind (S3 options mean
+    nothing to Azure: credentials come from the environment there)."""
     if args.dst_storage_options is not None:
         return args.dst_storage_options
-    return args.storage_options if _protocol(args.src) == _protocol(args.dst) else None
+    src = _store_kind(args.src)
+    same = src == _store_kind(args.dst) or src == _store_kind("/")
+    return args.storage_options if same else None
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
