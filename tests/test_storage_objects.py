@@ -323,6 +323,7 @@ def test_files_around_the_one_request_size_commit_whole_and_a_discarded_one_leav
             assert f.read() == data, name
     backend = store._backend
     sink = backend.open_write("step-00000002", "partial")
-    sink.write(os.urandom(120_000))  # past the held size: the client's file is open
+    sink.write(os.urandom(120_000))
+    assert sink.f is not None  # past the held size: streaming through the client's file
     sink.discard()
     assert not backend.fs.exists(backend._p("step-00000002", "partial"))
