@@ -11,6 +11,7 @@ from urllib.parse import urlparse
 import pytest
 from faultproxy import FaultProxy
 
+from forge_dist.errors import StorageError
 from forge_dist.storage import CheckpointStore
 from forge_dist.storage.backends import s3wire as s3io
 
@@ -327,3 +328,55 @@ def test_files_around_the_one_request_size_commit_whole_and_a_discarded_one_leav
     assert sink.f is not None  # past the held size: streaming through the client's file
     sink.discard()
     assert not backend.fs.exists(backend._p("step-00000002", "partial"))
+
+
+@pytest.fixture
+def lost_answer(monkeypatch):
+    """A store whose manifest write lands but answers with a reset connection (the
+    response lost on the way back); ``reads_failing`` reads of the manifest after it
+    fail as well."""
+    from forge_dist.storage.manifest import MANIFEST_NAME
+
+    store = CheckpointStore(f"memory://lost-{os.urandom(4).hex()}")
+    backend = store._backend
+    state = {"landed": False, "reads_failing": 0}
+    pipe, get_small = backend.fs.pipe_file, backend._get_small
+
+    def pipe_file(path, data, **kw):
+        pipe(path, data, **kw)
+        if path.endswith(MANIFEST_NAME):
+            state["landed"] = True
+            raise ConnectionResetError(104, "Connection reset by peer")
+
+    def read(path, limit):
+        if state["landed"] and state["reads_failing"] > 0:
+            state["reads_failing"] -= 1
+            raise ConnectionResetError(104, "Connection reset by peer")
+        return get_small(path, limit)
+
+    monkeypatch.setattr(backend.fs, "pipe_file", pipe_file)
+    monkeypatch.setattr(backend, "_get_small", read)
+    return store, state
+
+
+def test_a_manifest_that_landed_though_its_answer_was_lost_is_a_commit(lost_answer):
+    """The manifest's write failed on the way back, not on the way in: the manifest
+    there is this writer's own, byte for byte, so the save succeeded (and says so)."""
+    store, _ = lost_answer
+    with store.writer(1) as w:
+        w.add_bytes("model.bin", b"weights")
+    assert w.committed is not None
+    assert store.steps() == [1]
+    assert store.verify(1).ok
+
+
+def test_a_save_reported_failed_leaves_no_step_even_when_its_manifest_landed(lost_answer):
+    """The write's answer lost and the manifest unreadable right after: the save fails,
+    and the step it did leave behind is removed, so a failed save is never a step that
+    readers trust."""
+    store, state = lost_answer
+    state["reads_failing"] = 3  # every read-back of the commit's own
+    with pytest.raises(StorageError, match="cannot write the manifest"), store.writer(1) as w:
+        w.add_bytes("model.bin", b"weights")
+    assert store.steps() == []
+    assert not store._backend.fs.exists(store._backend._p("step-00000001"))

@@ -191,6 +191,9 @@ class ObjectBackend(Backend):
         protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
         self.protocol = protocol
         self.bucketed = protocol in ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss")
+        # Manifests whose write ended in an error, by staging: the write may still have
+        # landed (only its answer lost), and abort must know them from another writer's.
+        self._unsure: dict[str, bytes] = {}
 
     @classmethod
     def accepts(cls, fs: Any) -> bool:
@@ -320,11 +323,33 @@ class ObjectBackend(Backend):
 
     def commit(self, staging: str, step: int, manifest: bytes, replace: bool) -> None:
         _faults.point("before-manifest")
-        with storage_errors(f"cannot write the manifest of {staging}"):
-            self.fs.pipe_file(self._p(staging, MANIFEST_NAME), manifest)
+        path = self._p(staging, MANIFEST_NAME)
+        try:
+            with storage_errors(f"cannot write the manifest of {staging}"):
+                self.fs.pipe_file(path, manifest)
+        except StorageError:
+            # The request may have landed and only its answer been lost: the manifest
+            # there, byte for byte this one, is this commit. Otherwise the save failed
+            # (and abort removes this manifest should it turn up later).
+            self._unsure[staging] = manifest
+            if not self._holds(path, manifest):
+                raise
+            del self._unsure[staging]
+            log.info("%s in %s: the manifest landed though its write failed", staging, self.display)
         self._fresh()
         _faults.point("manifest-written")
         _faults.point("committed")
+
+    def _holds(self, path: str, data: bytes, tries: int = 3) -> bool:
+        """Whether ``path`` holds exactly ``data`` (False when it cannot be read)."""
+        for _ in range(tries):
+            try:
+                self._fresh(path)
+                got = self._get_small(path, MAX_MANIFEST_BYTES)
+            except Exception:
+                continue
+            return got is not None and got[0] == data
+        return False
 
     def probe(self) -> None:
         self.list_root()  # a missing bucket or an unreachable endpoint, said clearly
@@ -361,6 +386,13 @@ class ObjectBackend(Backend):
         attempt that took the lease, say) and the prefix is its, not ours to remove."""
         with contextlib.suppress(Exception):
             self._fresh()
+            ours = self._unsure.pop(staging, None)
+            if ours is not None and self._holds(self._p(staging, MANIFEST_NAME), ours):
+                # This writer's own manifest, whose write was reported failed: the save
+                # failed, so the step goes (manifest first, then its files).
+                log.warning("%s in %s: removing the step of a failed save", staging, self.display)
+                self.delete_committed(staging)
+                return
             if self.fs.exists(self._p(staging, MANIFEST_NAME)):
                 log.warning(
                     "%s in %s was committed by another writer: left as it is",
