@@ -46,6 +46,17 @@ def cluster():
     assert done.returncode == 0, done.stderr
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(cluster, tmp_path_factory):
+    """One job of COMMON on two hosts under mpirun, never interrupted, its root on the
+    shared folder: ``(root, reports)``. The resume tests end where it ends (the weights do
+    not depend on where the root is), and the first agreement test checks it; run once,
+    it spares two identical jobs."""
+    root = cluster.shared / "run-mpirun-2"
+    out = tmp_path_factory.mktemp("uninterrupted")
+    return root, train(cluster, cluster.hosts[:2], str(root), out, *COMMON)[1]
+
+
 def train(
     cluster: Cluster,
     hosts: list[str],
@@ -79,11 +90,14 @@ def assert_only_the_chief_wrote(cluster: Cluster, hosts: list[str], reports: lis
 @pytest.mark.parametrize("launcher", ["mpirun", "horovodrun"])
 @pytest.mark.parametrize("n", [2, 4])
 def test_ranks_on_separate_hosts_agree_with_the_root_on_the_shared_folder(
-    cluster, tmp_path, n, launcher
+    cluster, tmp_path, n, launcher, request
 ):
     hosts = cluster.hosts[:n]
-    root = cluster.shared / f"run-{launcher}-{n}"
-    _, reports = train(cluster, hosts, str(root), tmp_path / "out", *COMMON, launcher=launcher)
+    if (n, launcher) == (2, "mpirun"):
+        root, reports = request.getfixturevalue("uninterrupted")
+    else:
+        root = cluster.shared / f"run-{launcher}-{n}"
+        _, reports = train(cluster, hosts, str(root), tmp_path / "out", *COMMON, launcher=launcher)
     want = "horovod" if launcher == "horovodrun" else "mpi"
     assert [r["backend"] for r in reports] == [want] * n
     assert_only_the_chief_wrote(cluster, hosts, reports)
@@ -92,11 +106,11 @@ def test_ranks_on_separate_hosts_agree_with_the_root_on_the_shared_folder(
     assert {c.manifest.writer["host"] for c in CheckpointStore(str(root)).list()} == {hosts[0]}
 
 
-def test_a_root_on_the_chiefs_node_local_disk_resumes_exactly(cluster, tmp_path):
+def test_a_root_on_the_chiefs_node_local_disk_resumes_exactly(cluster, tmp_path, uninterrupted):
     """The chief reads the step from its own /scratch and broadcasts it: the other host
     never has the folder at all."""
     hosts = cluster.hosts[:2]
-    _, whole = train(cluster, hosts, "/scratch/whole", tmp_path / "a", *COMMON)
+    _, whole = uninterrupted
     killed, _ = train(
         cluster,
         hosts,
@@ -285,14 +299,16 @@ def test_a_requeue_onto_other_hosts_refuses_to_start_over_from_a_node_local_root
     assert CheckpointStore(str(cluster.scratch(again[0]) / "requeue")).steps()
 
 
-def test_two_tiers_a_requeue_onto_other_hosts_resumes_from_the_durable_tier(cluster, tmp_path):
+def test_two_tiers_a_requeue_onto_other_hosts_resumes_from_the_durable_tier(
+    cluster, tmp_path, uninterrupted
+):
     """Two tiers: the chief commits to its host's /scratch and copies each step to the
     shared folder in the background. The chief is SIGKILLed as epoch 2 begins; the requeued
     attempt lands on two other hosts, whose /scratch is empty, and resumes from the newest
     durable step: on the shared folder, read from there, the same weights as a run never
     interrupted. Only the chiefs' hosts ever hold a local tier."""
     first, again = cluster.hosts[:2], cluster.hosts[2:4]
-    _, whole = train(cluster, first, str(cluster.shared / "tiers-whole"), tmp_path / "a", *COMMON)
+    _, whole = uninterrupted
     durable, local = cluster.shared / "tiers", "/scratch/tiers"
     tiers = ["--local-dir", local]
     killed, _ = train(
