@@ -47,26 +47,16 @@ class Cloud:
 
 @contextlib.contextmanager
 def endpoint(kind: str, bucket: str = "bench") -> Iterator[Cloud]:
+    import emulators
+
     if kind == "s3":
         from _s3 import s3_endpoint
 
         with s3_endpoint(bucket) as (options, upstream):
-
-            def via(url: str) -> dict[str, Any]:
-                return {
-                    **options,
-                    "client_kwargs": {**options["client_kwargs"], "endpoint_url": url},
-                    "config_kwargs": {
-                        "connect_timeout": 1,
-                        "read_timeout": 1,
-                        "retries": {"max_attempts": 5, "mode": "standard"},
-                    },
-                }
-
-            yield Cloud(kind, bucket, options, upstream, via)
+            url = options["client_kwargs"]["endpoint_url"]
+            ep = emulators.S3Endpoint(url, bucket, key=options["key"])
+            yield Cloud(kind, bucket, options, upstream, ep.options_for)
         return
-    import emulators
-
     with tempfile.TemporaryDirectory(prefix=f"forge-bench-{kind}-") as logs:
         start, endpoint_class, make = emulators.KINDS[kind]
         server = start(Path(logs))

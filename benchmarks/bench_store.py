@@ -22,7 +22,7 @@ server through s3fs, Azurite through adlfs, fake-gcs-server through gcsfs;
 ``--s3-size-mb``, default 100): commit through the store vs a plain upload of the same
 files (the same client's ``put``, no manifest), and ``verify`` vs reading every object
 back and hashing it with ``hashlib.sha256`` one after the other; then 20 saves through a
-faulty network (S3 and GCS).
+faulty network.
 
 Prints medians and ratios (lower is better for time ratios, higher for throughput),
 and writes them to benchmarks/out/store.json.
@@ -83,7 +83,7 @@ def timed(cmd: list[str]) -> float:
     return time.perf_counter() - t0
 
 
-def cloud_bench(kind: str, src_mb: int, reps: int, base: str, faults: bool) -> dict:
+def cloud_bench(kind: str, src_mb: int, reps: int, base: str) -> dict:
     """Commit and verify against one cloud's local endpoint, each against a plain
     baseline through the same fsspec client, interleaved repetition by repetition."""
     import hashlib
@@ -122,7 +122,7 @@ def cloud_bench(kind: str, src_mb: int, reps: int, base: str, faults: bool) -> d
         shutil.rmtree(src)
         med = {k: statistics.median(v) for k, v in t.items()}
         return {
-            "faulty_network": faulty_network(cloud) if faults else None,
+            "faulty_network": faulty_network(cloud),
             "bytes": nbytes,
             "files": len(files),
             "reps": reps,
@@ -257,9 +257,7 @@ def main() -> int:
         shutil.rmtree(root)
         shutil.rmtree(src)
         for kind in filter(None, args.clouds.split(",")):
-            # Azure's SDK waits 15-24 s between its tries and adlfs cannot shorten that:
-            # through the faulty network one save took minutes (README, "A faulty network").
-            res = cloud_bench(kind, args.s3_size_mb, args.reps, base, faults=kind != "az")
+            res = cloud_bench(kind, args.s3_size_mb, args.reps, base)
             results[kind] = res
             r = res["ratios"]
             print(

@@ -11,6 +11,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+import emulators
 import pytest
 
 # gcsfs' default class asks a gRPC control plane for every bucket's layout, with a 60 s
@@ -22,47 +23,8 @@ BIN = os.path.dirname(sys.executable)
 _counter = itertools.count()
 
 
-@dataclass
-class S3Endpoint:
-    url: str
-    bucket: str
-    kind: str = "s3"
-
-    @property
-    def options(self) -> dict[str, Any]:
-        return {
-            "key": "testing",
-            "secret": "testing",
-            "client_kwargs": {"endpoint_url": self.url, "region_name": "us-east-1"},
-            "skip_instance_cache": True,
-        }
-
-    def options_for(self, url: str, attempts: int = 5) -> dict[str, Any]:
-        """Options through ``url`` (a proxy in front of it) with 1 s timeouts; botocore's
-        ``attempts`` under s3fs's own five tries (a network that stays down costs about
-        attempts x 5 round trips)."""
-        return {
-            **self.options,
-            "client_kwargs": {**self.options["client_kwargs"], "endpoint_url": url},
-            "config_kwargs": {
-                "connect_timeout": 1,
-                "read_timeout": 1,
-                "retries": {"max_attempts": attempts, "mode": "standard"},
-            },
-        }
-
-    def env(self) -> dict[str, str]:
-        """Environment through which the CLI reaches the endpoint (no secrets on argv)."""
-        return {
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_ENDPOINT_URL": self.url,
-            "AWS_DEFAULT_REGION": "us-east-1",
-        }
-
-
 @pytest.fixture(scope="session")
-def s3() -> S3Endpoint:
+def s3() -> emulators.S3Endpoint:
     pytest.importorskip("s3fs", reason="s3fs is in the [s3] extra that `make test` installs")
     import boto3
     from moto.server import ThreadedMotoServer
@@ -79,15 +41,13 @@ def s3() -> S3Endpoint:
         aws_secret_access_key="testing",
         region_name="us-east-1",
     ).create_bucket(Bucket=bucket)
-    yield S3Endpoint(url, bucket)
+    yield emulators.S3Endpoint(url, bucket)
     server.stop()
 
 
 def _emulated(tmp_path_factory, package: str, extra: str, kind: str):
     """A session's emulator of cloud ``kind`` (az, gs) with a bucket, stopped after."""
     pytest.importorskip(package, reason=f"{package} is in the [{extra}] extra `make test` installs")
-    import emulators
-
     start, endpoint_class, make = emulators.KINDS[kind]
     server = start(tmp_path_factory.mktemp(kind))
     try:

