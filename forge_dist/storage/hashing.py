@@ -30,8 +30,13 @@ def default_workers(n_items: int, parallel: int | None = None) -> int:
 
 
 def read_chunks(f: IO[bytes], chunk: int = CHUNK) -> Iterator[bytes | memoryview]:
-    """Everything left in ``f``, in chunks (one reused buffer where ``readinto`` exists:
-    each chunk is only valid until the next one is read)."""
+    """Everything left in ``f``, in chunks: the reader's own where it hands them out
+    (``chunks``), else one reused buffer where ``readinto`` exists. Each chunk is only
+    valid until the next one is read."""
+    chunks = getattr(f, "chunks", None)  # a reader that hands out its own buffers
+    if chunks is not None:
+        yield from chunks(chunk)
+        return
     readinto = getattr(f, "readinto", None)
     if readinto is None:
         while data := f.read(chunk):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+from collections.abc import Iterator
 from typing import IO, Any, BinaryIO
 
 from forge_dist.errors import CheckpointExistsError, ManifestError, StorageError
@@ -94,7 +95,7 @@ class _FsspecSink(Sink):
 
 #: Reads through an asynchronous client: an object in ranges of this size, this many
 #: requested ahead of the reader (fsspec's file objects fetch one block after another).
-RANGE_BYTES = 32 * 1024 * 1024
+RANGE_BYTES = 8 * 1024 * 1024
 RANGES_AHEAD = 2
 
 
@@ -138,20 +139,33 @@ class AheadReader(io.RawIOBase):
             self._ahead.append(asyncio.run_coroutine_threadsafe(coro, self.fs.loop))
             self._next = end
 
+    def _more(self) -> bool:
+        """Make the next fetched chunk current; False at the end."""
+        if not self._chunks:
+            self._fill()
+            if not self._ahead:
+                return False
+            with storage_errors(f"cannot read {self.path}"):
+                self._chunks = self._ahead.pop(0).result()
+            self._fill()
+        self._chunk = memoryview(self._chunks.pop(0))
+        return True
+
     def readinto(self, b: Any) -> int:
-        if not self._chunk:
-            if not self._chunks:
-                self._fill()
-                if not self._ahead:
-                    return 0
-                with storage_errors(f"cannot read {self.path}"):
-                    self._chunks = self._ahead.pop(0).result()
-                self._fill()
-            self._chunk = memoryview(self._chunks.pop(0))
+        if not self._chunk and not self._more():
+            return 0
         n = min(len(b), len(self._chunk))
         memoryview(b).cast("B")[:n] = self._chunk[:n]
         self._chunk = self._chunk[n:]
         return n
+
+    def chunks(self, size: int) -> Iterator[memoryview]:
+        """What is left, in views of at most ``size`` bytes of the fetched ranges
+        themselves (:func:`~forge_dist.storage.hashing.read_chunks` takes these rather
+        than copying every byte once more through ``readinto``)."""
+        while self._chunk or self._more():
+            piece, self._chunk = self._chunk[:size], self._chunk[size:]
+            yield piece
 
     def close(self) -> None:
         for future in self._ahead:
