@@ -4,6 +4,10 @@ may reset the connection, answer ``503 SlowDown``, stall past the client's timeo
 forward the request and cut the response short. Faults are drawn from a seeded
 generator at a chosen rate, and counted. It listens only on the loopback address and
 stops with :meth:`close`.
+
+:class:`Frozen` measures the time this whole process stood still (no thread of it ran),
+which the tests' wall-clock bounds leave out: a bound is on what the store's code waits
+for, not on a pause of the machine or the interpreter.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import contextlib
 import random
 import socket
 import threading
+import time
 from collections import Counter
 
 METHODS = (b"GET ", b"PUT ", b"POST ", b"HEAD ", b"DELETE ")
@@ -65,7 +70,12 @@ class FaultProxy:
             threading.Thread(target=self._serve, args=(client,), daemon=True).start()
 
     def _serve(self, client: socket.socket) -> None:
-        upstream = socket.create_connection(self.upstream)
+        try:  # an endpoint that does not answer is the client's timeout, not a hang here
+            upstream = socket.create_connection(self.upstream, timeout=10)
+            upstream.settimeout(None)
+        except OSError:
+            client.close()
+            return
         truncate = threading.Event()
         back = threading.Thread(
             target=self._pipe_back, args=(upstream, client, truncate), daemon=True
@@ -121,3 +131,36 @@ class FaultProxy:
     def close(self) -> None:
         self._stop.set()
         self._server.close()
+
+
+class Frozen:
+    """How long this process stood still while in the ``with`` block: a thread of its
+    own asks to run every 50 ms and counts each wait of over a second past that (a
+    paused VM, an interpreter that ran no thread). Waiting on the network does not
+    count: a thread blocked in a socket call lets this one run."""
+
+    TICK_S, PAUSE_S = 0.05, 1.0
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._stop = threading.Event()
+
+    def _tick(self) -> None:
+        last = time.monotonic()
+        while True:
+            stopped = self._stop.wait(self.TICK_S)  # a pace, not a synchronisation
+            now = time.monotonic()
+            if now - last > self.TICK_S + self.PAUSE_S:
+                self.seconds += now - last - self.TICK_S
+            last = now
+            if stopped:
+                return
+
+    def __enter__(self) -> Frozen:
+        self._thread = threading.Thread(target=self._tick, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
