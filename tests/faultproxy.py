@@ -37,8 +37,12 @@ class FaultProxy:
         rate: float,
         seed: int = 0,
         faults: tuple[str, ...] = FAULTS,
+        script: tuple[str | None, ...] = (),
     ) -> None:
+        """``script``: the faults of the first requests, in order (None: forwarded as
+        is), before any drawn at ``rate``."""
         self.upstream, self.rate, self.faults = upstream, rate, faults
+        self._script = list(script)
         self.random = random.Random(seed)
         self.counts: Counter[str] = Counter()
         self.methods: Counter[str] = Counter()  # requests seen, by HTTP method
@@ -54,9 +58,14 @@ class FaultProxy:
         with self._lock:
             self.counts["requests"] += 1
             self.methods[method] += 1
-            if self.random.random() >= self.rate:
+            if self._script:
+                fault = self._script.pop(0)
+            elif self.random.random() >= self.rate:
                 return None
-            fault = self.random.choice(self.faults)
+            else:
+                fault = self.random.choice(self.faults)
+            if fault is None:
+                return None
             self.counts[fault] += 1
             return fault
 
@@ -121,6 +130,10 @@ class FaultProxy:
                     break
                 if truncate.is_set():  # half of the response, then the line goes dead
                     client.sendall(data[: max(1, len(data) // 2)])
+                    # (shut down first: a close alone sends no FIN while the other
+                    # thread is blocked reading the socket, and the client would wait)
+                    with contextlib.suppress(OSError):
+                        client.shutdown(socket.SHUT_RDWR)
                     client.close()
                     upstream.close()
                     return
