@@ -303,6 +303,40 @@ def test_an_object_of_several_ranges_reads_back_with_ranges_ahead(kind, request,
     assert store.verify(1).ok
 
 
+def test_a_blob_range_whose_body_breaks_off_is_fetched_again(az, monkeypatch):
+    """Azure's reader sends its own ranged GETs: the SDK's policy retries a request that
+    got no answer, not a body cut short. Such a range is fetched again; one cut short
+    every time is one clear error."""
+    from urllib.parse import urlparse
+
+    from forge_dist.errors import ForgeDistError
+    from forge_dist.storage.backends import azure, objects
+
+    monkeypatch.setattr(objects, "RANGE_BYTES", 100_000)
+    root = f"az://{az.bucket}/cut-{os.urandom(4).hex()}"
+    data = os.urandom(350_001)
+    with CheckpointStore(root, az.options).writer(1) as w:
+        w.add_bytes("big.bin", data)
+    target = urlparse(az.url)
+    for rate in (0.0, 1.0):  # after the HEAD: one GET's body cut short, or every one
+        script = (None, "truncate") if rate == 0.0 else (None,)
+        proxy = FaultProxy((target.hostname, target.port), rate, faults=("truncate",), script=script)
+        try:
+            store = CheckpointStore(root, az.options_for(proxy.url, attempts=0))
+            with store._backend.open_read("step-00000001", "big.bin") as reader:
+                assert isinstance(reader, azure.BlobRangeReader)
+                if rate == 0.0:
+                    assert b"".join(reader.chunks(1 << 20)) == data
+                    assert proxy.counts["truncate"] == 1
+                else:
+                    with pytest.raises(ForgeDistError, match="cannot read .*big.bin") as err:
+                        b"".join(reader.chunks(1 << 20))
+                    assert len(str(err.value).splitlines()) == 1
+                    assert proxy.counts["truncate"] >= azure.BODY_TRIES
+        finally:
+            proxy.close()
+
+
 @pytest.mark.parametrize("kind", ["az", "gs"])
 def test_files_around_the_one_request_size_commit_whole_and_a_discarded_one_leaves_nothing(
     kind, request, monkeypatch

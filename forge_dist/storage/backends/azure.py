@@ -6,7 +6,9 @@ than fsspec's generic ones:
   HEAD and a GET, and the ETag of the HEAD may belong to another version than the bytes);
 - the writer lease by conditional Put Blob (``If-Match`` its ETag, ``If-None-Match: *``
   for the first), which the Blob service and Azurite honour: a writer that lost the lease
-  cannot write it.
+  cannot write it;
+- reads in ranged Get Blob requests whose bodies are kept as the chunks the connection
+  delivered (:class:`BlobRangeReader`).
 
 The Blob client is rebuilt with shorter waits than the SDK's (see :data:`CLIENT`): its
 defaults are made for a throttled account, and through a flaky network one save took
@@ -25,7 +27,7 @@ from typing import Any
 from forge_dist.errors import ManifestError
 from forge_dist.storage._errors import storage_errors
 from forge_dist.storage.backends.base import LEASE_NAME
-from forge_dist.storage.backends.objects import ObjectBackend
+from forge_dist.storage.backends.objects import AheadReader, ObjectBackend
 
 #: The 409 that If-None-Match: * gets from an existing blob (other 409s, an Azure blob
 #: lease or an immutability policy, are errors, not a lost race).
@@ -63,8 +65,52 @@ def _retuned(fs: Any) -> Any:
     return new
 
 
+#: A range whose body breaks off is fetched again this many times in all, a second
+#: apart (what the SDK's own downloader does).
+BODY_TRIES = 3
+
+
+class BlobRangeReader(AheadReader):
+    """A blob read in ranged Get Blob requests, each body kept as the chunks the
+    connection delivered. adlfs' ``_cat_file`` has the SDK's downloader join them and copy
+    the result twice more, on the one event-loop thread a verify waits for: 0.17 s of
+    client CPU for 100 MB against 0.10 s this way (measured against Azurite). Requests
+    are the SDK's (signed, retried by its policy); a body cut short is fetched again."""
+
+    async def _fetch(self, start: int, end: int) -> list[bytes]:
+        import asyncio
+
+        from azure.core.exceptions import DecodeError, IncompleteReadError, ServiceResponseError
+
+        container, blob, _ = self.fs.split_path(self.path)
+        async with self.fs.service_client.get_blob_client(container, blob) as bc:
+            generated = getattr(getattr(bc, "_client", None), "blob", None)
+            if generated is None:  # pragma: no cover - an SDK without it: adlfs' way
+                return await super()._fetch(start, end)
+            for attempt in range(1, BODY_TRIES + 1):
+                body = await generated.download(  # the request: the SDK's policy retries it
+                    range=f"bytes={start}-{end - 1}",
+                    decompress=False,  # the bytes as stored: they are hashed
+                    cls=lambda _response, stream, _headers: stream,
+                )
+                try:
+                    chunks = [chunk async for chunk in body]
+                except (IncompleteReadError, ServiceResponseError, DecodeError) as e:
+                    error: Exception = e  # the body broke off: no policy retries that
+                else:
+                    got = sum(map(len, chunks))
+                    if got == end - start:
+                        return chunks
+                    error = OSError(f"{self.path}: {got} bytes of {end - start} arrived")
+                if attempt == BODY_TRIES:
+                    raise error
+                await asyncio.sleep(1)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
 class AzureBackend(ObjectBackend):
     conditional_writes = True
+    reader = BlobRangeReader
 
     def __init__(self, fs: Any, root: str, display: str) -> None:
         super().__init__(fs, root, display)

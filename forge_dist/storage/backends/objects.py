@@ -197,6 +197,9 @@ class ObjectBackend(Backend):
     rename_commit = False
     parallel_files = 8
     conditional_writes = False  # write_lease is a plain write (S3Backend's is not)
+    #: How an object is read front to back through an asynchronous client (a cloud's
+    #: backend fetches its ranges its own way where that costs less).
+    reader: type[AheadReader] = AheadReader
 
     def __init__(self, fs: Any, root: str, display: str) -> None:
         self.fs = fs
@@ -302,7 +305,7 @@ class ObjectBackend(Backend):
         with storage_errors(f"cannot open {name}/{rel}"):
             if getattr(self.fs, "async_impl", False) and getattr(self.fs, "loop", None):
                 size = int(self.fs.info(path).get("size") or 0)
-                return AheadReader(self.fs, path, size)  # type: ignore[return-value]
+                return self.reader(self.fs, path, size)  # type: ignore[return-value]
             return self.fs.open(path, "rb")
 
     def newest_mtime(self, name: str) -> float | None:

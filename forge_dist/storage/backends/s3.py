@@ -11,7 +11,7 @@ generic ones:
 
 from __future__ import annotations
 
-from typing import Any, BinaryIO
+from typing import Any
 
 from forge_dist.errors import StorageError
 from forge_dist.storage._errors import storage_errors
@@ -23,6 +23,7 @@ from forge_dist.storage.manifest import MANIFEST_NAME
 
 class S3Backend(ObjectBackend):
     conditional_writes = True
+    reader = s3wire.RangeReader
 
     @classmethod
     def prepare_options(cls, options: dict[str, Any]) -> dict[str, Any]:
@@ -62,12 +63,6 @@ class S3Backend(ObjectBackend):
             return sync(self.fs.loop, s3wire.get_small, self._call, bucket, key, limit)
         except FileNotFoundError:
             return None
-
-    def open_read(self, name: str, rel: str) -> BinaryIO:
-        path = self._p(name, rel)
-        with storage_errors(f"cannot open {name}/{rel}"):
-            size = int(self.fs.info(path).get("size") or 0)
-            return s3wire.RangeReader(self.fs, path, size)  # type: ignore[return-value]
 
     def _step_state(self, name: str) -> tuple[bool, bool]:
         """One LIST of the step's prefix (a page per 1000 keys) says all three things
