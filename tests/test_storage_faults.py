@@ -19,6 +19,7 @@ from forge_dist.storage import CheckpointStore
 
 TRIALS = 10
 TRIAL_BOUND_S = 120  # retries with backoff and short timeouts stay inside this
+pytestmark = [pytest.mark.s3, pytest.mark.slow]
 
 
 def within_bound(what: str, t0: float, frozen: Frozen, proxy: FaultProxy) -> None:
@@ -28,7 +29,6 @@ def within_bound(what: str, t0: float, frozen: Frozen, proxy: FaultProxy) -> Non
         f"{what} took {took:.0f}s ({frozen.seconds:.0f}s of it with the process standing "
         f"still), past {TRIAL_BOUND_S}s; the proxy saw {dict(proxy.counts)}"
     )
-pytestmark = [pytest.mark.s3, pytest.mark.slow]
 
 
 @pytest.fixture(params=CLOUDS)

@@ -320,7 +320,9 @@ def test_a_blob_range_whose_body_breaks_off_is_fetched_again(az, monkeypatch):
     target = urlparse(az.url)
     for rate in (0.0, 1.0):  # after the HEAD: one GET's body cut short, or every one
         script = (None, "truncate") if rate == 0.0 else (None,)
-        proxy = FaultProxy((target.hostname, target.port), rate, faults=("truncate",), script=script)
+        proxy = FaultProxy(
+            (target.hostname, target.port), rate, faults=("truncate",), script=script
+        )
         try:
             store = CheckpointStore(root, az.options_for(proxy.url, attempts=0))
             with store._backend.open_read("step-00000001", "big.bin") as reader:
