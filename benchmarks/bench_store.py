@@ -1,6 +1,6 @@
 """Checkpoint store speed against plain tools, measured in the same run.
 
-    python benchmarks/bench_store.py [--size-mb 500] [--reps 5] [--dir PATH]
+    python benchmarks/bench_store.py [--size-mb 500] [--reps 5] [--cloud-reps 11] [--dir PATH]
 
 Builds a checkpoint of several files (default 500 MB in all) on local disk, then times,
 interleaved, repetition by repetition:
@@ -22,7 +22,9 @@ server through s3fs, Azurite through adlfs, fake-gcs-server through gcsfs;
 ``--s3-size-mb``, default 100): commit through the store vs a plain upload of the same
 files (the same client's ``put``, no manifest), and ``verify`` vs reading every object
 back and hashing it with ``hashlib.sha256`` one after the other; then 20 saves through a
-faulty network.
+faulty network. A cloud's ratios are medians of each repetition's own ratio (its two
+operations ran back to back), which the endpoint's swings from one repetition to the
+next do not move as they move a ratio of two medians.
 
 Prints medians and ratios (lower is better for time ratios, higher for throughput),
 and writes them to benchmarks/out/store.json.
@@ -132,6 +134,10 @@ def cloud_bench(kind: str, src_mb: int, reps: int, base: str) -> dict:
             store.apply_retention(Retention(keep_last=1))
         shutil.rmtree(src)
         med = {k: statistics.median(v) for k, v in t.items()}
+
+        def paired(a: str, b: str) -> float:
+            return statistics.median(x / y for x, y in zip(t[a], t[b], strict=True))
+
         return {
             "faulty_network": faulty_network(cloud),
             "bytes": nbytes,
@@ -140,8 +146,8 @@ def cloud_bench(kind: str, src_mb: int, reps: int, base: str) -> dict:
             "client": CLIENTS[kind],
             "seconds": {k: {"median": med[k], "min": min(v), "max": max(v)} for k, v in t.items()},
             "ratios": {
-                "commit_vs_put": med["commit"] / med["put"],
-                "verify_throughput_vs_read_sha256": med["read_sha256"] / med["verify"],
+                "commit_vs_put": paired("commit", "put"),
+                "verify_throughput_vs_read_sha256": paired("read_sha256", "verify"),
             },
         }
 
@@ -189,6 +195,7 @@ def main() -> int:
         "--clouds", default="s3,az,gs", help="the local cloud endpoints to measure (or none)"
     )
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--cloud-reps", type=int, default=11, help="repetitions on each cloud")
     ap.add_argument("--dir", default=None, help="scratch folder on the disk to measure")
     args = ap.parse_args()
     base = tempfile.mkdtemp(prefix="forge-bench-", dir=args.dir)
@@ -268,7 +275,7 @@ def main() -> int:
         shutil.rmtree(root)
         shutil.rmtree(src)
         for kind in filter(None, args.clouds.split(",")):
-            res = cloud_bench(kind, args.s3_size_mb, args.reps, base)
+            res = cloud_bench(kind, args.s3_size_mb, args.cloud_reps, base)
             results[kind] = res
             r = res["ratios"]
             print(

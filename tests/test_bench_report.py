@@ -241,17 +241,21 @@ def test_report_has_the_two_tier_rows(tmp_path):
 
 
 def test_report_has_commit_and_verify_rows_and_the_faulty_network_of_each_cloud(tmp_path):
-    def cloud(commit, put, verify, read, client, faults=None):
+    def cloud(commit, put, verify, read, client, faults=None, ratios=None):
         secs = {"commit": med(commit), "put": med(put), "verify": med(verify)}
         secs["read_sha256"] = med(read)
-        return {"bytes": 100e6, "client": client, "seconds": secs, "faulty_network": faults}
+        out = {"bytes": 100e6, "client": client, "seconds": secs, "faulty_network": faults}
+        return {**out, "ratios": ratios} if ratios else out
 
     faults = {"trials": 20, "requests": 90, "faults": {"reset": 5, "stall": 2}}
     faults.update(committed=18, failed=2, corrupt=0)
+    paired = {"commit_vs_put": 0.9, "verify_throughput_vs_read_sha256": 1.6}
     store = {
         **STORE,
         "az": cloud(4.0, 5.0, 1.0, 2.5, "adlfs"),
         "gs": cloud(1.0, 2.0, 3.0, 2.0, "gcsfs", faults),
+        # Each repetition's own ratio, as bench_store writes them: these are the figures.
+        "s3": cloud(3.0, 2.0, 1.0, 2.0, "s3fs", ratios=paired),
     }
     src, out = tmp_path / "in", tmp_path / "out"
     src.mkdir()
@@ -272,6 +276,9 @@ def test_report_has_commit_and_verify_rows_and_the_faulty_network_of_each_cloud(
     assert rows[(az, "verify")]["ratio"] == pytest.approx(0.4)  # verify / read + sha256
     assert rows[(gs, "commit")]["ratio"] == pytest.approx(0.5)
     assert rows[(gs, "verify")]["ratio"] == pytest.approx(1.5)
+    s3 = "2. storage, S3 on 127.0.0.1"
+    assert rows[(s3, "commit")]["ratio"] == pytest.approx(0.9)  # not 3.0 / 2.0
+    assert rows[(s3, "verify")]["ratio"] == pytest.approx(1 / 1.6)  # time, not throughput
     md = (out / "results.md").read_text()
     assert "A faulty network, GCS (fake-gcs-server)" in md and "**0 corrupt commits**" in md
     assert "A faulty network, Azure" not in md  # not measured there
