@@ -311,16 +311,15 @@ def rows(
         t = {k: v["median"] for k, v in res["seconds"].items()}
         # A cloud's ratios are medians of each repetition's own (bench_store: pairs run
         # back to back); where the run has none, the ratio of the medians.
-        paired = res.get("ratios", {}) if "client" in res else {}
+        paired = res.get("ratios", {})
         speed = paired.get("verify_throughput_vs_read_sha256")
-        given = [paired.get("commit_vs_put"), 1 / speed if speed else None]
-        for (label, (ours, base, name)), ratio in zip(
+        for label, (ours, base, name), ratio in (
             (
-                (f"commit {res['bytes'] / 1e6:.0f} MB through the store", commit),
-                ("verify (time)", verify),
+                f"commit {res['bytes'] / 1e6:.0f} MB through the store",
+                commit,
+                paired.get("commit_vs_put"),
             ),
-            given,
-            strict=True,
+            ("verify (time)", verify, 1 / speed if speed else None),
         ):
             ratio = ratio if ratio is not None else t[ours] / t[base]
             out.append(Row(group, label, name, _s(t[ours]), _s(t[base]), ratio))

@@ -87,7 +87,10 @@ class BlobRangeReader(AheadReader):
             generated = getattr(getattr(bc, "_client", None), "blob", None)
             if generated is None:  # pragma: no cover - an SDK without it: adlfs' way
                 return await super()._fetch(start, end)
-            for attempt in range(1, BODY_TRIES + 1):
+            error: Exception | None = None
+            for attempt in range(BODY_TRIES):
+                if attempt:
+                    await asyncio.sleep(1)
                 body = await generated.download(  # the request: the SDK's policy retries it
                     range=f"bytes={start}-{end - 1}",
                     decompress=False,  # the bytes as stored: they are hashed
@@ -96,16 +99,14 @@ class BlobRangeReader(AheadReader):
                 try:
                     chunks = [chunk async for chunk in body]
                 except (IncompleteReadError, ServiceResponseError, DecodeError) as e:
-                    error: Exception = e  # the body broke off: no policy retries that
-                else:
-                    got = sum(map(len, chunks))
-                    if got == end - start:
-                        return chunks
-                    error = OSError(f"{self.path}: {got} bytes of {end - start} arrived")
-                if attempt == BODY_TRIES:
-                    raise error
-                await asyncio.sleep(1)
-        raise AssertionError("unreachable")  # pragma: no cover
+                    error = e  # the body broke off: no policy retries that
+                    continue
+                got = sum(map(len, chunks))
+                if got == end - start:
+                    return chunks
+                error = OSError(f"{self.path}: {got} bytes of {end - start} arrived")
+            assert error is not None
+            raise error
 
 
 class AzureBackend(ObjectBackend):
