@@ -7,7 +7,9 @@ fsspec's generic ones:
   media GET);
 - the writer lease by a multipart upload with ``ifGenerationMatch`` (its generation, or
   ``0`` for the first), which GCS honours on every upload type and fake-gcs-server on
-  multipart uploads: a writer that lost the lease cannot write it.
+  multipart uploads: a writer that lost the lease cannot write it;
+- reads in ranged media GETs whose bodies are kept as the chunks the connection
+  delivered (:class:`MediaRangeReader`).
 
 Credentials come from gcsfs' usual sources (``GOOGLE_APPLICATION_CREDENTIALS``, gcloud's,
 the metadata server, or the ``token`` storage option); ``STORAGE_EMULATOR_HOST`` names an
@@ -22,13 +24,48 @@ from typing import Any
 from forge_dist.errors import ManifestError, StorageError
 from forge_dist.storage._errors import storage_errors
 from forge_dist.storage.backends.base import LEASE_NAME
-from forge_dist.storage.backends.objects import ObjectBackend
+from forge_dist.storage.backends.objects import AheadReader, ObjectBackend
 
 _BOUNDARY = "forge-dist-lease"
 
 
+class MediaRangeReader(AheadReader):
+    """An object read in ranged media GETs, each body kept as the chunks the connection
+    delivered. gcsfs' ``_cat_file`` has aiohttp join them into one ``bytes``, a copy of
+    every byte on the one event-loop thread a verify waits for. The requests are signed
+    and retried as gcsfs' own are (its ``retry_request``: 5xx, 429, a connection or body
+    that breaks off)."""
+
+    async def _fetch(self, start: int, end: int) -> list[bytes]:
+        try:
+            from gcsfs.retry import retry_request
+        except ImportError:  # pragma: no cover - a gcsfs without it: its own read
+            return await super()._fetch(start, end)
+        fetch = retry_request(retries=getattr(self.fs, "retries", 6))(_media_chunks)
+        return await fetch(self.fs, self.path, start, end)
+
+
+async def _media_chunks(fs: Any, path: str, start: int, end: int) -> list[bytes]:
+    """Bytes ``[start, end)`` of an object as the chunks that arrived; an error status is
+    gcsfs' error for it, a body cut short aiohttp's (both retried)."""
+    import aiohttp
+    from gcsfs.retry import validate_response
+
+    await fs._set_session()
+    headers = fs._get_headers({"Range": f"bytes={start}-{end - 1}"})
+    async with fs.session.get(fs.url(path), headers=headers, timeout=fs.requests_timeout) as r:
+        if r.status >= 300:
+            validate_response(r.status, await r.read(), path)
+        chunks = [chunk async for chunk in r.content.iter_any()]
+    got = sum(map(len, chunks))
+    if got != end - start:
+        raise aiohttp.ClientPayloadError(f"{path}: {got} bytes of {end - start} arrived")
+    return chunks
+
+
 class GCSBackend(ObjectBackend):
     conditional_writes = True
+    reader = MediaRangeReader
 
     @classmethod
     def accepts(cls, fs: Any) -> bool:
