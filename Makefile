@@ -42,7 +42,7 @@ bench: setup
 	$(PY) benchmarks/bench_resume_ranks.py
 	$(PY) benchmarks/bench_tiers.py
 	for m in $(BENCH_SIZES); do \
-	    $(PY) benchmarks/bench_save.py --params-m $$m --rounds 3 --steps 3 --no-orbax || exit 1; \
+	    $(PY) benchmarks/bench_save.py --params-m $$m --rounds 5 --steps 3 --no-orbax || exit 1; \
 	    no_s3=; [ $$m -lt 400 ] || no_s3=--no-s3; \
 	    $(PY) benchmarks/bench_resume.py --params-m $$m --rounds 3 $$no_s3 || exit 1; \
 	done

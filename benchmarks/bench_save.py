@@ -1,6 +1,6 @@
 """What a checkpoint of a 50 M parameter model costs training, measured the interleaved way.
 
-    python benchmarks/bench_save.py [--rounds 9] [--steps 10] [--block-epochs 2] [--params-m 50]
+    python benchmarks/bench_save.py [--rounds 9] [--steps 3] [--block-epochs 2] [--params-m 50]
                                     [--no-orbax]
 
 One ``fit`` of the model of FACTS-sized scale (Adam: a 605 MB ``.keras``), random data,
@@ -268,7 +268,12 @@ def run(
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=9, help="the first one warms up")
-    ap.add_argument("--steps", type=int, default=10, help="steps an epoch")
+    ap.add_argument(
+        "--steps",
+        type=int,
+        default=3,
+        help="steps an epoch (a block's noise grows with its length: 3 keep it near 5 s at 50 M)",
+    )
     ap.add_argument("--block-epochs", type=int, default=2)
     ap.add_argument(
         "--params-m", type=float, default=50, help="model size, M parameters (50, 200, 400)"
