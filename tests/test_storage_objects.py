@@ -318,7 +318,7 @@ def test_a_range_whose_body_breaks_off_is_fetched_again(kind, request, monkeypat
     cloud = request.getfixturevalue(kind)
     reader_class, tries = {
         "az": (azure.BlobRangeReader, azure.BODY_TRIES),
-        "gs": (gcs.MediaRangeReader, 2),
+        "gs": (gcs.MediaRangeReader, 3),
     }[kind]
     root = f"{kind}://{cloud.bucket}/cut-{os.urandom(4).hex()}"
     data = os.urandom(350_001)
@@ -333,8 +333,8 @@ def test_a_range_whose_body_breaks_off_is_fetched_again(kind, request, monkeypat
         try:
             store = CheckpointStore(root, cloud.options_for(proxy.url, attempts=0))
             backend = store._backend
-            if kind == "gs":
-                backend.fs.retries = tries  # gcsfs' tries, 1 s apart at first
+            if kind == "gs":  # gcsfs' tries (its class's 6 would wait 31 s)
+                monkeypatch.setattr(backend.fs, "retries", tries, raising=False)
             assert backend.reader is reader_class
             # (made here, not by open_read: the object's size is known, so the ranges are
             # the only requests, and the first one the proxy sees is the first range)
@@ -348,9 +348,57 @@ def test_a_range_whose_body_breaks_off_is_fetched_again(kind, request, monkeypat
                     with pytest.raises(ForgeDistError, match="cannot read .*big.bin") as err:
                         b"".join(reader.chunks(1 << 20))
                     assert len(str(err.value).splitlines()) == 1
-                    assert proxy.counts["truncate"] >= tries
+                    # (more than the ranges in flight: one range was tried again)
+                    assert proxy.counts["truncate"] >= tries > objects.RANGES_AHEAD
         finally:
             proxy.close()
+
+
+def test_gcs_range_reads_ask_as_gcsfs_asks(gs, monkeypatch):
+    """GCS' reader sends its ranged GETs itself: with gcsfs' query parameters (a
+    requester-pays bucket's ``userProject``, without which GCS refuses every read), and
+    an answer that is not the range asked for is one clear error, not retried."""
+    from urllib.parse import urlparse
+
+    from forge_dist.errors import ForgeDistError
+    from forge_dist.storage.backends import gcs, objects
+
+    monkeypatch.setattr(objects, "RANGE_BYTES", 100_000)
+    root = f"gs://{gs.bucket}/ask-{os.urandom(4).hex()}"
+    data = os.urandom(250_001)
+    with CheckpointStore(root, gs.options).writer(1) as w:
+        w.add_bytes("big.bin", data)
+    target = urlparse(gs.url)
+    proxy = FaultProxy((target.hostname, target.port), 0.0)
+    try:
+        options = {**gs.options_for(proxy.url), "requester_pays": "payer-project"}
+        backend = CheckpointStore(root, options)._backend
+        path = backend._p("step-00000001", "big.bin")
+        with gcs.MediaRangeReader(backend.fs, path, len(data)) as reader:
+            assert b"".join(reader.chunks(1 << 20)) == data
+        ranges = [h for h in proxy.heads if "range: bytes=" in h.lower()]
+        assert len(ranges) == 3
+        assert all("userProject=payer-project" in h.split("\r\n")[0] for h in ranges), ranges
+        # A server that ignores the range answers the whole object (here: no Range
+        # header goes out): right where the range was the whole object, else refused at
+        # once, with no second request.
+        monkeypatch.setattr(objects, "RANGE_BYTES", 1 << 30)
+        headers = backend.fs._get_headers
+        monkeypatch.setattr(
+            backend.fs,
+            "_get_headers",
+            lambda h, **kw: {k: v for k, v in headers(h, **kw).items() if k != "Range"},
+        )
+        with gcs.MediaRangeReader(backend.fs, path, len(data)) as reader:
+            assert b"".join(reader.chunks(1 << 20)) == data
+        before = proxy.counts["requests"]
+        reader = gcs.MediaRangeReader(backend.fs, path, len(data) - 1)
+        with reader, pytest.raises(ForgeDistError, match="bytes 0-249999 asked, 200 with") as e:
+            b"".join(reader.chunks(1 << 20))
+        assert len(str(e.value).splitlines()) == 1
+        assert proxy.counts["requests"] == before + 1
+    finally:
+        proxy.close()
 
 
 @pytest.mark.parametrize("kind", ["az", "gs"])

@@ -46,16 +46,27 @@ class MediaRangeReader(AheadReader):
 
 
 async def _media_chunks(fs: Any, path: str, start: int, end: int) -> list[bytes]:
-    """Bytes ``[start, end)`` of an object as the chunks that arrived; an error status is
-    gcsfs' error for it, a body cut short aiohttp's (both retried)."""
+    """Bytes ``[start, end)`` of an object as the chunks that arrived, asked as gcsfs asks
+    (its URL, headers and query parameters: ``userProject`` for a requester-pays
+    bucket). An error status is gcsfs' error for it and a body cut short aiohttp's (both
+    retried); an answer that is not the range asked for is an error, not retried."""
     import aiohttp
     from gcsfs.retry import validate_response
 
     await fs._set_session()
-    headers = fs._get_headers({"Range": f"bytes={start}-{end - 1}"})
-    async with fs.session.get(fs.url(path), headers=headers, timeout=fs.requests_timeout) as r:
+    async with fs.session.get(
+        fs.url(path),
+        params=fs._get_params({}),
+        headers=fs._get_headers({"Range": f"bytes={start}-{end - 1}"}),
+        timeout=fs.requests_timeout,
+    ) as r:
         if r.status >= 300:
             validate_response(r.status, await r.read(), path)
+        if r.status != 206 and r.content_length != end - start:  # the range ignored
+            raise OSError(
+                f"{path}: bytes {start}-{end - 1} asked, {r.status} with "
+                f"{r.content_length} bytes answered"
+            )
         chunks = [chunk async for chunk in r.content.iter_any()]
     got = sum(map(len, chunks))
     if got != end - start:
