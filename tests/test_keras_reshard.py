@@ -236,9 +236,10 @@ def _run(ranks, root, out, *extra):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "before, after, data",
-    [(2, 1, "arrays"), (1, 2, "arrays"), (2, 4, "arrays"), (2, 2, "shuffled"),
-     (2, 1, "shuffled"), (1, 2, "shuffled"), (2, 2, "tf.data"), (2, 1, "tf.data"),
-     (1, 2, "tf.data")],
+    # Every change of rank count and every kind of data, each at least once; fewer ranks
+    # and more ranks for the two that reorder the samples.
+    [(2, 1, "arrays"), (2, 4, "arrays"), (2, 2, "shuffled"), (1, 2, "shuffled"),
+     (2, 1, "tf.data"), (1, 2, "tf.data")],
 )  # fmt: skip
 def test_a_mid_epoch_resume_on_another_rank_count_trains_every_sample_once(
     tmp_path, before, after, data
