@@ -354,6 +354,38 @@ def test_a_range_whose_body_breaks_off_is_fetched_again(kind, request, monkeypat
             proxy.close()
 
 
+def test_gcs_uploads_each_held_file_in_one_request_as_gcsfs_asks(gs):
+    """A file below the held size goes out in one multipart upload, also from 50 MiB on
+    (where gcsfs' ``pipe_file`` turns to a resumable upload of several requests), with
+    gcsfs' query parameters (``userProject``); bytes that look like a multipart boundary
+    (gcsfs' own, ours) stay in the file."""
+    from urllib.parse import urlparse
+
+    root = f"gs://{gs.bucket}/up-{os.urandom(4).hex()}"
+    files = {
+        "large.bin": os.urandom(50 << 20),
+        "tricky.bin": b"a\n--==0==\r\n--==0==\r\n--forge-dist-\r\n--forge-dist---\r\n" * 999,
+    }
+    target = urlparse(gs.url)
+    proxy = FaultProxy((target.hostname, target.port), 0.0)
+    try:
+        options = {**gs.options_for(proxy.url), "requester_pays": "payer-project"}
+        with CheckpointStore(root, options).writer(1) as w:
+            for name, data in files.items():
+                w.add_bytes(name, data)
+        uploads = [h.split("\r\n")[0] for h in proxy.heads if "/upload/" in h]
+    finally:
+        proxy.close()
+    assert len(uploads) == len(files) + 1, uploads  # each file, then the manifest
+    assert all(u.startswith("POST ") and "uploadType=multipart" in u for u in uploads), uploads
+    assert all("userProject=payer-project" in u for u in uploads), uploads
+    store = CheckpointStore(root, gs.options)
+    assert store.verify(1).ok
+    for name, data in files.items():
+        with store.open_file(1, name) as f:
+            assert f.read() == data, name
+
+
 def test_gcs_range_reads_ask_as_gcsfs_asks(gs, monkeypatch):
     """GCS' reader sends its ranged GETs itself: with gcsfs' query parameters (a
     requester-pays bucket's ``userProject``, without which GCS refuses every read), and

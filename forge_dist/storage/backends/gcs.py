@@ -9,7 +9,9 @@ fsspec's generic ones:
   ``0`` for the first), which GCS honours on every upload type and fake-gcs-server on
   multipart uploads: a writer that lost the lease cannot write it;
 - reads in ranged media GETs whose bodies are kept as the chunks the connection
-  delivered (:class:`MediaRangeReader`).
+  delivered (:class:`MediaRangeReader`);
+- a file below :data:`~.objects.WHOLE_BYTES` in one multipart upload whose body is
+  joined once, on the writer's thread (:class:`MultipartSink`).
 
 Credentials come from gcsfs' usual sources (``GOOGLE_APPLICATION_CREDENTIALS``, gcloud's,
 the metadata server, or the ``token`` storage option); ``STORAGE_EMULATOR_HOST`` names an
@@ -23,10 +25,8 @@ from typing import Any
 
 from forge_dist.errors import ManifestError, StorageError
 from forge_dist.storage._errors import storage_errors
-from forge_dist.storage.backends.base import LEASE_NAME
-from forge_dist.storage.backends.objects import AheadReader, ObjectBackend
-
-_BOUNDARY = "forge-dist-lease"
+from forge_dist.storage.backends.base import LEASE_NAME, Sink
+from forge_dist.storage.backends.objects import AheadReader, ObjectBackend, _FsspecSink
 
 
 class MediaRangeReader(AheadReader):
@@ -74,6 +74,53 @@ async def _media_chunks(fs: Any, path: str, start: int, end: int) -> list[bytes]
     return chunks
 
 
+def _multipart(key: str, parts: list[bytes], boundary: str) -> bytes:
+    """The body of a multipart upload of ``parts`` as object ``key``, in one join."""
+    head = (
+        f"--{boundary}\r\nContent-Type: application/json; charset=UTF-8\r\n\r\n"
+        f"{json.dumps({'name': key})}\r\n"
+        f"--{boundary}\r\nContent-Type: application/octet-stream\r\n\r\n"
+    )
+    return b"".join([head.encode(), *parts, f"\r\n--{boundary}--".encode()])
+
+
+def _upload(fs: Any, path: str, parts: list[bytes], **params: str) -> None:
+    """``parts`` as the object ``path`` in one multipart upload (gcsfs' ``_call``: its
+    credentials, retries and error translation; ``params`` such as ``ifGenerationMatch``).
+    The boundary is random, so no file's bytes can end its part early."""
+    import uuid
+
+    from fsspec.asyn import sync
+
+    bucket, key = path.split("/", 1)
+    boundary = f"forge-dist-{uuid.uuid4().hex}"
+    sync(
+        fs.loop,
+        fs._call,
+        "POST",
+        f"{fs._location}/upload/storage/v1/b/{bucket}/o",
+        uploadType="multipart",
+        headers={"Content-Type": f'multipart/related; boundary="{boundary}"'},
+        data=_multipart(key, parts, boundary),
+        **params,
+    )
+
+
+class MultipartSink(_FsspecSink):
+    """A held file (below :data:`~.objects.WHOLE_BYTES`) sent in one multipart upload.
+    gcsfs' ``pipe_file`` builds that body with two concatenations on its event loop (a
+    copy of every byte each, while every other file's upload waits) and sends a file
+    from 50 MiB on in a resumable upload of several requests; here the body is joined
+    once on the thread that closes the sink. A larger file streams as before."""
+
+    def close(self, sha256: str | None = None) -> None:
+        if self._closed or self.f is not None:
+            return super().close(sha256)
+        self._closed = True
+        held, self._held = self._held, []
+        _upload(self.fs, self.path, held)
+
+
 class GCSBackend(ObjectBackend):
     conditional_writes = True
     reader = MediaRangeReader
@@ -103,34 +150,17 @@ class GCSBackend(ObjectBackend):
             raise StorageError(f"{self.display}: {key} came without its generation")
         return bytes(body), generation
 
+    def open_write(self, staging: str, rel: str) -> Sink:
+        with storage_errors(f"cannot write {staging}/{rel} in {self.display}"):
+            return MultipartSink(self.fs, self._p(staging, rel))
+
     def write_lease(self, data: bytes, token: Any) -> bool:
         """A conditional upload: False when another writer changed (or created) the lease
         since ``token`` (its generation) was read."""
-        from fsspec.asyn import sync
-
         path = f"{self.root}/{LEASE_NAME}"
-        bucket, key = self._split(path)
-        head = json.dumps({"name": key})
-        body = (
-            (
-                f"--{_BOUNDARY}\r\nContent-Type: application/json; charset=UTF-8\r\n\r\n{head}\r\n"
-                f"--{_BOUNDARY}\r\nContent-Type: application/octet-stream\r\n\r\n"
-            ).encode()
-            + data
-            + f"\r\n--{_BOUNDARY}--".encode()
-        )
         with storage_errors(f"cannot write the writer lease of {self.display}"):
             try:
-                sync(
-                    self.fs.loop,
-                    self.fs._call,
-                    "POST",
-                    f"{self.fs._location}/upload/storage/v1/b/{bucket}/o",
-                    uploadType="multipart",
-                    ifGenerationMatch=str(token or 0),
-                    headers={"Content-Type": f'multipart/related; boundary="{_BOUNDARY}"'},
-                    data=body,
-                )
+                _upload(self.fs, path, [data], ifGenerationMatch=str(token or 0))
             except FileExistsError:  # gcsfs' translation of 412 Precondition Failed
                 return False
             finally:
