@@ -198,6 +198,41 @@ def test_commit_and_verify_make_no_request_a_plain_upload_and_read_would_not(s3)
         proxy.close()
 
 
+@pytest.mark.parametrize("kind", ["az", "gs"])
+def test_a_commit_of_a_new_step_lists_only_the_root_before_its_uploads(kind, request):
+    """Counted on the wire (a proxy in front of the emulator): before the first byte of
+    a new step goes out, only the root's listing (the bucket is there, the step has no
+    object), no read of the step's manifest or listing of its prefix; then an upload per
+    file and the manifest. A step the listing shows is looked into: what a dead writer
+    left under its prefix is removed before the step is written."""
+    from urllib.parse import urlparse
+
+    cloud = request.getfixturevalue(kind)
+    target = urlparse(cloud.url)
+    proxy = FaultProxy((target.hostname, target.port), rate=0.0)
+    root = f"{cloud.bucket}/count-{os.urandom(4).hex()}"
+    try:
+        store = CheckpointStore(f"{kind}://{root}", cloud.options_for(proxy.url))
+        for step in (1, 2):
+            proxy.heads.clear()
+            with store.writer(step) as w:
+                w.add_bytes("a.bin", os.urandom(1 << 20))
+                w.add_bytes("b.json", b"{}")
+        asked = [h.split("\r\n")[0] for h in proxy.heads]
+    finally:
+        proxy.close()
+    first = next(i for i, a in enumerate(asked) if a.startswith(("PUT", "POST")))
+    assert first >= 1 and all(a.startswith("GET") for a in asked[:first]), asked
+    assert all(f"prefix={root.split('/', 1)[1]}" in a for a in asked[:first]), asked
+    assert not any("step-00000002" in a for a in asked[:first]), asked
+    assert len(asked) - first == 3, asked  # a.bin, b.json, manifest.json
+    store = CheckpointStore(f"{kind}://{root}", cloud.options)
+    store._backend.fs.pipe_file(f"{root}/step-00000003/left.bin", b"a dead writer's file")
+    with store.writer(3) as w:
+        w.add_bytes("a.bin", b"3")
+    assert store.verify(3, strict=True).ok, "the dead writer's file was left in the step"
+
+
 def test_a_commit_into_a_missing_bucket_says_so(s3, tmp_path):
     from forge_dist.errors import StorageError
 

@@ -329,8 +329,11 @@ class ObjectBackend(Backend):
 
     def _step_state(self, name: str) -> tuple[bool, bool]:
         """Whether step ``name`` is committed, and whether it has objects (failing
-        clearly on a missing bucket or an unreachable endpoint)."""
-        self.list_root()
+        clearly on a missing bucket or an unreachable endpoint). A step the root's
+        listing does not show has no object at all (listings are consistent with writes
+        on S3, GCS and Azure): one request for a new step, instead of three."""
+        if name not in {n for n, _ in self.list_root()}:
+            return False, False
         committed = self.read_manifest(name) is not None
         return committed, not committed and bool(self.walk(name))
 
