@@ -236,8 +236,8 @@ def _run(ranks, root, out, *extra):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "before, after, data",
-    # Every change of rank count and every kind of data, each at least once; fewer ranks
-    # and more ranks for the two that reorder the samples.
+    # Every change of rank count and every kind of data, each at least once: shuffled
+    # arrays at the same and at more ranks, tf.data at fewer and at more.
     [(2, 1, "arrays"), (2, 4, "arrays"), (2, 2, "shuffled"), (1, 2, "shuffled"),
      (2, 1, "tf.data"), (1, 2, "tf.data")],
 )  # fmt: skip

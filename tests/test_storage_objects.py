@@ -396,6 +396,8 @@ def test_gcs_uploads_each_held_file_in_one_request_as_gcsfs_asks(gs):
     (gcsfs' own, ours) stay in the file."""
     from urllib.parse import urlparse
 
+    from forge_dist.storage.backends import gcs
+
     root = f"gs://{gs.bucket}/up-{os.urandom(4).hex()}"
     files = {
         "large.bin": os.urandom(50 << 20),
@@ -408,9 +410,15 @@ def test_gcs_uploads_each_held_file_in_one_request_as_gcsfs_asks(gs):
         with CheckpointStore(root, options).writer(1) as w:
             for name, data in files.items():
                 w.add_bytes(name, data)
-        uploads = [h.split("\r\n")[0] for h in proxy.heads if "/upload/" in h]
+        heads = [h for h in proxy.heads if "/upload/" in h]
+        uploads = [h.split("\r\n")[0] for h in heads]
+        boundaries = {h.split("boundary=", 1)[1].split("\r\n")[0] for h in heads}
+        # Asked to check its uploads (md5, crc32c), gcsfs writes them itself.
+        checked = CheckpointStore(root, {**options, "consistency": "md5"})._backend
+        assert isinstance(checked.open_write("step-00000002", "x"), gcs.MultipartSink) is False
     finally:
         proxy.close()
+    assert len(boundaries) == len(heads), "each upload has its own boundary"
     assert len(uploads) == len(files) + 1, uploads  # each file, then the manifest
     assert all(u.startswith("POST ") and "uploadType=multipart" in u for u in uploads), uploads
     assert all("userProject=payer-project" in u for u in uploads), uploads

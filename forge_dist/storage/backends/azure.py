@@ -119,6 +119,7 @@ class BlobRangeReader(AheadReader):
 
 class AzureBackend(ObjectBackend):
     conditional_writes = True
+    consistent_listing = True
     reader = BlobRangeReader
 
     def __init__(self, fs: Any, root: str, display: str) -> None:

@@ -20,6 +20,7 @@ emulator.
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
@@ -118,11 +119,15 @@ class MultipartSink(_FsspecSink):
             return super().close(sha256)
         self._closed = True
         held, self._held = self._held, []
-        _upload(self.fs, self.path, held)
+        try:
+            _upload(self.fs, self.path, held)
+        finally:
+            self.fs.invalidate_cache(self.path)  # as gcsfs' own writes do
 
 
 class GCSBackend(ObjectBackend):
     conditional_writes = True
+    consistent_listing = True
     reader = MediaRangeReader
 
     @classmethod
@@ -152,7 +157,21 @@ class GCSBackend(ObjectBackend):
 
     def open_write(self, staging: str, rel: str) -> Sink:
         with storage_errors(f"cannot write {staging}/{rel} in {self.display}"):
+            if self._gcsfs_writes:
+                return super().open_write(staging, rel)
             return MultipartSink(self.fs, self._p(staging, rel))
+
+    @functools.cached_property
+    def _gcsfs_writes(self) -> bool:
+        """Whether payload must go through gcsfs' own writes: a ``consistency`` check
+        asked of it (md5, crc32c), or a zonal bucket, which gcsfs writes through gRPC."""
+        from fsspec.asyn import sync
+
+        if getattr(self.fs, "consistency", None) not in (None, "none"):
+            return True
+        zonal = getattr(self.fs, "_is_zonal_bucket", None)
+        bucket = self.root.split("/", 1)[0]
+        return zonal is not None and bool(sync(self.fs.loop, zonal, bucket))
 
     def write_lease(self, data: bytes, token: Any) -> bool:
         """A conditional upload: False when another writer changed (or created) the lease

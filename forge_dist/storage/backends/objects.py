@@ -31,8 +31,8 @@ from forge_dist.storage.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, step_
 log = logging.getLogger("forge_dist.storage")
 
 
-#: Below this a file goes out in one ``pipe_file`` (the client's own whole-object upload:
-#: adlfs' concurrent blocks, gcsfs' single request); above it, through the client's file.
+#: Below this a file is held, then sent in one whole-object upload (``pipe_file``: adlfs'
+#: concurrent blocks; GCS: :class:`~.gcs.MultipartSink`); above it, through the client's file.
 WHOLE_BYTES = 64 * 1024 * 1024
 
 
@@ -197,6 +197,9 @@ class ObjectBackend(Backend):
     rename_commit = False
     parallel_files = 8
     conditional_writes = False  # write_lease is a plain write (S3Backend's is not)
+    #: Whether a listing shows every object written before it (GCS, Azure and S3 since
+    #: 2020; not every fsspec store, nor every cache in front of one).
+    consistent_listing = False
     #: How an object is read front to back through an asynchronous client (a cloud's
     #: backend fetches its ranges its own way where that costs less).
     reader: type[AheadReader] = AheadReader
@@ -329,10 +332,11 @@ class ObjectBackend(Backend):
 
     def _step_state(self, name: str) -> tuple[bool, bool]:
         """Whether step ``name`` is committed, and whether it has objects (failing
-        clearly on a missing bucket or an unreachable endpoint). A step the root's
-        listing does not show has no object at all (listings are consistent with writes
-        on S3, GCS and Azure): one request for a new step, instead of three."""
-        if name not in {n for n, _ in self.list_root()}:
+        clearly on a missing bucket or an unreachable endpoint). Where listings are
+        consistent with writes, a step the root's listing does not show has no object
+        at all: one request for a new step, instead of three."""
+        shown = {n for n, _ in self.list_root()}
+        if self.consistent_listing and name not in shown:
             return False, False
         committed = self.read_manifest(name) is not None
         return committed, not committed and bool(self.walk(name))
