@@ -297,3 +297,51 @@ def test_a_rank_dependent_setting_fails_on_every_rank_before_the_first_step():
     assert all(isinstance(e, ConfigurationError) for e in results), results
     assert all("rank 1's early-stopping / learning-rate callbacks" in str(e) for e in results)
     assert [s.batches for s in steps] == [0, 0]
+
+
+CUSTOM_LOOP = """
+import sys
+import numpy as np
+from forge_dist import keras as fk
+from forge_dist.comm import LocalCommunicator
+from forge_dist.keras import _compat
+from forge_dist.storage import CheckpointStore
+
+keras = _compat.keras
+model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+model.compile(optimizer="sgd", loss="mse")
+local = LocalCommunicator()
+es = fk.SyncEarlyStopping(monitor="val_loss", patience=1, communicator=local)
+ckpt = fk.ChiefModelCheckpoint(sys.argv[1], communicator=local)
+# Keras' own CallbackList, as a custom training loop makes it: no fit, no params.
+hooks = keras.callbacks.CallbackList([fk.SyncMetrics(communicator=local), es, ckpt], model=model)
+hooks.on_train_begin()
+for epoch, val in enumerate([1.0, 0.5, 0.7, 0.8, 0.9]):
+    hooks.on_epoch_begin(epoch)
+    model.train_on_batch(np.ones((4, 2)), np.ones((4, 1)))  # the loop's own step
+    hooks.on_epoch_end(epoch, {"loss": val, "val_loss": val})
+    if model.stop_training:
+        break
+hooks.on_train_end()
+print("RESULT", _compat.FLAVOR, epoch, es.stopped_epoch, CheckpointStore(sys.argv[1]).steps())
+"""
+
+
+@pytest.mark.parametrize("flavor", ["keras3", "tf_keras"])
+def test_a_custom_loop_calling_the_hooks_through_kerass_callback_list(tmp_path, flavor):
+    """tf_keras' callbacks have no ``params`` until ``set_params``, which a custom loop's
+    ``CallbackList`` without params never calls: the hooks still run, decide and save."""
+    import subprocess
+    import sys
+
+    legacy = "1" if flavor == "tf_keras" else "0"
+    out = subprocess.run(
+        [sys.executable, "-c", CUSTOM_LOOP, str(tmp_path / "root")],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "TF_USE_LEGACY_KERAS": legacy},
+    )
+    # best at epoch 1 (0.5), worse at epoch 2: patience 1 stops there; the checkpoint
+    # saved every epoch that ended (steps 1-3, one train step each), none after the stop.
+    assert f"RESULT {flavor} 2 2 [1, 2, 3]" in out.stdout, out.stderr[-3000:]

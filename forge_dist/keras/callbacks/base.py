@@ -109,6 +109,9 @@ class ForgeCallback(Callback):
 
     def __init__(self, communicator: Communicator | None = None, verbose: int = 0) -> None:
         super().__init__()
+        # Keras 3 starts every callback with params=None; tf_keras sets them only in
+        # set_params, which a custom loop's CallbackList without params never calls.
+        self.params = getattr(self, "params", None)
         self.comm = resolve_comm(communicator)
         check_keras_supports(self.comm)
         self.verbose = verbose
