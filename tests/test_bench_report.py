@@ -165,12 +165,22 @@ def test_report_has_the_resume_rows_of_larger_models(tmp_path):
         }
 
     (src / "resume.json").write_text(json.dumps(resume(50e6, 0.5)))
-    (src / "resume-200m.json").write_text(json.dumps(resume(200e6, 0.7)))
+    big = resume(200e6, 0.7)
+    big["seconds"]["forge"]["median"] = 10.0  # 4.17 s/GB against 2.0 s / 0.6 GB at 50 M
+    (src / "resume-200m.json").write_text(json.dumps(big))
     assert report.main(["--in-dir", str(src), "--out-dir", str(out)]) == 0
     table = json.loads((out / "results.json").read_text())["table"]
     assert [(r["measure"], r["ratio"]) for r in table[2:]] == [
         ("the same, 200 M params (2.4 GB), local", 0.7),
+        (
+            "verified restore: time per GB, 200 M params (2.4 GB), local",
+            pytest.approx((10.0 / 2.4) / (2.0 / 0.6)),
+        ),
         ("the same, 200 M params (2.4 GB), S3", 0.7),
+        (
+            "verified restore: time per GB, 200 M params (2.4 GB), S3",
+            pytest.approx((4.0 / 2.4) / (4.0 / 0.6)),
+        ),
     ]
 
 
