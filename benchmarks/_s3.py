@@ -45,6 +45,11 @@ def s3_endpoint(bucket: str = "bench") -> Iterator[tuple[dict[str, Any], tuple[s
             "key": "bench",
             "secret": "bench",
             "client_kwargs": {"endpoint_url": url, "region_name": "us-east-1"},
+            # moto joins a multipart object's parts in Python before it answers
+            # CompleteMultipartUpload: at 2.4 GB that took past s3fs' 15 s read timeout
+            # here, and moto answered the client's retries 500 (a part's buffer closed
+            # under them). S3 itself keeps a long completion's connection alive.
+            "config_kwargs": {"read_timeout": 600},
         }
         yield options, ("127.0.0.1", port)
     finally:
