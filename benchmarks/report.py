@@ -234,7 +234,7 @@ def resume_rows(resume: dict) -> list[Row]:
         for row in (
             Row(
                 group,
-                f"the same, {size}, {where}",
+                f"build + verified `restore_latest`, {size}, {where}",
                 baseline,
                 _s(other["seconds"][ours]["median"]),
                 _s(other["seconds"][theirs]["median"]),

@@ -171,12 +171,12 @@ def test_report_has_the_resume_rows_of_larger_models(tmp_path):
     assert report.main(["--in-dir", str(src), "--out-dir", str(out)]) == 0
     table = json.loads((out / "results.json").read_text())["table"]
     assert [(r["measure"], r["ratio"]) for r in table[2:]] == [
-        ("the same, 200 M params (2.4 GB), local", 0.7),
+        ("build + verified `restore_latest`, 200 M params (2.4 GB), local", 0.7),
         (
             "verified restore: time per GB, 200 M params (2.4 GB), local",
             pytest.approx((10.0 / 2.4) / (2.0 / 0.6)),
         ),
-        ("the same, 200 M params (2.4 GB), S3", 0.7),
+        ("build + verified `restore_latest`, 200 M params (2.4 GB), S3", 0.7),
         (
             "verified restore: time per GB, 200 M params (2.4 GB), S3",
             pytest.approx((4.0 / 2.4) / (4.0 / 0.6)),
