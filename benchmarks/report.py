@@ -222,36 +222,39 @@ def resume_rows(resume: dict) -> list[Row]:
     def per_gb(res: dict, ours: str) -> float:
         return res["seconds"][ours]["median"] / res["file_mb"] * 1e3
 
-    sized = [
-        row
-        for other in resume.get("sizes") or []
+    sized: list[Row] = []
+    for other in resume.get("sizes") or []:
+        size = f"{other['params'] / 1e6:.0f} M params ({other['file_mb'] / 1e3:.1f} GB)"
         for where, baseline, ours, theirs, ratio in (
             ("local", "`load_model`", "forge", "keras", "forge_vs_keras_load"),
             ("S3", "`s3fs get` + `load_model`", "s3 forge", "s3 keras", S3_RATIO),
-        )
-        if ratio in other["ratios"]  # (a run with --no-s3 has no S3 figure)
-        for size in [f"{other['params'] / 1e6:.0f} M params ({other['file_mb'] / 1e3:.1f} GB)"]
-        for row in (
-            Row(
-                group,
-                f"build + verified `restore_latest`, {size}, {where}",
-                baseline,
-                _s(other["seconds"][ours]["median"]),
-                _s(other["seconds"][theirs]["median"]),
-                other["ratios"][ratio],
-                "≤ 1.0",
-            ),
-            Row(
-                group,
-                f"verified restore: time per GB, {size}, {where}",
-                f"the same at {resume['params'] / 1e6:.0f} M params",
-                _s(per_gb(other, ours)),
-                _s(per_gb(resume, ours)),
-                per_gb(other, ours) / per_gb(resume, ours),
-                "≈ 1 (flat as the model grows)",
-            ),
-        )
-    ]
+        ):
+            if ratio not in other["ratios"]:  # (a run with --no-s3 has no S3 figure)
+                continue
+            seconds = other["seconds"]
+            sized.append(
+                Row(
+                    group,
+                    f"build + verified `restore_latest`, {size}, {where}",
+                    baseline,
+                    _s(seconds[ours]["median"]),
+                    _s(seconds[theirs]["median"]),
+                    other["ratios"][ratio],
+                    "≤ 1.0",
+                )
+            )
+            mine, first = per_gb(other, ours), per_gb(resume, ours)
+            sized.append(
+                Row(
+                    group,
+                    f"verified restore: time per GB, {size}, {where}",
+                    f"the same at {resume['params'] / 1e6:.0f} M params",
+                    _s(mine),
+                    _s(first),
+                    mine / first,
+                    "≈ 1 (flat as the model grows)",
+                )
+            )
     return (
         [
             Row(

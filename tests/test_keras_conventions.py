@@ -343,5 +343,5 @@ def test_a_custom_loop_calling_the_hooks_through_kerass_callback_list(tmp_path, 
         env={**os.environ, "TF_USE_LEGACY_KERAS": legacy},
     )
     # best at epoch 1 (0.5), worse at epoch 2: patience 1 stops there; the checkpoint
-    # saved every epoch that ended (steps 1-3, one train step each), none after the stop.
+    # saved each of the three epochs that ran (steps 1-3, one train step each).
     assert f"RESULT {flavor} 2 2 [1, 2, 3]" in out.stdout, out.stderr[-3000:]
