@@ -15,8 +15,9 @@ checkpoint callback's save) in a local root and in an S3 root on moto's server o
 
 How the step's file is read was chosen by measuring, in the same run, a cold read of it
 (no hash) three ways: one buffered read at a time, four buffered positional reads in
-flight (what ``read_all_hashed`` does for a local file), and four ``O_DIRECT`` reads in
-flight into page-aligned memory; 8 MiB requests. Baseline: one read at a time.
+flight, and four ``O_DIRECT`` reads in flight into page-aligned memory (what
+``read_all_hashed`` does for a local file where the filesystem allows); 8 MiB requests.
+Baseline: one read at a time.
 
 Local figures start from a cold page cache: every file involved is written out
 (``os.sync``) and dropped from the cache (``posix_fadvise(DONTNEED)``) before each load.

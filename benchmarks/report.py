@@ -284,7 +284,7 @@ def resume_rows(resume: dict) -> list[Row]:
                 _s(t),
                 _s(reads["one at a time"]),
                 t / reads["one at a time"],
-                "restore reads buffered, 4 in flight" if how == "4 in flight" else "",
+                "what a restore reads with" if how == "O_DIRECT, 4 in flight" else "",
             )
             for reads in [resume.get("read_seconds") or {}]
             for how, t in reads.items()

@@ -1,7 +1,8 @@
-"""Payload files written around the page cache (O_DIRECT), and the ordinary writes they
-fall back to. The tests' directories are on ext4 here, which enforces O_DIRECT's
-alignment (a misaligned direct write fails with EINVAL), so a file that stays direct
-to the end and reads back right was written with aligned writes only."""
+"""Payload files written and read back around the page cache (O_DIRECT), and the
+ordinary writes and reads they fall back to. The tests' directories are on ext4 here,
+which enforces O_DIRECT's alignment (a misaligned direct write fails with EINVAL), so a
+file that stays direct to the end and reads back right was written with aligned writes
+only."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import os
 
 import pytest
 
-from forge_dist.errors import StorageError
+from forge_dist.errors import IntegrityError, StorageError
 from forge_dist.storage import CheckpointStore
 from forge_dist.storage.backends import direct
 from forge_dist.storage.backends.posix import _PosixSink
@@ -181,3 +182,83 @@ def test_other_errors_of_a_direct_write_are_storage_errors_and_keep_the_last_ste
     assert store.steps() == [1]
     assert store.verify(1, strict=True).ok
     assert store.list_staging() == []
+
+
+def cold(path) -> None:
+    """``path`` written out and dropped from the page cache."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    assert resident_pages(path)[0] == 0
+
+
+@pytest.mark.parametrize("on", ["1", "0"])
+def test_a_verified_read_of_a_cold_step_stays_out_of_the_page_cache(tmp_path, monkeypatch, on):
+    """The restore's one read of a step's file goes around the page cache (whose fresh
+    pages cost what a direct write saves); only the check for bytes past the manifest's
+    size, and an unaligned tail, go through it."""
+    store = CheckpointStore(str(tmp_path / "root"))
+    payload = os.urandom(3 * B + 123)
+    with store.writer(1) as w:
+        w.add_bytes("model.keras", payload)
+    path = tmp_path / "root" / "step-00000001" / "model.keras"
+    cold(path)
+    monkeypatch.setenv("FORGE_DIST_DIRECT_IO", on)
+    assert store.read_verified(1, "model.keras") == payload
+    cached, pages = resident_pages(path)
+    if on == "1":
+        assert cached <= 2, f"{cached} of {pages} pages went through the page cache"
+    else:
+        assert cached == pages  # the check sees what a buffered read leaves
+
+
+@pytest.mark.parametrize("where", ["open", "read"])
+def test_a_filesystem_refusing_direct_reads_gets_the_same_bytes_buffered(
+    tmp_path, monkeypatch, where
+):
+    """Refused at open (tmpfs before Linux 6.6, FUSE) or at a read: every byte still
+    comes back once, in order, and hashed."""
+    store = CheckpointStore(str(tmp_path / "root"))
+    payload = os.urandom(3 * B + 4097)
+    with store.writer(1) as w:
+        w.add_bytes("model.keras", payload)
+    real_open, real_preadv = os.open, os.preadv
+    refused: list[int] = []
+
+    def no_direct_open(path, flags, *a):
+        if flags & os.O_DIRECT:
+            refused.append(0)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *a)
+
+    def no_direct_read(fd, buffers, offset):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            refused.append(offset)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_preadv(fd, buffers, offset)
+
+    if where == "open":
+        monkeypatch.setattr(direct.os, "open", no_direct_open)
+    else:
+        monkeypatch.setattr(os, "preadv", no_direct_read)
+    assert store.read_verified(1, "model.keras") == payload
+    assert refused, "a direct open or read was tried"
+
+
+def test_a_direct_read_of_a_file_other_than_its_manifest_says_is_caught(tmp_path):
+    """Longer (the bytes past the manifest's size, in the padding of the last direct
+    read, are not taken as the file's) or shorter than its manifest: corrupt."""
+    store = CheckpointStore(str(tmp_path / "root"))
+    payload = os.urandom(2 * B + 10)
+    with store.writer(1) as w:
+        w.add_bytes("model.keras", payload)
+    path = tmp_path / "root" / "step-00000001" / "model.keras"
+    for damaged in (payload + b"x", payload[:-1], payload[: B + 5]):
+        os.chmod(path, 0o644)
+        path.write_bytes(damaged)
+        cold(path)
+        with pytest.raises(IntegrityError, match="corrupt"):
+            store.read_verified(1, "model.keras")

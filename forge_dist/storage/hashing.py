@@ -3,6 +3,7 @@ on the way (sha256)."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import mmap
 import os
@@ -11,6 +12,8 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
 from typing import IO, Any
+
+from forge_dist.storage.backends.direct import ALIGN, reopen_direct
 
 CHUNK = 4 * 1024 * 1024
 #: Writes larger than this are hashed on a helper thread while they are written.
@@ -96,17 +99,20 @@ def read_all_hashed(
 ) -> tuple[memoryview, int, str]:
     """``(buffer, bytes read, sha256 hex)``: ``src`` read once into one writable buffer
     of ``size`` bytes (what its manifest says), hashed in order while the rest is read.
-    A regular local file is read by ``readers`` positional reads in flight; anything
-    else in order, chunk k hashed on a helper thread while chunk k+1 is read (hashlib
-    lets go of the interpreter lock). A longer file reads as ``size + 1`` bytes (its hash
-    then is of the first ``size``), a shorter one as what there was."""
-    # Anonymous memory: its pages are zeroed by the kernel as they are first written,
-    # not all at once up front as a bytearray's are.
-    view = memoryview(mmap.mmap(-1, size) if size else bytearray())
+    A regular local file is read by ``readers`` positional reads in flight, around the
+    page cache where the filesystem allows (``O_DIRECT``); anything else in order,
+    chunk k hashed on a helper thread while chunk k+1 is read (hashlib lets go of the
+    interpreter lock). A longer file reads as ``size + 1`` bytes (its hash then is of
+    the first ``size``), a shorter one as what there was."""
     fd = _regular_file(src) if readers > 1 else None
     if fd is not None:
-        pos, digest = _pread_hashed(fd, view, readers)
-        return view, pos + (pos == size and bool(os.pread(fd, 1, size))), digest
+        # Anonymous memory (its pages are zeroed by the kernel as they are first
+        # written, not all at once up front as a bytearray's are), to the next multiple
+        # of ALIGN: a direct read's length must be one.
+        room = memoryview(mmap.mmap(-1, -(-size // ALIGN) * ALIGN) if size else bytearray())
+        pos, digest = _pread_hashed(fd, room, size, readers)
+        return room[:size], pos + (pos == size and bool(os.pread(fd, 1, size))), digest
+    view = memoryview(mmap.mmap(-1, size) if size else bytearray())
     h = hashlib.sha256()
     readinto = getattr(src, "readinto", None)
     pos = 0
@@ -142,40 +148,63 @@ def _regular_file(src: Any) -> int | None:
         return None
 
 
-def _fill(fd: int, view: memoryview, offset: int) -> int:
-    """Bytes read into ``view`` from ``offset`` of ``fd``: all of it unless the file
-    ends first."""
+def _fill(fd: int, direct: int | None, room: memoryview, offset: int, want: int) -> int:
+    """Bytes read into ``room`` (``want`` of them, rounded up to ALIGN) from ``offset``
+    of the file: all ``want`` unless the file ends first. Read through ``direct`` (the
+    file opened ``O_DIRECT``, or None) while the reads stay aligned and the filesystem
+    takes them; the rest, after a short read at the end or a refusal, through ``fd``."""
     got = 0
-    while got < len(view):
-        n = os.preadv(fd, [view[got:]], offset + got)
+    while got < want:
+        if direct is not None and got % ALIGN == 0:
+            try:
+                n = os.preadv(direct, [room[got:]], offset + got)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                direct = None  # refused here: the page cache's way
+                continue
+        else:
+            n = os.preadv(fd, [room[got:want]], offset + got)
         if not n:
             break
         got += n
-    return got
+    return min(got, want)
 
 
-def _pread_hashed(fd: int, view: memoryview, readers: int) -> tuple[int, str]:
-    """``(bytes read, sha256 hex)`` of ``fd`` read into ``view``: chunks read by
+def _pread_hashed(fd: int, room: memoryview, size: int, readers: int) -> tuple[int, str]:
+    """``(bytes read, sha256 hex)`` of the file ``fd`` has open, read into ``room``
+    (``size`` bytes, and room to an ALIGN boundary after them): chunks read by
     ``readers`` threads, a few ahead of the hash, which takes them in order here (the
-    file ending early stops it: what follows is not hashed)."""
+    file ending early stops it: what follows is not hashed).
+
+    Reads go around the page cache where the filesystem allows: a cold buffered read
+    fills page-cache pages first, fresh memory the hypervisor may have taken back, and
+    then copies them (bench_resume.py: 0.46-0.54 GB/s buffered against 0.78-0.92 GB/s
+    direct for the 2.4 and 4.8 GB files, four reads in flight either way)."""
     h = hashlib.sha256()
     step = 2 * CHUNK
-    offsets = iter(range(0, len(view), step))
+    offsets = iter(range(0, size, step))
+    direct = reopen_direct(fd)
 
     def read(o: int) -> tuple[int, Any]:
-        return o, pool.submit(_fill, fd, view[o : o + step], o)
+        want = min(step, size - o)
+        return o, pool.submit(_fill, fd, direct, room[o : o + -(-want // ALIGN) * ALIGN], o, want)
 
     pos = 0
-    with ThreadPoolExecutor(readers, thread_name_prefix="forge-dist-read") as pool:
-        ahead = [read(o) for o in islice(offsets, readers + 1)]
-        while ahead:
-            o, reading = ahead.pop(0)
-            got = reading.result()
-            h.update(view[o : o + got])
-            pos = o + got
-            if pos < min(o + step, len(view)):
-                break  # the file ended early
-            ahead += [read(o) for o in islice(offsets, 1)]
-        for _, reading in ahead:
-            reading.cancel()
+    try:
+        with ThreadPoolExecutor(readers, thread_name_prefix="forge-dist-read") as pool:
+            ahead = [read(o) for o in islice(offsets, readers + 1)]
+            while ahead:
+                o, reading = ahead.pop(0)
+                got = reading.result()
+                h.update(room[o : o + got])
+                pos = o + got
+                if pos < min(o + step, size):
+                    break  # the file ended early
+                ahead += [read(o) for o in islice(offsets, 1)]
+            for _, reading in ahead:
+                reading.cancel()
+    finally:
+        if direct is not None:
+            os.close(direct)
     return pos, h.hexdigest()

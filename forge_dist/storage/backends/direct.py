@@ -1,5 +1,6 @@
 """Writing a checkpoint file around the page cache (Linux ``O_DIRECT``), from staging
-buffers that every file reuses.
+buffers that every file reuses; and the descriptor a restore reads one through
+(:func:`reopen_direct`, used by :func:`forge_dist.storage.hashing.read_all_hashed`).
 
 A buffered write copies the file into page-cache pages the kernel takes from free
 memory, and retention frees the previous checkpoint's pages each save. Where the
@@ -77,6 +78,19 @@ def open_direct(path: str, flags: int, mode: int) -> tuple[int, bool]:
             if e.errno != errno.EINVAL:  # EINVAL: this filesystem has no direct I/O
                 raise
     return os.open(path, flags, mode), False
+
+
+def reopen_direct(fd: int) -> int | None:
+    """A second descriptor of the file ``fd`` has open, for direct reads of it (Linux:
+    through ``/proc/self/fd``); None where direct I/O is off, or the platform or the
+    filesystem has none. Its reads need aligned memory, offsets and lengths, as writes
+    do; the caller closes it."""
+    if not enabled():
+        return None
+    try:
+        return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | _O_DIRECT)
+    except OSError:  # EINVAL: no direct I/O on this filesystem; ENOENT: no /proc
+        return None
 
 
 class DirectWriter:
