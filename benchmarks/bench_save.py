@@ -26,6 +26,15 @@ otherwise slow whichever later block the writeback lands in, a clean one or anot
 saver's. That writeback is not charged to anyone (plain Keras' figure is, if anything,
 low).
 
+The fit reads its batches from a ``tf.data`` pipeline with autotuning off. With it on
+(what ``fit`` on NumPy arrays builds), tf.data's autotuning thread sits in a timed wait,
+and the next epoch's start waits for it to wake when it tears the last epoch's iterator
+down (TensorFlow 2.21: ``~RootDataset::Iterator`` waiting on ``Model::OptimizeLoop``,
+seen with gdb). After a callback held the loop a while, that wait measured 9-16 s
+with both cores idle, in whichever block came next: in one run it added ~11 s to 4 of
+5 sync-save blocks at 201 M, whose steps and save were as fast as in the others. The
+pause is TensorFlow's, after any long callback, not a checkpoint's.
+
 Medians over the rounds after the first (which warms up: the first save of each kind
 faults in its buffers). Baseline: plain Keras ``ModelCheckpoint`` in the same fit.
 Where ``orbax-checkpoint`` is installed, Keras' own asynchronous checkpointing
@@ -86,6 +95,16 @@ def big_model(params_m: float = 50, widths: tuple[int, int, int] = (2048, 8192, 
     )
     model.compile(optimizer="adam", loss="mse")
     return model
+
+
+def batches(x, y, batch_size: int = 8):
+    """``x``, ``y`` in batches, in order, from a ``tf.data`` pipeline with autotuning
+    off (see the module's docstring)."""
+    import tensorflow as tf
+
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size).with_options(options)
 
 
 def savers(root: str, orbax: bool = True) -> dict:
@@ -238,7 +257,7 @@ def run(
         kinds = list(inner)
         cb = interleaved(inner, block_epochs)
         epochs = rounds * 2 * len(kinds) * block_epochs
-        model.fit(x, y, batch_size=8, epochs=epochs, verbose=0, shuffle=False, callbacks=[cb])
+        model.fit(batches(x, y), epochs=epochs, verbose=0, shuffle=False, callbacks=[cb])
         size = os.path.getsize(os.path.join(root, "keras.keras"))
         host_bytes = inner["async"]._staged.host_bytes  # the snapshot's host buffers
     finally:

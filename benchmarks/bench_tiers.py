@@ -3,8 +3,10 @@
     python benchmarks/bench_tiers.py [--rounds 3] [--steps 40] [--epochs 4]
 
 The 12.6 M-parameter model of bench_resume_ranks.py (Adam: a 151 MB ``.keras``), TF at
-one thread, random data. Each round runs one ``fit`` of ``--epochs`` epochs (a save at
-each epoch end) per kind, the kinds' order alternating between rounds:
+one thread, random data (in batches from ``bench_save.batches``: tf.data's autotuning
+off, whose wait at an epoch's start after a long callback is TensorFlow's). Each round
+runs one ``fit`` of ``--epochs`` epochs (a save at each epoch end) per kind, the kinds'
+order alternating between rounds:
 
 - **none**: no checkpoint (the clean fit);
 - **s3**: ``ChiefModelCheckpoint("s3://…")``: every save straight to the bucket (moto's
@@ -44,7 +46,7 @@ from _out import write_result
 def run(rounds: int, steps: int, epochs: int) -> dict:
     from _s3 import s3_endpoint
     from bench_resume import drop_cache
-    from bench_save import big_model, limit_threads
+    from bench_save import batches, big_model, limit_threads
 
     limit_threads()
     import numpy as np
@@ -56,6 +58,7 @@ def run(rounds: int, steps: int, epochs: int) -> dict:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(8 * steps, 1024)).astype("float32")
     y = rng.normal(size=(8 * steps, 10)).astype("float32")
+    data = batches(x, y)  # tf.data's autotuning off: see bench_save.py
     tmp = tempfile.mkdtemp(prefix="forge-bench-tiers-")
     comm = LocalCommunicator()
     try:
@@ -95,9 +98,7 @@ def run(rounds: int, steps: int, epochs: int) -> dict:
                     os.sync()  # untimed: no earlier fit's dirty pages land in this one
                     t0 = time.perf_counter()
                     model.fit(
-                        x,
-                        y,
-                        batch_size=8,
+                        data,
                         epochs=epochs,
                         verbose=0,
                         shuffle=False,
