@@ -51,14 +51,16 @@ from forge_dist.storage import CheckpointStore  # noqa: E402
 
 comm = get_communicator("mpi")
 read: list[int] = []
+direct: list[bool] = []  # each read's: around the page cache, or through it
 sent: list[int] = []
 read_verified = CheckpointStore.read_verified
 broadcast = type(comm).broadcast
 
 
-def counted_read(self, *args):
+def counted_read(self, step, path, around_cache=True):
+    direct.append(around_cache)
     try:
-        buf = read_verified(self, *args)
+        buf = read_verified(self, step, path, around_cache)
     except Exception as e:
         read.append(type(e).__name__)
         raise
@@ -85,6 +87,7 @@ for case, root, read_on in (
     npz = "older.npz" if case == "chief-flipped" else "expected.npz"
     expected = list(np.load(os.path.join(BASE, npz)).values())
     read.clear()
+    direct.clear()
     sent.clear()
     model = make_model(units=2048, seed=11)
     r = restore_latest(
@@ -95,6 +98,7 @@ for case, root, read_on in (
         "step": r.step,
         "initial_epoch": r.initial_epoch,
         "reads": list(read),
+        "direct": list(direct),
         "largest_broadcast": max(sent, default=0),
         "equal": len(got) == len(expected)
         and all(np.array_equal(a, b) for a, b in zip(got, expected, strict=True)),

@@ -61,6 +61,10 @@ def test_every_rank_reads_the_step_itself_and_only_verified_bytes_reach_a_rank(t
     # One root both ranks see: each read the step once, and no weights were sent.
     assert chief["shared"]["reads"] == other["shared"]["reads"] == [size]
     assert chief["shared"]["largest_broadcast"] < weight_bytes / 4, chief["shared"]
+    # Ranks reading at once read through the page cache (a host's ranks share one read
+    # of a local file); the chief reading alone reads around it.
+    assert chief["shared"]["direct"] == other["shared"]["direct"] == [False]
+    assert chief["chief"]["direct"] == [True]
     # read_on="chief": the chief alone read it, and sent the weights.
     assert chief["chief"]["reads"] == [size] and other["chief"]["reads"] == []
     assert chief["chief"]["largest_broadcast"] > weight_bytes

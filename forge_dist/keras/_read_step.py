@@ -50,11 +50,12 @@ def fetch(store: Any, info: Any, model: Any, custom_objects: Any) -> tuple:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def fetch_in_place(store: Any, info: Any, model: Any) -> tuple | None:
+def fetch_in_place(store: Any, info: Any, model: Any, direct: bool = True) -> tuple | None:
     """Keras 3: the step's one file read once into memory, hashed while read, and its
     datasets taken as arrays where they lie (found through the layout Keras' own saving
     walk gives ``model``): no temporary copy and no second model. None where the model
-    or the file does not allow it (then the caller loads it the usual way)."""
+    or the file does not allow it (then the caller loads it the usual way).
+    ``direct=False``: a local file through the page cache, for ranks reading it at once."""
     from forge_dist.keras import h5read, staged
 
     files = [e.path for e in info.manifest.files] if info.manifest else []
@@ -65,7 +66,7 @@ def fetch_in_place(store: Any, info: Any, model: Any) -> tuple | None:
     except staged.NotStageable as e:
         log.debug("restoring %s the usual way: %s", info.name, e)
         return None
-    buf = store.read_verified(info, files[0])  # (the manifest as listed, not read again)
+    buf = store.read_verified(info, files[0], direct)  # (the manifest as listed, not again)
     try:
         arrays = h5read.arrays_in_place(
             buf, files[0] == MODEL_FILE, layout.datasets, len(layout.variables)

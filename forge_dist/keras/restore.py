@@ -265,10 +265,12 @@ def _decide(
 
     if read_on == "chief" or comm.size == 1:
         return agree(comm, _rank_reads.NAME, decide)
+    # Every rank reads the step at once: through the page cache, where a host's ranks
+    # share one read of a local file (a direct read would go to the device once each).
     if comm.is_chief:
         fetch = _rank_reads.ChiefFetch(
             comm,
-            lambda store, info: _read_step.fetch_in_place(store, info, model),
+            lambda store, info: _read_step.fetch_in_place(store, info, model, direct=False),
             lambda store, info: _read_step.fetch(store, info, model, custom_objects),
         )
         return _rank_reads.lead(comm, decide, fetch)
@@ -279,7 +281,7 @@ def _decide(
     def read(info: Any) -> tuple | None:
         if not stores:
             stores.append(CheckpointStore(directory, storage_options))
-        return _read_step.fetch_in_place(stores[0], info, model)
+        return _read_step.fetch_in_place(stores[0], info, model, direct=False)
 
     return _rank_reads.follow(comm, read)
 

@@ -3,7 +3,6 @@ on the way (sha256)."""
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import mmap
 import os
@@ -18,9 +17,9 @@ from forge_dist.storage.backends.direct import ALIGN, reopen_direct
 CHUNK = 4 * 1024 * 1024
 #: Writes larger than this are hashed on a helper thread while they are written.
 PIPELINE_MIN = 4 * CHUNK
-#: Reads in flight when a local file is read whole (benchmarks/bench_resume.py measured
-#: a cold 605 MB file here: one buffered read at a time 0.8 GB/s, four in flight
-#: 1.6 GB/s, O_DIRECT with four in flight 1.4 GB/s).
+#: Reads in flight when a local file is read whole (benchmarks/bench_resume.py, cold
+#: reads of 8 MiB: four in flight beat one at a time, buffered or O_DIRECT; see
+#: docs/DESIGN.md, "Reading a step back").
 READERS = 4
 
 Progress = Callable[[int], None]
@@ -95,12 +94,14 @@ def write_hashed(view: memoryview, write: Callable[[Any], Any], h: Any) -> None:
 
 
 def read_all_hashed(
-    src: IO[bytes], size: int, readers: int = READERS
+    src: IO[bytes], size: int, readers: int = READERS, direct: bool = True
 ) -> tuple[memoryview, int, str]:
     """``(buffer, bytes read, sha256 hex)``: ``src`` read once into one writable buffer
     of ``size`` bytes (what its manifest says), hashed in order while the rest is read.
     A regular local file is read by ``readers`` positional reads in flight, around the
-    page cache where the filesystem allows (``O_DIRECT``); anything else in order,
+    page cache where the filesystem allows (``O_DIRECT``) unless ``direct`` is false (a
+    file several processes of one host read at once, which then share one read of it
+    through the page cache); anything else in order,
     chunk k hashed on a helper thread while chunk k+1 is read (hashlib lets go of the
     interpreter lock). A longer file reads as ``size + 1`` bytes (its hash then is of
     the first ``size``), a shorter one as what there was."""
@@ -110,7 +111,7 @@ def read_all_hashed(
         # written, not all at once up front as a bytearray's are), to the next multiple
         # of ALIGN: a direct read's length must be one.
         room = memoryview(mmap.mmap(-1, -(-size // ALIGN) * ALIGN) if size else bytearray())
-        pos, digest = _pread_hashed(fd, room, size, readers)
+        pos, digest = _pread_hashed(fd, room, size, readers, direct)
         return room[:size], pos + (pos == size and bool(os.pread(fd, 1, size))), digest
     view = memoryview(mmap.mmap(-1, size) if size else bytearray())
     h = hashlib.sha256()
@@ -152,16 +153,15 @@ def _fill(fd: int, direct: int | None, room: memoryview, offset: int, want: int)
     """Bytes read into ``room`` (``want`` of them, rounded up to ALIGN) from ``offset``
     of the file: all ``want`` unless the file ends first. Read through ``direct`` (the
     file opened ``O_DIRECT``, or None) while the reads stay aligned and the filesystem
-    takes them; the rest, after a short read at the end or a refusal, through ``fd``."""
+    takes them; the rest, after a short read at the end or any error of a direct read
+    (an I/O error then comes again from the buffered one), through ``fd``."""
     got = 0
     while got < want:
         if direct is not None and got % ALIGN == 0:
             try:
                 n = os.preadv(direct, [room[got:]], offset + got)
-            except OSError as e:
-                if e.errno != errno.EINVAL:
-                    raise
-                direct = None  # refused here: the page cache's way
+            except OSError:
+                direct = None  # refused here (EINVAL, mostly): the page cache's way
                 continue
         else:
             n = os.preadv(fd, [room[got:want]], offset + got)
@@ -171,7 +171,9 @@ def _fill(fd: int, direct: int | None, room: memoryview, offset: int, want: int)
     return min(got, want)
 
 
-def _pread_hashed(fd: int, room: memoryview, size: int, readers: int) -> tuple[int, str]:
+def _pread_hashed(
+    fd: int, room: memoryview, size: int, readers: int, direct_io: bool = True
+) -> tuple[int, str]:
     """``(bytes read, sha256 hex)`` of the file ``fd`` has open, read into ``room``
     (``size`` bytes, and room to an ALIGN boundary after them): chunks read by
     ``readers`` threads, a few ahead of the hash, which takes them in order here (the
@@ -184,7 +186,7 @@ def _pread_hashed(fd: int, room: memoryview, size: int, readers: int) -> tuple[i
     h = hashlib.sha256()
     step = 2 * CHUNK
     offsets = iter(range(0, size, step))
-    direct = reopen_direct(fd)
+    direct = reopen_direct(fd) if direct_io and size else None
 
     def read(o: int) -> tuple[int, Any]:
         want = min(step, size - o)

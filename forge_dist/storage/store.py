@@ -261,10 +261,13 @@ class CheckpointStore:
         name = step_dirname(name_or_step) if isinstance(name_or_step, int) else name_or_step
         return self._backend.open_read(name, validate_relpath(path))
 
-    def read_verified(self, step: str | int | CheckpointInfo, path: str) -> memoryview:
+    def read_verified(
+        self, step: str | int | CheckpointInfo, path: str, direct: bool = True
+    ) -> memoryview:
         """One file of a committed step (its name, number, or its listed info, whose
         manifest is then not read again), read once into memory and hashed while read;
-        :class:`IntegrityError` unless it matches the step's manifest."""
+        :class:`IntegrityError` unless it matches the step's manifest. ``direct=False``:
+        a local file through the page cache (see :func:`.hashing.read_all_hashed`)."""
         if isinstance(step, CheckpointInfo):
             name, info = step.name, step
         else:
@@ -276,7 +279,7 @@ class CheckpointStore:
         if entry is None:
             raise IntegrityError(f"{name} in {self.display} lists no file {path}")
         with self.open_file(name, path) as f:
-            buf, size, digest = read_all_hashed(f, entry.size)
+            buf, size, digest = read_all_hashed(f, entry.size, direct=direct)
         problem = content_problem(entry, size, digest)
         if problem is not None:
             raise IntegrityError(

@@ -16,7 +16,7 @@ finds nothing to do), and the time stays the device's (0.22-0.29 s for the same 
 whole (``O_DIRECT`` needs aligned memory, offsets and lengths); the unaligned tail goes
 through the page cache after clearing the flag. A filesystem that refuses ``O_DIRECT``
 (tmpfs before Linux 6.6, many FUSE mounts) at open or at the first write gets ordinary
-writes, with nothing lost. ``FORGE_DIST_DIRECT_IO=0`` turns it off.
+writes, with nothing lost. ``FORGE_DIST_DIRECT_IO=0`` turns it off, for reads too.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ _O_DIRECT = getattr(os, "O_DIRECT", 0)
 
 
 def enabled() -> bool:
-    """Direct writes where the platform has them, unless ``FORGE_DIST_DIRECT_IO=0``."""
+    """Direct writes and reads where the platform has them, unless
+    ``FORGE_DIST_DIRECT_IO=0``."""
     return bool(_O_DIRECT) and os.environ.get("FORGE_DIST_DIRECT_IO", "1") != "0"
 
 
