@@ -265,8 +265,6 @@ def _decide(
 
     if read_on == "chief" or comm.size == 1:
         return agree(comm, _rank_reads.NAME, decide)
-    # Every rank reads the step at once: through the page cache, where a host's ranks
-    # share one read of a local file (a direct read would go to the device once each).
     if comm.is_chief:
         fetch = _rank_reads.ChiefFetch(
             comm,

@@ -101,10 +101,10 @@ def read_all_hashed(
     A regular local file is read by ``readers`` positional reads in flight, around the
     page cache where the filesystem allows (``O_DIRECT``) unless ``direct`` is false (a
     file several processes of one host read at once, which then share one read of it
-    through the page cache); anything else in order,
-    chunk k hashed on a helper thread while chunk k+1 is read (hashlib lets go of the
-    interpreter lock). A longer file reads as ``size + 1`` bytes (its hash then is of
-    the first ``size``), a shorter one as what there was."""
+    through the page cache); anything else in order, chunk k hashed on a helper thread
+    while chunk k+1 is read (hashlib lets go of the interpreter lock). A longer file
+    reads as ``size + 1`` bytes (its hash then is of the first ``size``), a shorter one
+    as what there was."""
     fd = _regular_file(src) if readers > 1 else None
     if fd is not None:
         # Anonymous memory (its pages are zeroed by the kernel as they are first
@@ -181,8 +181,7 @@ def _pread_hashed(
 
     Reads go around the page cache where the filesystem allows: a cold buffered read
     fills page-cache pages first, fresh memory the hypervisor may have taken back, and
-    then copies them (bench_resume.py: 0.46-0.54 GB/s buffered against 0.78-0.92 GB/s
-    direct for the 2.4 and 4.8 GB files, four reads in flight either way)."""
+    then copies them (measured: docs/DESIGN.md, "Reading a step back")."""
     h = hashlib.sha256()
     step = 2 * CHUNK
     offsets = iter(range(0, size, step))
